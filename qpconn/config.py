@@ -1,0 +1,136 @@
+"""The configuration directory, read as qpsmtpd reads its ``config/``.
+
+One file per setting, one value per line, ``#`` comments and blank lines ignored, so a
+qpsmtpd user can point qpconn at the directory they already have. A missing file falls
+back to a built-in default; with no directory at all, the defaults make a working server
+that accepts mail for ``localhost`` and this host's name into ``./maildir``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+
+__all__ = ["Config", "ConfigError", "DEFAULT_PLUGINS", "default_hostname"]
+
+#: The plugin list used when the directory has no ``plugins`` file.
+DEFAULT_PLUGINS = (
+    "relay",
+    "count_unrecognized_commands 4",
+    "rcpt_ok",
+    "queue/maildir ./maildir",
+)
+
+_DEFAULTS: dict[str, tuple[str, ...]] = {
+    "plugins": DEFAULT_PLUGINS,
+    "rcpthosts": ("localhost",),
+    "timeout": ("300",),
+    # 50 MiB: big enough for what people send, small enough that a disk is not filled by one.
+    "databytes": ("52428800",),
+    "plugin_timeout": ("30",),
+    "size_threshold": ("1048576",),
+}
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names the file and the value."""
+
+
+def default_hostname() -> str:
+    """This machine's fully qualified name, as the default for ``me``."""
+    name = socket.gethostname()
+    if "." not in name:
+        try:
+            name = socket.getfqdn(name)
+        except OSError:
+            pass
+    return name or "localhost"
+
+
+class Config:
+    """Read-only access to a config directory, with per-name caching.
+
+    ``overrides`` take precedence over files (the ``--hostname`` option sets ``me`` this
+    way); the cache means a hot path can call :meth:`get` freely.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str] | None = None,
+        overrides: Mapping[str, str | list[str] | tuple[str, ...]] | None = None,
+    ) -> None:
+        self.directory = os.fspath(directory) if directory is not None else None
+        if self.directory is not None and not os.path.isdir(self.directory):
+            raise ConfigError(f"config directory {self.directory!r} does not exist")
+        self._overrides: dict[str, tuple[str, ...]] = {}
+        for name, value in (overrides or {}).items():
+            self._overrides[name] = (value,) if isinstance(value, str) else tuple(value)
+        self._cache: dict[str, tuple[str, ...]] = {}
+
+    def lines(self, name: str) -> list[str]:
+        """Every value of a setting, in file order; the default if the file is absent."""
+        cached = self._cache.get(name)
+        if cached is None:
+            cached = self._load(name)
+            self._cache[name] = cached
+        return list(cached)
+
+    def _load(self, name: str) -> tuple[str, ...]:
+        if name in self._overrides:
+            return self._overrides[name]
+        if self.directory is not None:
+            path = os.path.join(self.directory, name)
+            if os.path.isfile(path):
+                with open(path, encoding="utf-8") as handle:
+                    return tuple(_values(handle.read()))
+        if name == "me":
+            return (default_hostname(),)
+        return _DEFAULTS.get(name, ())
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        """The first value of a setting, or ``default``."""
+        values = self.lines(name)
+        return values[0] if values else default
+
+    def get_int(self, name: str, default: int) -> int:
+        """A whole-number setting; a value that is not one is an error, not a silent default."""
+        value = self.get(name)
+        if value is None:
+            return default
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{name}: {value!r} is not a whole number") from None
+
+    def get_float(self, name: str, default: float) -> float:
+        value = self.get(name)
+        if value is None:
+            return default
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{name}: {value!r} is not a number") from None
+
+    @property
+    def me(self) -> str:
+        """The name this server gives itself in greetings and Received headers."""
+        return self.get("me") or default_hostname()
+
+    def plugin_lines(self) -> list[list[str]]:
+        """The ``plugins`` file as (name, *arguments) lists, in the order hooks run."""
+        return [line.split() for line in self.lines("plugins")]
+
+    def path(self, value: str) -> str:
+        """A path from a setting: relative paths are taken from the working directory,
+        as the defaults (``./maildir``) and qpsmtpd's own settings are."""
+        return os.path.abspath(os.path.expanduser(value))
+
+
+def _values(text: str) -> list[str]:
+    values = []
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].strip() if not raw.lstrip().startswith("#") else ""
+        if line:
+            values.append(line)
+    return values

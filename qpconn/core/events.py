@@ -1,0 +1,64 @@
+"""Events the session core hands to the application.
+
+They are small immutable records, as in h11: the core decides *what happened* on the wire,
+the application decides *what to answer*. A :class:`Command` and a :class:`MessageEnd`
+each need exactly one reply through :meth:`qpconn.core.session.ServerSession.send`; the
+other events are information only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qpconn.core.reply import Reply
+
+__all__ = ["Command", "MessageData", "MessageEnd", "ProtocolError", "Event"]
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A command line that passed the core's checks and waits for the application's reply.
+
+    ``verb`` is upper-case. ``arg`` is the rest of the line without the separating space;
+    for MAIL and RCPT it is what follows ``FROM:`` / ``TO:`` (leading spaces kept, since a
+    ``mail_pre`` plugin may want to see exactly what the client sent).
+    """
+
+    verb: str
+    arg: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class MessageData:
+    """A piece of message text, already dot-unstuffed, in arrival order."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class MessageEnd:
+    """The end-of-data marker arrived; the application must answer the whole message.
+
+    The flags report what the core saw while reading; it never stores anything itself,
+    so a message it flags was still read to its end and the session stays in step.
+    """
+
+    size: int
+    oversized: bool = False
+    long_line: bool = False
+    bare_lf: bool = False
+    bare_cr: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolError:
+    """The core answered a bad command itself (the reply is already queued).
+
+    Reported so that the application can log it and count errors per session.
+    """
+
+    reply: Reply
+    line: bytes = b""
+
+
+Event = Command | MessageData | MessageEnd | ProtocolError

@@ -1,0 +1,88 @@
+"""SMTP replies: the one place that turns a code and text into wire bytes.
+
+Every reply the server sends passes through :class:`Reply`, so the rules that keep the
+output well-formed live here once: a multi-line reply uses ``CODE-`` on every line but
+the last, text from plugins can never inject a line break or a control character, and an
+enhanced status code (RFC 2034/3463) is written on every line when the reply has one.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+__all__ = ["Reply"]
+
+# "X.YYY.ZZZ" with X matching the reply class is RFC 3463's enhanced status code.
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
+# Anything a client could mistake for a line break or a terminal escape is replaced, so a
+# plugin's message (which may quote client input) cannot forge a reply line.
+_UNSAFE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+class Reply:
+    """One SMTP reply: a three-digit code, one or more lines of text, an enhanced code.
+
+    ``text`` may be a string (split on line breaks) or a sequence of lines. When the first
+    line starts with an enhanced status code of the same class it is taken as the reply's
+    enhanced code, so plugin authors can write ``"5.7.1 relaying denied"`` naturally.
+    """
+
+    __slots__ = ("code", "enhanced", "lines")
+
+    def __init__(
+        self, code: int, text: str | Sequence[str] = "", enhanced: str | None = None
+    ) -> None:
+        if not 200 <= code <= 599:
+            raise ValueError(f"not an SMTP reply code: {code!r}")
+        if isinstance(text, str):
+            lines = text.splitlines() or [""]
+        else:
+            lines = [part for line in text for part in (str(line).splitlines() or [""])]
+            lines = lines or [""]
+        match = _ENHANCED.match(lines[0])
+        if match and int(match.group(1)) == code // 100:
+            enhanced = ".".join(match.group(1, 2, 3))
+            lines[0] = lines[0][match.end() :]
+        self.code = code
+        self.lines: tuple[str, ...] = tuple(_UNSAFE.sub("?", line) for line in lines)
+        self.enhanced = enhanced
+
+    @property
+    def text(self) -> str:
+        """The reply's lines joined with newlines, without codes."""
+        return "\n".join(self.lines)
+
+    @property
+    def is_positive(self) -> bool:
+        """2xx and 3xx: the command was accepted (or intermediate)."""
+        return self.code < 400
+
+    def to_bytes(self) -> bytes:
+        """The reply as it goes on the wire, every line CRLF-terminated."""
+        prefix = f"{self.enhanced} " if self.enhanced else ""
+        last = len(self.lines) - 1
+        out = []
+        for index, line in enumerate(self.lines):
+            sep = " " if index == last else "-"
+            out.append(f"{self.code}{sep}{prefix}{line}".rstrip(" ") + "\r\n")
+        return "".join(out).encode("utf-8", "replace")
+
+    def __repr__(self) -> str:
+        return f"Reply({self.code}, {self.text!r}, enhanced={self.enhanced!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Reply):
+            return NotImplemented
+        return (self.code, self.lines, self.enhanced) == (other.code, other.lines, other.enhanced)
+
+    def __hash__(self) -> int:
+        return hash((self.code, self.lines, self.enhanced))
+
+    @classmethod
+    def parse_line(cls, text: str, default_code: int) -> Reply:
+        """A reply from ``"CODE text"`` (as a plugin returning DONE may give), else default_code."""
+        head = text[:3]
+        if head.isdigit() and (len(text) == 3 or text[3] in " -"):
+            return cls(int(head), text[4:])
+        return cls(default_code, text)

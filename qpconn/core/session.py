@@ -1,0 +1,343 @@
+"""The SMTP session state machine, without any I/O.
+
+Rules this module keeps (and no other module does):
+
+* Which command is legal in which state: the table ``_LEGAL`` below, read at a glance.
+* What a reply does to the state: ``send()`` looks at the pending command and the reply
+  code, so the application cannot forget a transition, and the state cannot move without
+  a reply going out.
+* One command at a time: while a command waits for its reply, no further input is
+  interpreted (pipelined commands wait in the buffer), so replies always come out in order.
+* Limits on what a line may contain: length, NUL, bare CR or LF, non-ASCII. The core
+  answers those itself with a 500-class reply and stays in step with the client.
+
+Use it like h11: ``receive_data(bytes)``, then ``next_event()`` until it returns
+``NEED_DATA`` or ``PAUSED``; answer each :class:`Command` and :class:`MessageEnd` with
+``send(reply)``; write out ``data_to_send()``. Nothing here knows about sockets or time.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from qpconn.core.buffer import DataReader, take_line
+from qpconn.core.events import Command, Event, MessageData, MessageEnd, ProtocolError
+from qpconn.core.reply import Reply
+
+__all__ = ["State", "Limits", "ServerSession", "NEED_DATA", "PAUSED", "SessionError"]
+
+
+class State(enum.Enum):
+    """Where the session is. Transaction states (MAIL, RCPT, DATA) imply a HELO was seen."""
+
+    GREETING = "greeting"  # connected, the application has not greeted yet
+    INIT = "init"  # greeted, no HELO/EHLO accepted yet
+    READY = "ready"  # HELO/EHLO accepted, no transaction
+    MAIL = "mail"  # MAIL accepted
+    RCPT = "rcpt"  # at least one RCPT accepted
+    DATA = "data"  # reading message text
+    CLOSED = "closed"  # a closing reply was sent, or the peer went away
+
+
+class _Sentinel(enum.Enum):
+    NEED_DATA = "need-data"
+    PAUSED = "paused"
+
+
+#: No complete command or message piece is buffered: feed more bytes.
+NEED_DATA = _Sentinel.NEED_DATA
+#: A command awaits its reply (or the session is closed): call ``send`` first.
+PAUSED = _Sentinel.PAUSED
+
+_S = State
+_SESSION = frozenset({_S.INIT, _S.READY, _S.MAIL, _S.RCPT})
+# Which verbs are legal in which states. A verb absent here is not the core's to judge:
+# it goes to the application (the unrecognized_command hook, or a protocol subclass).
+_LEGAL: dict[str, frozenset[State]] = {
+    "HELO": _SESSION,
+    "EHLO": _SESSION,
+    "MAIL": frozenset({_S.READY}),
+    "RCPT": frozenset({_S.MAIL, _S.RCPT}),
+    "DATA": frozenset({_S.RCPT}),
+    "RSET": _SESSION,
+    "NOOP": _SESSION,
+    "QUIT": _SESSION,
+    "VRFY": _SESSION,
+    "HELP": _SESSION,
+}
+# Verbs that take no argument (RFC 5321 §4.1.1); NOOP and HELP take an optional one.
+_NO_ARG = frozenset({"DATA", "RSET", "QUIT"})
+_NEED_ARG = frozenset({"HELO", "EHLO", "VRFY"})
+_PREFIX = {"MAIL": "FROM:", "RCPT": "TO:"}
+_USAGE = {
+    "HELO": "Syntax: HELO hostname",
+    "EHLO": "Syntax: EHLO hostname",
+    "MAIL": "Syntax: MAIL FROM:<address>",
+    "RCPT": "Syntax: RCPT TO:<address>",
+    "VRFY": "Syntax: VRFY address",
+}
+
+
+@dataclass
+class Limits:
+    """The size rules the core enforces. Defaults follow RFC 5321 §4.5.3.1."""
+
+    #: longest command line including CRLF
+    command_line: int = 512
+    #: extra octets MAIL and RCPT may use for parameters (RFC 1870 grants SIZE 26)
+    parameter_allowance: int = 26
+    #: longest line of message text including CRLF; 0 = unlimited
+    text_line: int = 1000
+    #: largest message in octets (``databytes``); 0 = unlimited
+    message_size: int = 0
+    #: allow UTF-8 in command lines (only once SMTPUTF8 is offered)
+    utf8: bool = False
+
+
+class SessionError(RuntimeError):
+    """The application broke the protocol contract (e.g. replied with nothing pending)."""
+
+
+def _error(code: int, text: str) -> Reply:
+    return Reply(code, text)
+
+
+class ServerSession:
+    """The server side of one SMTP session, fed with bytes, answered with replies."""
+
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
+        self.state = State.GREETING
+        self._buf = bytearray()
+        self._out: list[bytes] = []
+        self._pending: Command | MessageEnd | None = None
+        self._data: DataReader | None = None
+        self._end_after_text: MessageEnd | None = None
+        self._discarding = False
+        #: RCPT commands in this transaction, accepted or not (for "no valid recipients").
+        self.rcpt_attempts = 0
+        #: the client greeted with EHLO (extensions may be used)
+        self.esmtp = False
+
+    # -- input --------------------------------------------------------------------------
+    def receive_data(self, data: bytes) -> None:
+        """Add bytes from the client. Nothing is interpreted until ``next_event``."""
+        if self.state is not State.CLOSED:
+            self._buf += data
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet interpreted (for memory accounting)."""
+        return len(self._buf)
+
+    def next_event(self) -> Event | _Sentinel:
+        """The next thing that happened, NEED_DATA, or PAUSED while a reply is owed."""
+        if self._pending is not None or self.state in (State.GREETING, State.CLOSED):
+            return PAUSED
+        if self.state is State.DATA:
+            return self._next_data_event()
+        event = self._next_command_event()
+        return NEED_DATA if event is None else event
+
+    def _next_data_event(self) -> Event | _Sentinel:
+        end = self._end_after_text
+        if end is not None:
+            self._end_after_text = None
+            self._pending = end
+            return end
+        reader = self._data
+        assert reader is not None
+        text, finished = reader.feed(self._buf)
+        if finished:
+            self._data = None
+            end = MessageEnd(
+                size=reader.size,
+                oversized=reader.oversized,
+                long_line=reader.long_line,
+                bare_lf=reader.bare_lf,
+                bare_cr=reader.bare_cr,
+            )
+            if text:
+                # Hand out the last text first; the end follows on the next call.
+                self._end_after_text = end
+                return MessageData(text)
+            self._pending = end
+            return end
+        if text:
+            return MessageData(text)
+        return NEED_DATA
+
+    def _next_command_event(self) -> Event | None:
+        """Frame and check one command line; None when no whole line is buffered."""
+        buf = self._buf
+        if self._discarding:
+            end = buf.find(b"\n")
+            if end < 0:
+                buf.clear()
+                return None
+            del buf[: end + 1]
+            self._discarding = False
+        line = take_line(buf)
+        if line is None:
+            if len(buf) > self.limits.command_line + self.limits.parameter_allowance:
+                # Answer now and drop the rest of the line as it comes: memory stays bounded.
+                buf.clear()
+                self._discarding = True
+                return self._protocol_error(500, "5.5.2 Line too long", b"")
+            return None
+        return self._check_command(line)
+
+    def _check_command(self, line: bytes) -> Event:
+        limits = self.limits
+        if len(line) < 2 or line[-2] != 13:
+            return self._protocol_error(
+                500, "5.5.2 Bare LF received; lines must end with CRLF", line
+            )
+        body = line[:-2]
+        if b"\0" in body:
+            return self._protocol_error(500, "5.5.2 NUL character in command", line)
+        if b"\r" in body:
+            return self._protocol_error(500, "5.5.2 Bare CR in command", line)
+        try:
+            text = body.decode("ascii")
+        except UnicodeDecodeError:
+            if not limits.utf8:
+                return self._protocol_error(500, "5.5.2 Non-ASCII characters in command", line)
+            try:
+                text = body.decode("utf-8")
+            except UnicodeDecodeError:
+                return self._protocol_error(500, "5.5.2 Invalid UTF-8 in command", line)
+        verb, _, arg = text.partition(" ")
+        verb = verb.upper()
+        arg = arg.strip(" ")
+        allowed = limits.command_line
+        if verb in _PREFIX:
+            allowed += limits.parameter_allowance
+        if len(line) > allowed:
+            return self._protocol_error(500, "5.5.2 Line too long", line)
+        legal = _LEGAL.get(verb)
+        if legal is None:
+            return self._issue(Command(verb, arg))
+        if self.state not in legal:
+            return self._protocol_error(503, self._sequence_message(verb), line)
+        if verb in _NO_ARG and arg:
+            return self._protocol_error(501, f"5.5.4 Syntax: {verb} takes no argument", line)
+        if verb in _NEED_ARG and not arg:
+            return self._protocol_error(501, f"5.5.4 {_USAGE[verb]}", line)
+        prefix = _PREFIX.get(verb)
+        if prefix is not None:
+            if arg[: len(prefix)].upper() != prefix:
+                return self._protocol_error(501, f"5.5.4 {_USAGE[verb]}", line)
+            arg = arg[len(prefix) :]
+        return self._issue(Command(verb, arg))
+
+    def _sequence_message(self, verb: str) -> str:
+        state = self.state
+        if state is State.INIT and verb in ("MAIL", "RCPT", "DATA"):
+            return "5.5.1 Error: send HELO/EHLO first"
+        if verb == "MAIL":
+            return "5.5.1 Error: nested MAIL command"
+        if verb in ("RCPT", "DATA") and state is State.READY:
+            return "5.5.1 Error: need MAIL command"
+        if verb == "DATA" and state is State.MAIL:
+            if self.rcpt_attempts:
+                return "5.5.1 Error: no valid recipients"
+            return "5.5.1 Error: need RCPT command"
+        return f"5.5.1 Error: {verb} not allowed now"
+
+    def _issue(self, command: Command) -> Command:
+        self._pending = command
+        if command.verb == "RCPT":
+            self.rcpt_attempts += 1
+        return command
+
+    def _protocol_error(self, code: int, text: str, line: bytes) -> ProtocolError:
+        reply = _error(code, text)
+        self._out.append(reply.to_bytes())
+        return ProtocolError(reply, line)
+
+    # -- output -------------------------------------------------------------------------
+    @property
+    def pending(self) -> Command | MessageEnd | None:
+        """The command (or message end) that waits for a reply, if any."""
+        return self._pending
+
+    def greet(self, reply: Reply, close: bool = False) -> None:
+        """Send the greeting (or a refusal: any non-2xx greeting closes the session)."""
+        if self.state is not State.GREETING:
+            raise SessionError("greeting already sent")
+        self._out.append(reply.to_bytes())
+        self.state = State.CLOSED if close or reply.code >= 400 else State.INIT
+
+    def send(self, reply: Reply, close: bool = False) -> None:
+        """Answer the pending command; the reply code decides the state change.
+
+        ``close`` (or a 421/221 code) ends the session after this reply.
+        """
+        pending = self._pending
+        if pending is None:
+            raise SessionError("no command is waiting for a reply")
+        self._pending = None
+        self._out.append(reply.to_bytes())
+        code = reply.code
+        if close or code in (221, 421):
+            self.close()
+            return
+        if isinstance(pending, MessageEnd):
+            self._end_transaction()
+            return
+        verb = pending.verb
+        if verb == "DATA":
+            if code == 354:
+                self.state = State.DATA
+                self._data = DataReader(self.limits.message_size, self.limits.text_line)
+            return
+        if not 200 <= code < 300:
+            return  # a refused command changes nothing
+        if verb in ("HELO", "EHLO"):
+            self._end_transaction()
+            self.state = State.READY
+            self.esmtp = verb == "EHLO"
+        elif verb == "MAIL":
+            self.state = State.MAIL
+            self.rcpt_attempts = 0
+        elif verb == "RCPT":
+            self.state = State.RCPT
+        elif verb == "RSET":
+            self._end_transaction()
+
+    def _end_transaction(self) -> None:
+        if self.state in (State.MAIL, State.RCPT, State.DATA):
+            self.state = State.READY
+        self.rcpt_attempts = 0
+
+    def reset_transaction(self) -> None:
+        """Forget the transaction without a command (e.g. a plugin ended it)."""
+        if self.state in (State.MAIL, State.RCPT):
+            self._end_transaction()
+
+    def send_unsolicited(self, reply: Reply) -> None:
+        """A reply no command asked for: 421 on timeout or shutdown. Ends the session."""
+        self._out.append(reply.to_bytes())
+        self.close()
+
+    def close(self) -> None:
+        """No more input is interpreted; buffered bytes are released."""
+        self.state = State.CLOSED
+        self._pending = None
+        self._data = None
+        self._end_after_text = None
+        self._buf = bytearray()
+
+    @property
+    def closed(self) -> bool:
+        return self.state is State.CLOSED
+
+    def data_to_send(self) -> bytes:
+        """All reply bytes produced since the last call, to be written in one go."""
+        if not self._out:
+            return b""
+        out = b"".join(self._out)
+        self._out.clear()
+        return out

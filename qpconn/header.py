@@ -1,0 +1,126 @@
+"""The message header as plugins see it: ordered fields, folded lines kept as sent.
+
+A deliberately small parser instead of :mod:`email`: the server only needs to find fields,
+add trace fields on top and write the header back byte for byte. Keeping each field's raw
+bytes means a message is stored exactly as it arrived, which DKIM signatures depend on.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+__all__ = ["Header", "split_header", "is_field_line"]
+
+# A field starts with a name of printable characters except ':' and space (RFC 5322 §2.2).
+_FIELD = re.compile(rb"^[!-9;-~]+:")
+
+
+def split_header(data: bytes, start: int = 0) -> tuple[bytes, bytes] | int:
+    """Split message text at the end of its header.
+
+    Returns (header, body) once the header is complete, else the offset of the first line
+    not yet judged, to pass back as ``start`` when more text has arrived (so a header that
+    arrives line by line is scanned once, not once per line).
+
+    The header ends at the first empty line (which belongs to neither part) or at the first
+    line that is neither a field nor a continuation (which starts the body): a message
+    without a header is still stored whole.
+    """
+    if data.startswith(b"\r\n"):
+        return b"", data[2:]
+    pos = start
+    while True:
+        end = data.find(b"\r\n", pos)
+        if end < 0:
+            return pos
+        if end == pos:
+            return data[:pos], data[pos + 2 :]
+        first = data[pos : pos + 1]
+        if first in (b" ", b"\t"):
+            if pos == 0:
+                return b"", data
+        elif not _FIELD.match(data, pos):
+            return data[:pos], data[pos:]
+        pos = end + 2
+
+
+def is_field_line(data: bytes) -> bool:
+    """True when ``data`` starts with a header field name and colon."""
+    return bool(_FIELD.match(data))
+
+
+class Header:
+    """Ordered header fields, each kept as its raw bytes including folding and CRLF."""
+
+    __slots__ = ("_fields",)
+
+    def __init__(self, raw: bytes = b"") -> None:
+        self._fields: list[tuple[str, bytes]] = []
+        if raw:
+            self._parse(raw)
+
+    def _parse(self, raw: bytes) -> None:
+        fields = self._fields
+        for line in raw.splitlines(keepends=True):
+            if line[:1] in (b" ", b"\t") and fields:
+                name, value = fields[-1]
+                fields[-1] = (name, value + line)
+            else:
+                name = line.split(b":", 1)[0].decode("ascii", "replace").strip()
+                fields.append((name, line))
+
+    def get_all(self, name: str) -> list[str]:
+        """Every value of a field (unfolded, decoded leniently), in message order."""
+        wanted = name.lower()
+        return [_value(raw) for key, raw in self._fields if key.lower() == wanted]
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        """The first value of a field, or default."""
+        values = self.get_all(name)
+        return values[0] if values else default
+
+    def count(self, name: str) -> int:
+        """How many times a field occurs (e.g. Received, for loop detection)."""
+        wanted = name.lower()
+        return sum(1 for key, _ in self._fields if key.lower() == wanted)
+
+    def add(self, name: str, value: str, index: int | None = None) -> None:
+        """Add a field; ``index=0`` puts it on top, as trace fields must be (RFC 5321 §4.4)."""
+        if "\r" in value or "\n" in value.replace("\n\t", "").replace("\n ", ""):
+            raise ValueError("header value with a line break that is not a fold")
+        raw = f"{name}: {value}".replace("\n", "\r\n").encode("utf-8") + b"\r\n"
+        entry = (name, raw)
+        if index is None:
+            self._fields.append(entry)
+        else:
+            self._fields.insert(index, entry)
+
+    def delete(self, name: str) -> int:
+        """Remove every field of this name; return how many were removed."""
+        wanted = name.lower()
+        before = len(self._fields)
+        self._fields = [entry for entry in self._fields if entry[0].lower() != wanted]
+        return before - len(self._fields)
+
+    def names(self) -> list[str]:
+        return [key for key, _ in self._fields]
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        for key, raw in self._fields:
+            yield key, _value(raw)
+
+    def __len__(self) -> int:
+        return len(self._fields)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.count(name) > 0
+
+    def as_bytes(self) -> bytes:
+        """The header as it goes to storage, fields in order, without the blank line."""
+        return b"".join(raw for _, raw in self._fields)
+
+
+def _value(raw: bytes) -> str:
+    value = raw.split(b":", 1)[1] if b":" in raw else raw
+    return re.sub(rb"\r?\n[ \t]", b" ", value).strip().decode("utf-8", "replace")

@@ -1,0 +1,110 @@
+"""The hook runner: plugins in config order, each result normalised, failures contained.
+
+A hook run stops at the first plugin that does not return DECLINED. Plugins may answer
+directly, with a Deferred or from ``async def``; a plugin that answers directly costs no
+Deferred at all, which keeps the common, synchronous case cheap. A plugin that raises,
+fails or overruns its timeout yields an *error* outcome (the command gets 451) and a
+logged traceback; the session and the server carry on.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from qpconn.plugins import HOOKS, HookFunction, Plugin
+from qpconn.results import DECLINED_OUTCOME, DENYSOFT, HookOutcome, Result, normalize
+
+__all__ = ["HookRunner"]
+
+log = Logger(namespace="qpconn.hooks")
+
+_OK_LIKE = (Result.OK, Result.DONE)
+
+
+class HookRunner:
+    """Runs hooks for one plugin list; shared by every session that uses that list."""
+
+    def __init__(
+        self, plugins: Sequence[Plugin], clock: IReactorTime, timeout: float = 30.0
+    ) -> None:
+        self.plugins = list(plugins)
+        self.clock = clock
+        self.timeout = timeout
+        self._table: dict[str, list[tuple[Plugin, HookFunction]]] = {hook: [] for hook in HOOKS}
+        for plugin in self.plugins:
+            for hook, function in plugin.hooks():
+                self._table[hook].append((plugin, function))
+
+    def has(self, hook: str) -> bool:
+        """True when some plugin implements ``hook`` (callers may skip work otherwise)."""
+        return bool(self._table.get(hook))
+
+    def plugins_for(self, hook: str) -> list[Plugin]:
+        """The plugins that run at ``hook``, in order (for ``check`` and the docs)."""
+        return [plugin for plugin, _ in self._table.get(hook, [])]
+
+    async def run(
+        self, hook: str, transaction: Any, *args: Any, log_context: dict[str, Any] | None = None
+    ) -> HookOutcome:
+        """Run ``hook`` until a plugin decides; DECLINED when none does."""
+        for plugin, function in self._table[hook]:
+            outcome = await self._call(hook, plugin, function, transaction, args, log_context)
+            if outcome.result is Result.DECLINED and not outcome.error:
+                continue
+            if hook not in ("deny", "ok"):
+                if outcome.error or outcome.result.is_deny:
+                    await self._notify("deny", transaction, outcome, hook)
+                elif outcome.result in _OK_LIKE:
+                    await self._notify("ok", transaction, outcome, hook)
+            return outcome
+        return DECLINED_OUTCOME
+
+    async def run_all(self, hook: str, transaction: Any, *args: Any) -> None:
+        """Run every plugin of a notification hook (disconnect, queue_post ...); results ignored."""
+        for plugin, function in self._table[hook]:
+            await self._call(hook, plugin, function, transaction, args, None)
+
+    async def _notify(self, hook: str, transaction: Any, outcome: HookOutcome, source: str) -> None:
+        if self._table[hook]:
+            await self.run_all(
+                hook, transaction, outcome.plugin, source, outcome.result, outcome.message
+            )
+
+    async def _call(
+        self,
+        hook: str,
+        plugin: Plugin,
+        function: HookFunction,
+        transaction: Any,
+        args: tuple[Any, ...],
+        log_context: dict[str, Any] | None,
+    ) -> HookOutcome:
+        try:
+            value = function(transaction, *args)
+            if inspect.isawaitable(value):
+                value = await self._bounded(value, plugin)
+            return normalize(value, plugin.name)
+        except Exception:
+            log.failure(
+                "plugin {plugin} failed in hook {hook}",
+                Failure(),
+                plugin=plugin.name,
+                hook=hook,
+                **(log_context or {}),
+            )
+            return HookOutcome(DENYSOFT, None, plugin.name, error=True)
+
+    def _bounded(self, awaitable: Any, plugin: Plugin) -> defer.Deferred[Any]:
+        """The plugin's awaitable as a Deferred that fails with TimeoutError past its limit."""
+        deferred = defer.ensureDeferred(awaitable)
+        timeout = plugin.timeout if plugin.timeout is not None else self.timeout
+        if timeout and timeout > 0:
+            deferred.addTimeout(timeout, self.clock)
+        return deferred

@@ -1,0 +1,1 @@
+"""Queue plugins: where an accepted message goes (``queue/maildir``, ``queue/discard`` ...)."""

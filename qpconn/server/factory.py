@@ -1,0 +1,109 @@
+"""SMTPFactory: per-server state shared by every session (config, plugins, limits).
+
+The factory is where a listening endpoint meets qpconn: it builds one
+:class:`~qpconn.server.protocol.SMTPServerProtocol` per TCP connection and the
+:class:`~qpconn.connection.Connection` describing that connection's two ends.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.interfaces import IAddress, IReactorTime, ITransport
+from twisted.internet.protocol import ServerFactory
+
+from qpconn.config import Config
+from qpconn.connection import Connection
+from qpconn.core.session import Limits
+from qpconn.hooks import HookRunner
+from qpconn.plugins import Plugin, load_plugins
+from qpconn.server.protocol import SMTPServerProtocol
+
+if TYPE_CHECKING:
+    pass
+
+__all__ = ["SMTPFactory", "address_parts"]
+
+
+def address_parts(address: IAddress) -> tuple[str | None, int | None]:
+    """(ip, port) of a Twisted address; IPv4-mapped IPv6 is given as IPv4, unix as (None, None).
+
+    Mapped addresses are unwrapped so that ``relayclients`` entries and logs see the
+    address the peer really has, whatever socket family accepted it.
+    """
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if not host:
+        return None, None
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host, port
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip), port
+
+
+class SMTPFactory(ServerFactory):
+    """Builds SMTP sessions for one listening configuration.
+
+    ``config`` is a :class:`~qpconn.config.Config` (defaults when omitted); ``plugins``
+    overrides the config's plugin list (handy in tests and ``.tac`` files); ``protocol``
+    plugs in a subclass of :class:`SMTPServerProtocol`.
+    """
+
+    protocol = SMTPServerProtocol
+
+    def __init__(
+        self,
+        config: Config | None = None,
+        plugins: list[Plugin] | None = None,
+        *,
+        protocol: type[SMTPServerProtocol] | None = None,
+        clock: IReactorTime | None = None,
+    ) -> None:
+        if clock is None:
+            from twisted.internet import reactor
+
+            clock = reactor  # type: ignore[assignment]
+        self.config = config if config is not None else Config()
+        self.clock = clock
+        self.plugins = load_plugins(self.config) if plugins is None else list(plugins)
+        self.runner = HookRunner(self.plugins, clock, self.config.get_float("plugin_timeout", 30.0))
+        self.me = self.config.me
+        self.timeout = self.config.get_float("timeout", 300.0)
+        self.databytes = self.config.get_int("databytes", 0)
+        self.size_threshold = self.config.get_int("size_threshold", 1 << 20)
+        spool = self.config.get("spool_dir")
+        self.spool_dir = self.config.path(spool) if spool else None
+        self.limits = Limits(message_size=self.databytes)
+        if protocol is not None:
+            self.protocol = protocol
+        #: sessions currently open (for limits, shutdown and metrics)
+        self.sessions: set[SMTPServerProtocol] = set()
+
+    def build_connection(self, transport: ITransport) -> Connection:
+        """The Connection for a new transport, from its peer and host addresses."""
+        remote_ip, remote_port = address_parts(transport.getPeer())
+        local_ip, local_port = address_parts(transport.getHost())
+        return Connection(
+            remote_ip=remote_ip, remote_port=remote_port, local_ip=local_ip, local_port=local_port
+        )
+
+    async def lookup_peer(self, connection: Connection) -> None:
+        """Fill in what the network can tell about the peer before the connect hook runs.
+
+        The base factory knows nothing beyond the addresses; reverse DNS and ident are
+        added by configuring lookups (see ``qpconn.server.lookup``).
+        """
+
+    def session_started(self, session: SMTPServerProtocol) -> None:
+        self.sessions.add(session)
+
+    def session_ended(self, session: SMTPServerProtocol) -> None:
+        self.sessions.discard(session)
+
+    def describe(self) -> dict[str, Any]:
+        """A summary for logs: host name and plugin list."""
+        return {"me": self.me, "plugins": [repr(p) for p in self.plugins]}

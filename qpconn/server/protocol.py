@@ -1,0 +1,200 @@
+"""The Twisted adapter: bytes from the transport into the session core, replies back out.
+
+This class adds only what needs a reactor: the transport, timers, flow control. The SMTP
+logic is in :class:`qpconn.smtp.SMTPCommands` (hooks and replies) and
+:class:`qpconn.core.session.ServerSession` (grammar and state).
+
+While a hook answers asynchronously the transport is paused and buffered pipelined
+commands wait, so replies leave in order; all replies produced in one pass are written
+with a single ``write()`` (a reply split over several writes meets Nagle's algorithm and
+delayed ACKs and can stall a pipelining client for tens of milliseconds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet import defer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+
+from qpconn.core.events import MessageData, ProtocolError
+from qpconn.core.reply import Reply
+from qpconn.core.session import NEED_DATA, PAUSED, ServerSession
+from qpconn.smtp import HandlerResult, SMTPCommands
+
+if TYPE_CHECKING:
+    from qpconn.server.factory import SMTPFactory
+
+__all__ = ["SMTPServerProtocol"]
+
+_INTERNAL_ERROR = Reply(451, "4.3.0 Internal error - try again later")
+
+
+class SMTPServerProtocol(SMTPCommands, Protocol, TimeoutMixin):
+    """One SMTP session over a Twisted transport. Subclass it to change behaviour.
+
+    Documented extension points (see ``docs/protocol.md``): :meth:`greeting`,
+    :meth:`ehlo_lines`, ``smtp_<VERB>`` handlers (override one, or add a new verb), and
+    :meth:`unrecognized_command`. Plug a subclass in with ``SMTPFactory(protocol=...)``.
+    """
+
+    log = Logger(namespace="qpconn.protocol")
+    factory: SMTPFactory
+
+    def connectionMade(self) -> None:
+        factory = self.factory
+        self.config = factory.config
+        self.runner = factory.runner
+        self.me = factory.me
+        self.databytes = factory.databytes
+        self.size_threshold = factory.size_threshold
+        self.spool_dir = factory.spool_dir
+        self.connection = factory.build_connection(self.transport)
+        self.session = ServerSession(dataclasses.replace(factory.limits))
+        self.transaction = self.new_transaction()
+        self.errors = 0
+        self._busy = False
+        self._driving = False
+        self._paused = False
+        self._lost = False
+        factory.session_started(self)
+        conn = self.connection
+        self.log.info(
+            "{conn_id} connect from {remote_ip}:{remote_port} to {local_ip}:{local_port}",
+            remote_port=conn.remote_port,
+            local_ip=conn.local_ip,
+            local_port=conn.local_port,
+            **self.log_context(),
+        )
+        self.setTimeout(factory.timeout)
+        self._run(self._open(), self._greet)
+
+    async def _open(self) -> tuple[Reply, bool]:
+        await self.factory.lookup_peer(self.connection)
+        return await self.start_session()
+
+    # -- input ----------------------------------------------------------------------------
+    def dataReceived(self, data: bytes) -> None:
+        self.resetTimeout()
+        self.session.receive_data(data)
+        self._drive()
+
+    def _drive(self) -> None:
+        """Turn buffered input into events until a hook goes asynchronous or input runs out."""
+        if self._driving or self._lost:
+            return
+        self._driving = True
+        session = self.session
+        try:
+            while not self._busy:
+                event = session.next_event()
+                if event is NEED_DATA or event is PAUSED:
+                    break
+                if isinstance(event, MessageData):
+                    self._run(self.message_data(event.data), None)
+                elif isinstance(event, ProtocolError):
+                    self.protocol_error(event)
+                else:
+                    self._run(self.dispatch(event), self._answer)
+        finally:
+            self._driving = False
+        self._flush()
+
+    def protocol_error(self, event: ProtocolError) -> None:
+        """The core refused a line itself; count it (limits on errors build on this)."""
+        self.errors += 1
+        self.log.debug(
+            "{conn_id} protocol error: {code} {text}",
+            code=event.reply.code,
+            text=event.reply.text,
+            **self.log_context(),
+        )
+
+    # -- running handlers -----------------------------------------------------------------
+    def _run(
+        self,
+        coro: Coroutine[Any, Any, Any],
+        apply: Callable[[Any], None] | None,
+    ) -> None:
+        """Run a handler; while it waits on something, hold the client's further input."""
+        self._busy = True
+        deferred = defer.Deferred.fromCoroutine(coro)
+        deferred.addBoth(self._finished, apply)
+        if self._busy:
+            self._pause()
+
+    def _finished(self, result: Any, apply: Callable[[Any], None] | None) -> None:
+        self._busy = False
+        if isinstance(result, Failure):
+            self.log.failure("{conn_id} handler failed", result, **self.log_context())
+            result = (_INTERNAL_ERROR, False)
+        if not self._lost and apply is not None:
+            apply(result)
+        if self._paused:
+            self._resume()
+        self._drive()
+
+    def _greet(self, result: tuple[Reply, bool]) -> None:
+        reply, close = result
+        self.session.greet(reply, close)
+
+    def _answer(self, result: HandlerResult) -> None:
+        if self.session.pending is None:
+            return  # the session ended while the handler ran (timeout, disconnect verdict)
+        if result is None:
+            self.log.error("{conn_id} a handler returned no reply", **self.log_context())
+            result = _INTERNAL_ERROR
+        reply, close = (result, False) if isinstance(result, Reply) else result
+        self.session.send(reply, close)
+
+    def _pause(self) -> None:
+        if not self._paused and not self._lost:
+            self._paused = True
+            self.transport.pauseProducing()
+
+    def _resume(self) -> None:
+        self._paused = False
+        if not self._lost:
+            self.transport.resumeProducing()
+
+    # -- output ---------------------------------------------------------------------------
+    def _flush(self) -> None:
+        data = self.session.data_to_send()
+        if self._lost:
+            return
+        if data:
+            self.transport.write(data)
+        if self.session.closed:
+            self.transport.loseConnection()
+
+    def timeoutConnection(self) -> None:
+        """Idle too long: say so (RFC 5321 §4.5.3.2 wants a 421) and close."""
+        self.log.info("{conn_id} idle timeout", **self.log_context())
+        self.session.send_unsolicited(Reply(421, f"4.4.2 {self.me} Error: timeout exceeded"))
+        self._flush()
+
+    # -- end ------------------------------------------------------------------------------
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self._lost = True
+        self.setTimeout(None)
+        self.session.close()
+        defer.Deferred.fromCoroutine(self._close()).addErrback(
+            lambda failure: self.log.failure(
+                "{conn_id} cleanup failed", failure, **self.log_context()
+            )
+        )
+
+    async def _close(self) -> None:
+        try:
+            await self.runner.run_all("disconnect", self.transaction)
+            await self.runner.run_all("post-connection", self.transaction)
+        finally:
+            self.transaction.close()
+            self.factory.session_ended(self)
+            self.log.info("{conn_id} disconnect", **self.log_context())
+            self.connection.reset()

@@ -1,0 +1,60 @@
+"""Building the server as a Twisted service, for ``twistd qpconn`` and for ``.tac`` files.
+
+:func:`make_service` is the public entry point: the twistd plugin calls it with the
+command-line options, and a ``.tac`` file calls it with the same arguments from Python.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from twisted.application import service, strports
+from twisted.internet.interfaces import IReactorCore
+
+from qpconn.config import Config
+from qpconn.plugins import Plugin
+from qpconn.server.factory import SMTPFactory
+from qpconn.server.protocol import SMTPServerProtocol
+
+__all__ = ["make_service", "make_factory", "DEFAULT_LISTEN"]
+
+#: Loopback only, unprivileged port: a fresh install never listens on the world by accident.
+DEFAULT_LISTEN = "tcp:2525:interface=127.0.0.1"
+
+
+def make_factory(
+    config_dir: str | None = None,
+    *,
+    hostname: str | None = None,
+    plugins: Sequence[Plugin] | None = None,
+    protocol: type[SMTPServerProtocol] | None = None,
+    reactor: IReactorCore | None = None,
+) -> SMTPFactory:
+    """An SMTPFactory for a config directory (None: built-in defaults)."""
+    overrides = {"me": hostname} if hostname else None
+    config = Config(config_dir, overrides)
+    return SMTPFactory(
+        config, list(plugins) if plugins is not None else None, protocol=protocol, clock=reactor
+    )
+
+
+def make_service(
+    listen: Sequence[str] = (DEFAULT_LISTEN,),
+    config_dir: str | None = None,
+    *,
+    hostname: str | None = None,
+    plugins: Sequence[Plugin] | None = None,
+    protocol: type[SMTPServerProtocol] | None = None,
+) -> service.MultiService:
+    """A service listening on every endpoint string in ``listen`` with one shared factory.
+
+    Endpoint strings are Twisted's (``tcp:25``, ``tcp6:2525:interface=\\:\\:1``,
+    ``unix:/run/qpconn.sock``, ``ssl:465:privateKey=...``, ``systemd:domain=INET:index=0``).
+    """
+    factory = make_factory(config_dir, hostname=hostname, plugins=plugins, protocol=protocol)
+    top = service.MultiService()
+    top.setName("qpconn")
+    for description in listen:
+        strports.service(description, factory).setServiceParent(top)
+    top.factory = factory  # type: ignore[attr-defined]
+    return top

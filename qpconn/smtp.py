@@ -1,0 +1,400 @@
+"""SMTP command handlers: each command becomes hook runs and one reply.
+
+This is qpsmtpd's ``Qpsmtpd::SMTP`` in Python: the session core has already checked the
+line and the command sequence; here the hooks run in order and their outcome picks the
+reply (through :func:`qpconn.results.reply_for`). Nothing here touches a socket: the
+protocol adapter calls :meth:`SMTPCommands.dispatch` and writes what comes back.
+
+Subclasses may override :meth:`greeting`, :meth:`ehlo_lines`, any ``smtp_<VERB>``
+handler, or add one for a new verb (``async def smtp_XCLIENT(self, arg)``); a handler
+returns a :class:`~qpconn.core.reply.Reply` or ``(Reply, close)``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from twisted.logger import Logger
+
+import qpconn
+from qpconn.address import Address, AddressError, parse_params, split_path_and_params
+from qpconn.core.events import Command, MessageEnd
+from qpconn.core.reply import Reply
+from qpconn.received import received_value
+from qpconn.results import DONE, OK, HookOutcome, reply_for
+from qpconn.transaction import Transaction
+
+if TYPE_CHECKING:
+    from qpconn.config import Config
+    from qpconn.connection import Connection
+    from qpconn.core.session import ServerSession
+    from qpconn.hooks import HookRunner
+
+__all__ = ["SMTPCommands", "HandlerResult"]
+
+HandlerResult = Reply | tuple[Reply, bool] | None
+SOFTWARE = f"qpconn {qpconn.__version__}"
+
+_MAIL_PARAMS = frozenset({"SIZE", "BODY"})
+_RCPT_PARAMS: frozenset[str] = frozenset()
+_BODY_TYPES = frozenset({"7BIT", "8BITMIME"})
+
+
+def _accepted(outcome: HookOutcome) -> bool:
+    """OK, or DONE without a reply of its own: the command succeeds with the default reply."""
+    return outcome.result is OK or (outcome.result is DONE and not outcome.message)
+
+
+class SMTPCommands:
+    """Command handling shared by every protocol adapter; see the module docstring."""
+
+    log = Logger(namespace="qpconn.smtp")
+
+    session: ServerSession
+    connection: Connection
+    transaction: Transaction
+    runner: HookRunner
+    config: Config
+    me: str
+    spool_dir: str | None
+    size_threshold: int
+    databytes: int
+    _verdict: tuple[Reply, bool] | None = None
+    _tx_count = 0
+
+    # -- helpers ------------------------------------------------------------------------
+    def log_context(self) -> dict[str, Any]:
+        """Fields every log event of this session carries."""
+        return {"conn_id": self.connection.id, "remote_ip": self.connection.remote_ip}
+
+    async def run_hook(self, hook: str, *args: Any) -> HookOutcome:
+        """Run a hook with the current transaction and these arguments."""
+        return await self.runner.run(hook, self.transaction, *args, log_context=self.log_context())
+
+    def new_transaction(self) -> Transaction:
+        """A fresh transaction; its id (the queue id) is the connection id plus a counter."""
+        self._tx_count += 1
+        return Transaction(
+            self.connection,
+            id=f"{self.connection.id}.{self._tx_count}",
+            size_threshold=self.size_threshold,
+            spool_dir=self.spool_dir,
+        )
+
+    async def reset_transaction(self) -> None:
+        """End the current transaction (RSET, new HELO, end of DATA) and start a new one."""
+        old = self.transaction
+        if old.sender is not None or old.recipients:
+            await self.runner.run_all("reset_transaction", old)
+        old.close()
+        self._verdict = None
+        self.transaction = self.new_transaction()
+
+    # -- connection start ---------------------------------------------------------------
+    def greeting(self) -> str:
+        """The 220 text: config ``smtpgreeting`` (with ESMTP added) or a default."""
+        text = self.config.get("smtpgreeting")
+        if text:
+            return text if "ESMTP" in text.split() else f"{text} ESMTP"
+        return f"{self.me} ESMTP {SOFTWARE} ready"
+
+    async def start_session(self) -> tuple[Reply, bool]:
+        """pre-connection and connect hooks, then the greeting (or a refusal)."""
+        for hook in ("pre-connection", "connect"):
+            outcome = await self.run_hook(hook)
+            if outcome.result is DONE and not outcome.message:
+                break
+            decided = reply_for(hook, outcome)
+            if decided is not None:
+                self.log.info(
+                    "{conn_id} refused at {hook} by {plugin}: {code}",
+                    hook=hook,
+                    plugin=outcome.plugin,
+                    code=decided[0].code,
+                    **self.log_context(),
+                )
+                return decided
+        return Reply(220, self.greeting()), False
+
+    # -- dispatch -------------------------------------------------------------------------
+    async def dispatch(self, event: Command | MessageEnd) -> HandlerResult:
+        """The reply to one command (or to the end of a message)."""
+        if isinstance(event, MessageEnd):
+            return await self.message_end(event)
+        verb = event.verb
+        handler = getattr(self, "smtp_" + verb, None) if verb.isascii() and verb.isalpha() else None
+        if handler is None:
+            return await self.unrecognized_command(verb, event.arg)
+        result: HandlerResult = await handler(event.arg)
+        return result
+
+    async def unrecognized_command(self, verb: str, arg: str) -> HandlerResult:
+        outcome = await self.run_hook("unrecognized_command", verb, arg)
+        decided = reply_for("unrecognized_command", outcome)
+        return decided if decided is not None else Reply(500, "5.5.1 Unrecognized command")
+
+    # -- HELO / EHLO ----------------------------------------------------------------------
+    async def smtp_HELO(self, arg: str) -> HandlerResult:
+        return await self._hello("helo", arg)
+
+    async def smtp_EHLO(self, arg: str) -> HandlerResult:
+        return await self._hello("ehlo", arg)
+
+    def ehlo_lines(self) -> list[str]:
+        """The extensions advertised after EHLO, one per line."""
+        lines = ["PIPELINING", "8BITMIME", f"SIZE {self.databytes}", "ENHANCEDSTATUSCODES"]
+        extra = self.transaction.notes.get("capabilities") or []
+        return lines + [str(item) for item in extra]
+
+    async def _hello(self, kind: str, host: str) -> HandlerResult:
+        conn = self.connection
+        previous = conn.hello, conn.hello_host
+        # Empty while the hooks judge the name: a plugin must not trust what it is judging.
+        conn.hello = conn.hello_host = None
+        await self.reset_transaction()
+        outcome = await self.run_hook(kind, host)
+        decided = reply_for(kind, outcome)
+        if decided is not None:
+            conn.hello, conn.hello_host = previous
+            return decided
+        conn.hello, conn.hello_host = kind, host
+        first = f"{self.me} Hi {conn.remote_host_or_unknown} [{conn.remote_ip or 'unix'}]"
+        if kind == "helo":
+            return Reply(250, first)
+        return Reply(250, [first, *self.ehlo_lines()])
+
+    # -- MAIL -----------------------------------------------------------------------------
+    async def smtp_MAIL(self, arg: str) -> HandlerResult:
+        outcome = await self.run_hook("mail_pre", arg)
+        if outcome.result is OK and outcome.message is not None:
+            arg = outcome.message
+        else:
+            decided = reply_for("mail_pre", outcome)
+            if decided is not None:
+                return decided
+        try:
+            path, rest = split_path_and_params(arg)
+            sender = Address.parse(path)
+            params = parse_params(rest)
+        except AddressError as exc:
+            code = 553 if exc.utf8 else 501
+            return Reply(code, f"{'5.6.7' if exc.utf8 else '5.1.7'} Bad sender address syntax")
+        problem = self.check_mail_params(params)
+        if problem is not None:
+            return problem
+        outcome = await self.run_hook("mail", sender, params)
+        if not _accepted(outcome):
+            decided = reply_for("mail", outcome)
+            if decided is not None:
+                self._log_rejection("mail", outcome, decided[0], sender=sender.format())
+                return decided
+        self.transaction.sender = sender
+        self.transaction.mail_params = params
+        return Reply(250, f"2.1.0 {sender.format()}, sender OK")
+
+    def check_mail_params(self, params: dict[str, str | None]) -> Reply | None:
+        """Refuse what MAIL parameters the server does not offer, or a SIZE too big."""
+        if params and not self.session.esmtp:
+            return Reply(555, "5.5.4 MAIL parameters require EHLO")
+        for key in params:
+            if key not in _MAIL_PARAMS:
+                return Reply(555, f"5.5.4 Unsupported option: {key}")
+        size = params.get("SIZE", "0")
+        if "SIZE" in params and (size is None or not size.isdigit() or len(size) > 20):
+            return Reply(501, "5.5.4 Syntax: SIZE=<number>")
+        if self.databytes and size is not None and int(size) > self.databytes:
+            return Reply(552, "5.3.4 Message size exceeds fixed maximum message size")
+        body = params.get("BODY", "7BIT")
+        if body is None or body.upper() not in _BODY_TYPES:
+            return Reply(501, "5.5.4 Syntax: BODY=7BIT|8BITMIME")
+        return None
+
+    # -- RCPT -----------------------------------------------------------------------------
+    async def smtp_RCPT(self, arg: str) -> HandlerResult:
+        outcome = await self.run_hook("rcpt_pre", arg)
+        if outcome.result is OK and outcome.message is not None:
+            arg = outcome.message
+        else:
+            decided = reply_for("rcpt_pre", outcome)
+            if decided is not None:
+                return decided
+        try:
+            path, rest = split_path_and_params(arg)
+            recipient = Address.parse(path)
+            params = parse_params(rest)
+        except AddressError as exc:
+            code = 553 if exc.utf8 else 501
+            return Reply(code, f"{'5.6.7' if exc.utf8 else '5.1.3'} Bad recipient address syntax")
+        if recipient.is_null:
+            return Reply(501, "5.1.3 Bad recipient address syntax")
+        for key in params:
+            if key not in _RCPT_PARAMS:
+                return Reply(555, f"5.5.4 Unsupported option: {key}")
+        outcome = await self.run_hook("rcpt", recipient, params)
+        if _accepted(outcome):
+            self.transaction.add_recipient(recipient, params)
+            return Reply(250, f"2.1.5 {recipient.format()}, recipient ok")
+        decided = reply_for("rcpt", outcome)
+        assert decided is not None  # every other rcpt result has a row
+        self._log_rejection("rcpt", outcome, decided[0], rcpt=recipient.format())
+        return decided
+
+    # -- DATA -----------------------------------------------------------------------------
+    async def smtp_DATA(self, arg: str) -> HandlerResult:
+        if not self.transaction.recipients:
+            return Reply(554, "5.5.1 Error: no valid recipients")
+        outcome = await self.run_hook("data")
+        decided = reply_for("data", outcome)
+        if decided is not None:
+            return decided
+        self.transaction.notes["data_started"] = time.monotonic()
+        return Reply(354, "End data with <CR><LF>.<CR><LF>")
+
+    async def message_data(self, data: bytes) -> None:
+        """Store a piece of message text; run data_headers_end once the header is complete."""
+        if self._verdict is not None:
+            return
+        if self.transaction.body_write(data):
+            await self._headers_end()
+
+    async def _headers_end(self) -> None:
+        if not self.runner.has("data_headers_end"):
+            return
+        outcome = await self.run_hook("data_headers_end")
+        decided = reply_for("data_headers_end", outcome)
+        if decided is not None:
+            # Remembered and given when the message ends; a disconnect can't wait.
+            self._verdict = decided
+            if decided[1]:
+                self.session.send_unsolicited(decided[0])
+
+    async def message_end(self, end: MessageEnd) -> HandlerResult:
+        """The reply to a whole message: size and line checks, data_post, then queue."""
+        try:
+            return await self._judge_message(end)
+        finally:
+            await self.reset_transaction()
+
+    async def _judge_message(self, end: MessageEnd) -> HandlerResult:
+        txn = self.transaction
+        refusal = self.refuse_message_text(end)
+        if refusal is not None:
+            self._log_transaction("rejected", refusal)
+            return refusal
+        if txn.end_of_data() and self._verdict is None:
+            await self._headers_end()
+        if self._verdict is not None:
+            self._log_transaction("rejected", self._verdict[0])
+            return self._verdict
+        await self.add_received_header()
+        outcome = await self.run_hook("data_post")
+        decided = reply_for("data_post", outcome)
+        if decided is not None:
+            self._log_transaction("rejected", decided[0], plugin=outcome.plugin)
+            return decided
+        return await self.queue_message()
+
+    def refuse_message_text(self, end: MessageEnd) -> Reply | None:
+        """The core's findings about the text itself: size, line length, bare CR/LF."""
+        if end.oversized:
+            return Reply(552, "5.3.4 Message too big")
+        if end.long_line:
+            return Reply(500, "5.5.2 Message has a line longer than 1000 octets")
+        if end.bare_lf or end.bare_cr:
+            return Reply(554, "5.5.2 Message contains a bare CR or LF; lines must end with CRLF")
+        return None
+
+    async def add_received_header(self) -> None:
+        """Prepend our Received field (a received_line plugin may supply the text)."""
+        txn = self.transaction
+        assert txn.header is not None
+        outcome = await self.run_hook("received_line")
+        if outcome.result is OK and outcome.message:
+            value = outcome.message
+        else:
+            value = received_value(self.connection, txn, self.me, SOFTWARE)
+        txn.header.add("Received", value, index=0)
+
+    async def queue_message(self) -> HandlerResult:
+        """queue_pre, queue and queue_post: 250 only when a queue plugin said OK."""
+        outcome = await self.run_hook("queue_pre")
+        decided = reply_for("queue_pre", outcome)
+        if decided is None:
+            outcome = await self.run_hook("queue")
+            decided = reply_for("queue", outcome)
+            assert decided is not None  # queue has a row for every result
+            if outcome.result is OK:
+                reply = Reply(250, outcome.message or f"2.0.0 Queued as {self.transaction.id}")
+                if reply.enhanced is None:
+                    reply.enhanced = "2.0.0"
+                decided = (reply, False)
+        reply = decided[0]
+        self._log_transaction(
+            "accepted" if reply.code < 300 else "rejected", reply, plugin=outcome.plugin
+        )
+        await self.runner.run_all("queue_post", self.transaction)
+        return decided
+
+    # -- small commands -------------------------------------------------------------------
+    async def smtp_RSET(self, arg: str) -> HandlerResult:
+        await self.reset_transaction()
+        return Reply(250, "2.0.0 OK")
+
+    async def smtp_NOOP(self, arg: str) -> HandlerResult:
+        outcome = await self.run_hook("noop", arg)
+        return reply_for("noop", outcome) or Reply(250, "2.0.0 OK")
+
+    async def smtp_VRFY(self, arg: str) -> HandlerResult:
+        outcome = await self.run_hook("vrfy", arg)
+        decided = reply_for("vrfy", outcome)
+        assert decided is not None
+        return decided
+
+    async def smtp_HELP(self, arg: str) -> HandlerResult:
+        outcome = await self.run_hook("help", arg)
+        decided = reply_for("help", outcome)
+        if decided is not None:
+            return decided
+        return Reply(
+            214,
+            [
+                f"2.0.0 This is {SOFTWARE}",
+                "Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP",
+            ],
+        )
+
+    async def smtp_QUIT(self, arg: str) -> HandlerResult:
+        outcome = await self.run_hook("quit")
+        if outcome.result is DONE and outcome.message:
+            return Reply.parse_line(outcome.message, 221), True
+        return Reply(221, f"2.0.0 {self.me} closing connection"), True
+
+    # -- logging --------------------------------------------------------------------------
+    def _log_rejection(self, stage: str, outcome: HookOutcome, reply: Reply, **fields: Any) -> None:
+        self.log.info(
+            "{conn_id} {stage} rejected by {plugin}: {code} {text}",
+            stage=stage,
+            plugin=outcome.plugin or "-",
+            code=reply.code,
+            text=reply.text,
+            **fields,
+            **self.log_context(),
+        )
+
+    def _log_transaction(self, verdict: str, reply: Reply, plugin: str | None = None) -> None:
+        txn = self.transaction
+        started = txn.notes.get("data_started")
+        self.log.info(
+            "{conn_id} {queue_id} {verdict} from={sender} to={rcpts} size={size} "
+            "reply={code} elapsed={elapsed:.3f}s",
+            queue_id=txn.id,
+            verdict=verdict,
+            sender=txn.sender.format() if txn.sender else "<>",
+            rcpts=",".join(r.format() for r in txn.recipients),
+            size=txn.data_size,
+            code=reply.code,
+            plugin=plugin,
+            elapsed=(time.monotonic() - started) if started else 0.0,
+            **self.log_context(),
+        )
