@@ -1,0 +1,33 @@
+"""Shared fixtures: a real qpconn on a loopback port per test."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import pytest_twisted
+
+from tests.support.server import RunningServer, start_server
+
+
+@pytest.fixture
+def qpconn_server(tmp_path: Any) -> Iterator[Callable[..., RunningServer]]:
+    """Call it (with start_server's keywords) to get a running server; all stop at teardown."""
+    started: list[RunningServer] = []
+
+    def start(**kwargs: Any) -> RunningServer:
+        server = start_server(tmp_path, **kwargs)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        pytest_twisted.blockon(server.stop())
+        pytest_twisted.blockon(server.wait_sessions_closed())
+
+
+@pytest.fixture
+def server(qpconn_server: Callable[..., RunningServer]) -> RunningServer:
+    """A server with the default test config: relay, rcpt_ok (mx.test, localhost), maildir."""
+    return qpconn_server()

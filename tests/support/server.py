@@ -1,0 +1,168 @@
+"""Start a real qpconn on a loopback port, in the test's own reactor, and talk to it.
+
+Tests run under pytest-twisted, so the reactor is live while a test awaits. Blocking
+clients (``smtplib``, raw sockets) therefore run in a thread through :func:`in_thread`,
+exactly as an outside client would, while the server answers from the reactor.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from twisted.internet import reactor, threads
+from twisted.internet.defer import Deferred
+
+from qpconn.config import Config
+from qpconn.plugins import Plugin, load_plugin
+from qpconn.server.factory import SMTPFactory
+from qpconn.server.protocol import SMTPServerProtocol
+
+T = TypeVar("T")
+
+
+def in_thread(function: Callable[..., T], *args: Any, **kwargs: Any) -> Deferred[T]:
+    """Run a blocking client in a thread; await the result from the test."""
+    return threads.deferToThread(function, *args, **kwargs)
+
+
+def write_config(directory: str, files: Mapping[str, str | Sequence[str]]) -> str:
+    """Write config files (name -> text or list of lines) into ``directory``."""
+    os.makedirs(directory, exist_ok=True)
+    for name, value in files.items():
+        text = value if isinstance(value, str) else "\n".join(value) + "\n"
+        with open(os.path.join(directory, name), "w", encoding="utf-8") as handle:
+            handle.write(text)
+    return directory
+
+
+@dataclass
+class RunningServer:
+    """A qpconn listening on 127.0.0.1; ``stop()`` is called by the fixture."""
+
+    factory: SMTPFactory
+    port: Any
+    maildir: str
+    config_dir: str
+    host: str = "127.0.0.1"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.host, self.port.getHost().port
+
+    def stop(self) -> Deferred[None]:
+        return self.port.stopListening()
+
+    def messages(self) -> list[bytes]:
+        """Every message delivered to the default Maildir's new/, oldest first."""
+        new = os.path.join(self.maildir, "new")
+        if not os.path.isdir(new):
+            return []
+        names = sorted(os.listdir(new), key=lambda n: os.stat(os.path.join(new, n)).st_mtime_ns)
+        out = []
+        for name in names:
+            with open(os.path.join(new, name), "rb") as handle:
+                out.append(handle.read())
+        return out
+
+    def wait_sessions_closed(self, timeout: float = 5.0) -> Deferred[None]:
+        """Fires once every session has finished its disconnect hooks."""
+        from twisted.internet import task
+
+        deadline = time.monotonic() + timeout
+
+        def check() -> Any:
+            if not self.factory.sessions or time.monotonic() > deadline:
+                return None
+            return task.deferLater(reactor, 0.02, check)
+
+        return task.deferLater(reactor, 0, check)
+
+
+def start_server(
+    tmp_path: Any,
+    *,
+    files: Mapping[str, str | Sequence[str]] | None = None,
+    plugins: Iterable[Plugin | type[Plugin] | str] | None = None,
+    protocol: type[SMTPServerProtocol] | None = None,
+    factory_class: type[SMTPFactory] = SMTPFactory,
+    interface: str = "127.0.0.1",
+) -> RunningServer:
+    """Listen on a free loopback port with a config directory made from ``files``.
+
+    ``plugins`` (instances, classes or config lines) replaces the plugin list; without
+    it the ``plugins`` file (or the default list) is used. The default Maildir is
+    ``tmp_path/maildir``, and ``me`` defaults to ``mx.test``.
+    """
+    config_dir = str(tmp_path / "config")
+    maildir = str(tmp_path / "maildir")
+    contents: dict[str, str | Sequence[str]] = {"me": "mx.test", "rcpthosts": ["mx.test", "localhost"]}
+    contents["plugins"] = ["relay", "rcpt_ok", f"queue/maildir {maildir}"]
+    contents.update(files or {})
+    write_config(config_dir, contents)
+    config = Config(config_dir)
+    loaded: list[Plugin] | None = None
+    if plugins is not None:
+        loaded = []
+        for item in plugins:
+            if isinstance(item, Plugin):
+                loaded.append(item)
+            elif isinstance(item, type):
+                loaded.append(item(config, item.__name__))
+            else:
+                words = item.split()
+                loaded.append(load_plugin(config, words[0], *words[1:]))
+    factory = factory_class(config, loaded, protocol=protocol)
+    port = reactor.listenTCP(0, factory, interface=interface)
+    return RunningServer(factory, port, maildir, config_dir, host=interface)
+
+
+def raw_session(
+    address: tuple[str, int], payload: bytes, *, wait: float = 0.3, timeout: float = 5.0
+) -> bytes:
+    """Connect, read the greeting, send ``payload`` in one write, read until quiet or closed."""
+    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(address)
+        received = read_until_quiet(sock, wait=wait, timeout=timeout)
+        if payload:
+            sock.sendall(payload)
+            received += read_until_quiet(sock, wait=wait, timeout=timeout)
+        return received
+
+
+def read_until_quiet(sock: socket.socket, *, wait: float = 0.3, timeout: float = 5.0) -> bytes:
+    """Read until the peer closes or sends nothing for ``wait`` seconds (after some data)."""
+    data = b""
+    deadline = time.monotonic() + timeout
+    sock.settimeout(wait)
+    while time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            if data:
+                break
+            continue
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def reply_codes(data: bytes) -> list[int]:
+    """The code of each complete reply in ``data`` (the last line of a multi-line reply)."""
+    codes = []
+    for line in data.split(b"\r\n"):
+        if len(line) >= 4 and line[:3].isdigit() and line[3:4] == b" ":
+            codes.append(int(line[:3]))
+        elif len(line) == 3 and line.isdigit():
+            codes.append(int(line))
+    return codes
