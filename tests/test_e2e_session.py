@@ -1,0 +1,297 @@
+"""End-to-end: whole SMTP sessions over loopback, as real clients hold them.
+
+Each test starts a real server on 127.0.0.1 and talks to it with ``smtplib``, a raw
+socket client (:mod:`tests.e2e_client`) or Twisted's own SMTP client, then looks at the
+reply bytes and at what landed in the Maildir.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+import smtplib
+import time
+from io import BytesIO
+
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.mail import smtp as twisted_smtp
+
+from tests.e2e_client import Client
+from tests.support.server import in_thread
+
+# The Received value of qpconn, unfolded: from HELO (host [ip]) by me (software) with
+# PROTO id QUEUEID [for <rcpt>]; date
+_RECEIVED = re.compile(
+    r"^from (?P<helo>\S+) \((?P<host>\S+) \[(?P<ip>[^\]]+)\]\) "
+    r"by (?P<me>\S+) \(qpconn [^)]+\) with (?P<proto>\S+) id (?P<id>\S+)"
+    r"(?: for (?P<rcpt><[^>]*>))?; (?P<date>.+)$"
+)
+
+
+def split_message(message: bytes) -> tuple[list[bytes], bytes]:
+    """Header fields (folded lines joined with a space) and the body of a stored message."""
+    head, sep, body = message.partition(b"\r\n\r\n")
+    assert sep, message
+    fields: list[bytes] = []
+    for line in head.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t"):
+            fields[-1] += b" " + line.strip()
+        else:
+            fields.append(line)
+    return fields, body
+
+
+def received(fields: list[bytes]) -> re.Match[str]:
+    values = [f[len(b"Received: ") :].decode() for f in fields if f.startswith(b"Received: ")]
+    assert len(values) == 1, fields
+    match = _RECEIVED.match(values[0])
+    assert match, values[0]
+    return match
+
+
+def assert_recent(date: str) -> None:
+    stamp = email.utils.parsedate_to_datetime(date).timestamp()
+    assert abs(stamp - time.time()) < 120, date
+
+
+@pytest_twisted.ensureDeferred
+async def test_esmtp_transaction_is_stored_with_trace_fields_and_unstuffed_body(server):
+    def client():
+        with Client(server.address) as smtp:
+            assert smtp.greeting.code == 220
+            assert smtp.cmd("EHLO client.test").code == 250
+            return smtp.transaction(
+                "<sender@example.org>",
+                ["<user@mx.test>"],
+                b"Subject: hello\r\n\r\nfirst line\r\n..leading dot\r\n.\r\nlast",
+            )
+
+    reply = await in_thread(client)
+    assert reply.code == 250
+    (message,) = server.messages()
+    fields, body = split_message(message)
+    assert fields[0] == b"Return-Path: <sender@example.org>"
+    assert fields[1] == b"Delivered-To: user@mx.test"
+    assert fields[2].startswith(b"Received: ")
+    assert fields[3:] == [b"Subject: hello"]
+    trace = received(fields)
+    assert trace["helo"] == "client.test"
+    assert trace["host"] == "unknown"
+    assert trace["ip"] == "127.0.0.1"
+    assert trace["me"] == "mx.test"
+    assert trace["proto"] == "ESMTP"
+    assert trace["rcpt"] == "<user@mx.test>"
+    assert_recent(trace["date"])
+    # The 250 names the queue id the Received field carries.
+    assert reply.lines == (f"2.0.0 Queued as {trace['id']}",)
+    assert body == b"first line\r\n.leading dot\r\n\r\nlast\r\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_helo_session_is_traced_with_smtp_not_esmtp(server):
+    def client():
+        with Client(server.address) as smtp:
+            reply = smtp.cmd("HELO old.client.test")
+            assert reply.code == 250 and reply.lines[0].startswith("mx.test ")
+            assert len(reply.lines) == 1
+            return smtp.transaction("<a@example.org>", ["<user@mx.test>"], b"x: y\r\n\r\nbody")
+
+    assert (await in_thread(client)).code == 250
+    (message,) = server.messages()
+    trace = received(split_message(message)[0])
+    assert trace["proto"] == "SMTP"
+    assert trace["helo"] == "old.client.test"
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_recipients_make_one_file_with_two_delivered_to_and_no_for_clause(server):
+    def client():
+        with smtplib.SMTP(*server.address) as smtp:
+            smtp.ehlo("client.test")
+            return smtp.sendmail(
+                "sender@example.org",
+                ["one@mx.test", "two@localhost"],
+                b"Subject: both\r\n\r\nhi\r\n",
+            )
+
+    assert await in_thread(client) == {}
+    (message,) = server.messages()
+    fields, body = split_message(message)
+    assert fields[:3] == [
+        b"Return-Path: <sender@example.org>",
+        b"Delivered-To: one@mx.test",
+        b"Delivered-To: two@localhost",
+    ]
+    trace = received(fields)
+    assert trace["rcpt"] is None
+    assert b" for " not in fields[3]
+    assert_recent(trace["date"])
+    assert body == b"hi\r\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_transaction_on_one_connection_gets_its_own_queue_id(server):
+    def client():
+        with Client(server.address) as smtp:
+            smtp.cmd("EHLO client.test")
+            first = smtp.transaction("<a@example.org>", ["<u@mx.test>"], b"s: 1\r\n\r\none")
+            second = smtp.transaction("<b@example.org>", ["<u@mx.test>"], b"s: 2\r\n\r\ntwo")
+            return first, second
+
+    first, second = await in_thread(client)
+    assert first.code == second.code == 250
+    assert first.lines != second.lines
+    stored = {
+        (received(split_message(m)[0])["id"], split_message(m)[1]) for m in server.messages()
+    }
+    assert stored == {(first.last.split()[-1], b"one\r\n"), (second.last.split()[-1], b"two\r\n")}
+
+
+@pytest_twisted.ensureDeferred
+async def test_ehlo_reply_is_multiline_and_advertises_extensions_with_configured_size(
+    qpconn_server,
+):
+    server = qpconn_server(files={"databytes": "123456"})
+
+    def client():
+        with Client(server.address) as smtp:
+            smtp.send(b"EHLO client.test\r\n")
+            raw = smtp.sock.recv(65536)
+            while not re.search(rb"(^|\r\n)250 [^\r\n]*\r\n$", raw):
+                more = smtp.sock.recv(65536)
+                assert more, raw
+                raw += more
+            return raw
+
+    raw = await in_thread(client)
+    lines = raw.split(b"\r\n")
+    assert lines[-1] == b""
+    lines = lines[:-1]
+    assert all(line.startswith(b"250-") for line in lines[:-1]), lines
+    assert lines[-1].startswith(b"250 ")
+    assert lines[0] == b"250-mx.test Hi unknown [127.0.0.1]"
+    keywords = [line[4:] for line in lines[1:]]
+    assert set(keywords) >= {b"PIPELINING", b"8BITMIME", b"SIZE 123456", b"ENHANCEDSTATUSCODES"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_smtplib_sees_the_advertised_extensions(server):
+    def client():
+        with smtplib.SMTP(*server.address) as smtp:
+            smtp.ehlo("client.test")
+            return dict(smtp.esmtp_features)
+
+    features = await in_thread(client)
+    assert {"pipelining", "8bitmime", "size", "enhancedstatuscodes"} <= set(features)
+    # No databytes file: the config default (50 MiB) is what SIZE announces.
+    assert features["size"] == "52428800"
+
+
+@pytest_twisted.ensureDeferred
+async def test_replies_carry_enhanced_status_codes(server):
+    def client():
+        with Client(server.address) as smtp:
+            return [
+                smtp.cmd("EHLO client.test").code,
+                smtp.cmd("MAIL FROM:<a@example.org>"),
+                smtp.cmd("RCPT TO:<user@mx.test>"),
+                smtp.cmd("RSET"),
+                smtp.cmd("NOOP"),
+                smtp.cmd("QUIT"),
+            ]
+
+    ehlo, mail, rcpt, rset, noop, quit_ = await in_thread(client)
+    assert ehlo == 250
+    assert (mail.code, mail.last) == (250, "2.1.0 <a@example.org>, sender OK")
+    assert (rcpt.code, rcpt.last) == (250, "2.1.5 <user@mx.test>, recipient ok")
+    assert (rset.code, rset.last) == (250, "2.0.0 OK")
+    assert (noop.code, noop.last) == (250, "2.0.0 OK")
+    assert quit_.code == 221 and quit_.last.startswith("2.0.0 ")
+
+
+@pytest_twisted.ensureDeferred
+async def test_small_commands_noop_vrfy_help_and_quit_closes(server):
+    def client():
+        with Client(server.address) as smtp:
+            replies = [smtp.cmd(line) for line in ("NOOP", "VRFY someone", "HELP", "NOOP x")]
+            replies.append(smtp.cmd("QUIT"))
+            return replies, smtp.is_closed()
+
+    (noop, vrfy, help_, noop_arg, quit_), closed = await in_thread(client)
+    assert noop.code == 250 and noop_arg.code == 250
+    assert (vrfy.code, vrfy.last.split()[0]) == (252, "2.5.2")
+    assert help_.code == 214 and len(help_.lines) >= 2
+    assert quit_.code == 221
+    assert closed
+
+
+@pytest_twisted.ensureDeferred
+async def test_rset_forgets_sender_and_recipients(server):
+    def client():
+        with Client(server.address) as smtp:
+            smtp.cmd("EHLO client.test")
+            smtp.cmd("MAIL FROM:<a@example.org>")
+            smtp.cmd("RCPT TO:<user@mx.test>")
+            rset = smtp.code("RSET")
+            after = [smtp.code("RCPT TO:<user@mx.test>"), smtp.code("DATA")]
+            # A new transaction starts cleanly and stores only its own recipient.
+            last = smtp.transaction("<b@example.org>", ["<other@mx.test>"], b"s: x\r\n\r\nx")
+            return rset, after, last.code
+
+    rset, after, last = await in_thread(client)
+    assert rset == 250
+    assert after == [503, 503]
+    assert last == 250
+    (message,) = server.messages()
+    fields, _ = split_message(message)
+    assert fields[:2] == [b"Return-Path: <b@example.org>", b"Delivered-To: other@mx.test"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_pipelined_transaction_in_one_write_gets_replies_in_order(server):
+    def client():
+        with Client(server.address) as smtp:
+            smtp.cmd("EHLO client.test")
+            smtp.send(
+                b"MAIL FROM:<a@example.org>\r\n"
+                b"RCPT TO:<one@mx.test>\r\n"
+                b"RCPT TO:<two@mx.test>\r\n"
+                b"DATA\r\n"
+            )
+            first = smtp.replies(4)
+            # Text, end marker, next command and QUIT in one write, too.
+            smtp.send(b"Subject: p\r\n\r\npiped\r\n.\r\nNOOP\r\nQUIT\r\n")
+            rest = smtp.replies(3)
+            return first + rest, smtp.is_closed()
+
+    replies, closed = await in_thread(client)
+    assert [r.code for r in replies] == [250, 250, 250, 354, 250, 250, 221]
+    assert replies[1].last.startswith("2.1.5 <one@mx.test>")
+    assert replies[2].last.startswith("2.1.5 <two@mx.test>")
+    assert closed
+    (message,) = server.messages()
+    assert split_message(message)[1] == b"piped\r\n"
+
+
+@pytest_twisted.ensureDeferred
+async def test_twisted_smtp_client_delivers_a_message(server):
+    host, port = server.address
+    # Twisted's client turns LF into CRLF itself: the file holds LF line ends.
+    message = BytesIO(b"From: a@example.org\nSubject: twisted\n\nfrom twisted.mail\n")
+    result = await twisted_smtp.sendmail(
+        host,
+        "a@example.org",
+        ["user@mx.test"],
+        message,
+        senderDomainName="twisted.client.test",
+        port=port,
+        reactor=reactor,
+    )
+    accepted, per_recipient = result
+    assert accepted == 1
+    assert [(addr, code) for addr, code, _ in per_recipient] == [("user@mx.test", 250)]
+    (stored,) = server.messages()
+    fields, body = split_message(stored)
+    assert received(fields)["helo"] == "twisted.client.test"
+    assert body == b"from twisted.mail\r\n"

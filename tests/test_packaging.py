@@ -1,0 +1,74 @@
+"""``pip install .`` and ``pip install -e .`` in a fresh virtualenv make ``twistd qpconn`` work.
+
+The fresh environment borrows the test environment's Twisted (through a .pth line) so
+that no download is needed; qpconn itself is installed from a copy of the source tree through its own packaging
+metadata, with pip's usual isolated build.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sysconfig
+import venv
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCES = ("pyproject.toml", "setup.cfg", "README.md", "qpconn", "twisted")
+
+
+def _fresh_env(tmp_path: Path) -> Path:
+    env_dir = tmp_path / "env"
+    venv.EnvBuilder(with_pip=True).create(env_dir)
+    python = env_dir / "bin" / "python"
+    site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()
+    # Twisted and zope.interface from the running environment, not from the network.
+    Path(site, "borrowed.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return env_dir
+
+
+def _copy_source(tmp_path: Path) -> Path:
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in SOURCES:
+        path = ROOT / name
+        if path.is_dir():
+            shutil.copytree(path, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.cache"))
+        else:
+            shutil.copy2(path, source / name)
+    return source
+
+
+@pytest.mark.parametrize("editable", [False, True], ids=["install", "editable"])
+def test_pip_install_makes_twistd_qpconn_available(tmp_path, editable):
+    env_dir = _fresh_env(tmp_path)
+    source = _copy_source(tmp_path)
+    pip = [env_dir / "bin" / "python", "-m", "pip", "install", "-q", "--no-deps"]
+    target = ["-e", str(source)] if editable else [str(source)]
+    subprocess.run([*pip, *target], check=True, capture_output=True, timeout=300)
+    twistd = env_dir / "bin" / "twistd"
+    if not twistd.exists():  # the console script comes with Twisted, which is borrowed
+        twistd = None
+    command = ([str(twistd)] if twistd else
+               [str(env_dir / "bin" / "python"), "-c", "from twisted.scripts.twistd import run; run()"])
+    listing = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=60,
+                             cwd=tmp_path)
+    assert "qpconn" in listing.stdout, listing.stdout + listing.stderr
+    options = subprocess.run([*command, "qpconn", "--help"], capture_output=True, text=True,
+                             timeout=60, cwd=tmp_path)
+    assert options.returncode == 0, options.stderr
+    assert "--listen" in options.stdout and "--config" in options.stdout
+    imported = subprocess.run(
+        [env_dir / "bin" / "python", "-c", "import qpconn, sys; print(qpconn.__file__)"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )
+    location = Path(imported.stdout.strip())
+    if editable:
+        assert location.is_relative_to(source)
+    else:
+        assert location.is_relative_to(env_dir)
