@@ -13,7 +13,9 @@ from collections.abc import Iterator
 __all__ = ["Header", "split_header", "is_field_line"]
 
 # A field starts with a name of printable characters except ':' and space (RFC 5322 §2.2).
-_FIELD = re.compile(rb"^[!-9;-~]+:")
+# No "^": match() already anchors at its pos argument, while "^" would only match at the
+# very start of the text, so every field after the first would be taken for the body.
+_FIELD = re.compile(rb"[!-9;-~]+:")
 
 
 def split_header(data: bytes, start: int = 0) -> tuple[bytes, bytes] | int:

@@ -14,6 +14,7 @@ from twisted.internet.interfaces import IReactorCore
 from qpconn.config import Config
 from qpconn.plugins import Plugin
 from qpconn.server.factory import SMTPFactory
+from qpconn.server.peerinfo import LookupSettings
 from qpconn.server.protocol import SMTPServerProtocol
 
 __all__ = ["make_service", "make_factory", "DEFAULT_LISTEN"]
@@ -29,12 +30,17 @@ def make_factory(
     plugins: Sequence[Plugin] | None = None,
     protocol: type[SMTPServerProtocol] | None = None,
     reactor: IReactorCore | None = None,
+    lookups: LookupSettings | None = None,
 ) -> SMTPFactory:
     """An SMTPFactory for a config directory (None: built-in defaults)."""
     overrides = {"me": hostname} if hostname else None
     config = Config(config_dir, overrides)
     return SMTPFactory(
-        config, list(plugins) if plugins is not None else None, protocol=protocol, clock=reactor
+        config,
+        list(plugins) if plugins is not None else None,
+        protocol=protocol,
+        clock=reactor,
+        lookups=lookups,
     )
 
 
@@ -45,13 +51,16 @@ def make_service(
     hostname: str | None = None,
     plugins: Sequence[Plugin] | None = None,
     protocol: type[SMTPServerProtocol] | None = None,
+    lookups: LookupSettings | None = None,
 ) -> service.MultiService:
     """A service listening on every endpoint string in ``listen`` with one shared factory.
 
     Endpoint strings are Twisted's (``tcp:25``, ``tcp6:2525:interface=\\:\\:1``,
     ``unix:/run/qpconn.sock``, ``ssl:465:privateKey=...``, ``systemd:domain=INET:index=0``).
     """
-    factory = make_factory(config_dir, hostname=hostname, plugins=plugins, protocol=protocol)
+    factory = make_factory(
+        config_dir, hostname=hostname, plugins=plugins, protocol=protocol, lookups=lookups
+    )
     top = service.MultiService()
     top.setName("qpconn")
     for description in listen:

@@ -7,6 +7,7 @@ from twisted.python import usage
 
 from qpconn.config import ConfigError
 from qpconn.plugins import PluginLoadError
+from qpconn.server.peerinfo import LookupSettings
 from qpconn.service import DEFAULT_LISTEN, make_service
 
 __all__ = ["Options", "makeService"]
@@ -23,11 +24,24 @@ class Options(usage.Options):
     optParameters = [
         ["config", "c", None, "qpsmtpd-style config directory (plugins, me, rcpthosts, ...)"],
         ["hostname", None, None, "name of this server (overrides the config file 'me')"],
+        ["ident-port", None, 113, "port of the peers' ident service", int],
+    ]
+    optFlags = [
+        ["no-rdns", None, "do not look up the peer's name (remote_host stays None)"],
+        ["ident", None, "ask the peer's RFC 1413 ident service (sets remote_info)"],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        self["dns-server"] = []
+
+    def opt_dns_server(self, server: str) -> None:
+        """DNS server HOST[:PORT] or [IPv6]:PORT instead of resolv.conf, repeatable"""
+        try:
+            self["dns-server"].append(parse_host_port(server, 53))
+        except ValueError as exc:
+            raise usage.UsageError(f"--dns-server {server!r}: {exc}") from None
 
     def opt_listen(self, endpoint: str) -> None:
         """Twisted server endpoint string, repeatable [default: tcp:2525:interface=127.0.0.1]"""
@@ -38,9 +52,43 @@ class Options(usage.Options):
             self["listen"] = [DEFAULT_LISTEN]
 
 
+def parse_host_port(text: str, default_port: int) -> tuple[str, int]:
+    """``host``, ``host:port``, ``[v6]:port`` or a bare IPv6 address, as (host, port)."""
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    else:
+        host, port = text, ""
+    if not host:
+        raise ValueError("no host")
+    if port and not port.isdigit():
+        raise ValueError("port must be a number")
+    number = int(port) if port else default_port
+    if not 0 < number < 65536:
+        raise ValueError("port out of range")
+    return host, number
+
+
+def lookup_settings(options: Options) -> LookupSettings:
+    """The peer lookups the options ask for (timeouts come from the config directory)."""
+    return LookupSettings(
+        rdns=not options["no-rdns"],
+        dns_servers=list(options["dns-server"]) or None,
+        ident=bool(options["ident"]),
+        ident_port=options["ident-port"],
+    )
+
+
 def makeService(options: Options) -> IService:
     """Build the service; configuration errors stop twistd with a readable message."""
     try:
-        return make_service(options["listen"], options["config"], hostname=options["hostname"])
+        return make_service(
+            options["listen"],
+            options["config"],
+            hostname=options["hostname"],
+            lookups=lookup_settings(options),
+        )
     except (ConfigError, PluginLoadError) as exc:
         raise usage.UsageError(str(exc)) from exc

@@ -64,7 +64,8 @@ async def test_esmtp_transaction_is_stored_with_trace_fields_and_unstuffed_body(
             return smtp.transaction(
                 "<sender@example.org>",
                 ["<user@mx.test>"],
-                b"Subject: hello\r\n\r\nfirst line\r\n..leading dot\r\n.\r\nlast",
+                b"From: <sender@example.org>\r\nSubject: hello\r\n\r\n"
+                b"first line\r\n..leading dot\r\n..\r\nlast",
             )
 
     reply = await in_thread(client)
@@ -74,7 +75,7 @@ async def test_esmtp_transaction_is_stored_with_trace_fields_and_unstuffed_body(
     assert fields[0] == b"Return-Path: <sender@example.org>"
     assert fields[1] == b"Delivered-To: user@mx.test"
     assert fields[2].startswith(b"Received: ")
-    assert fields[3:] == [b"Subject: hello"]
+    assert fields[3:] == [b"From: <sender@example.org>", b"Subject: hello"]
     trace = received(fields)
     assert trace["helo"] == "client.test"
     assert trace["host"] == "unknown"
@@ -85,7 +86,7 @@ async def test_esmtp_transaction_is_stored_with_trace_fields_and_unstuffed_body(
     assert_recent(trace["date"])
     # The 250 names the queue id the Received field carries.
     assert reply.lines == (f"2.0.0 Queued as {trace['id']}",)
-    assert body == b"first line\r\n.leading dot\r\n\r\nlast\r\n"
+    assert body == b"first line\r\n.leading dot\r\n.\r\nlast\r\n"
 
 
 @pytest_twisted.ensureDeferred
@@ -290,7 +291,7 @@ async def test_twisted_smtp_client_delivers_a_message(server):
     )
     accepted, per_recipient = result
     assert accepted == 1
-    assert [(addr, code) for addr, code, _ in per_recipient] == [("user@mx.test", 250)]
+    assert [(addr, code) for addr, code, _ in per_recipient] == [(b"user@mx.test", 250)]
     (stored,) = server.messages()
     fields, body = split_message(stored)
     assert received(fields)["helo"] == "twisted.client.test"

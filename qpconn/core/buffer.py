@@ -9,8 +9,9 @@ Two rules are kept here and nowhere else:
 * message text ends only on ``CRLF . CRLF``. A bare LF or bare CR never ends it, whatever
   dot follows (``\\n.\\n``, ``\\n.\\r\\n``, ``\\r.\\r`` ...): those sequences are what SMTP
   smuggling relies on. They are reported so the application can refuse the message.
-* memory stays bounded whatever the client sends: a line that never ends is dropped as it
-  arrives, keeping only the few bytes needed to recognise the end marker.
+* memory stays bounded whatever the client sends: a line that never ends is handed on as
+  it arrives (counted, checked and unstuffed like any other text, never silently lost),
+  keeping only the few bytes needed to recognise the end marker.
 """
 
 from __future__ import annotations
@@ -77,8 +78,7 @@ class DataReader:
         else:
             last = buf.rfind(b"\r\n")
             if last < 0:
-                self._check_unterminated(buf)
-                return None, False
+                return self._cut_unterminated(buf), False
             cut = skip = last + 2
             finished = False
         with memoryview(buf) as view:
@@ -86,17 +86,31 @@ class DataReader:
         del buf[:skip]
         return self._accept(region), finished
 
-    def _check_unterminated(self, buf: bytearray) -> None:
-        """Drop a line that is already too long, keeping only what may start the end marker."""
+    def _cut_unterminated(self, buf: bytearray) -> bytes | None:
+        """Pass on most of a line that is already too long to keep whole.
+
+        Only what may start the end marker stays buffered. The part taken counts towards
+        the size and the bare CR/LF checks like any other text: a message that is one
+        endless line must still be found oversized, and its bare LFs still reported.
+        """
         limit = self.max_line or 65536
-        if len(buf) > limit:
-            if self.max_line:
-                self.long_line = True
-            del buf[:-_KEEP]
-            self._at_line_start = False
+        cut = len(buf) - _KEEP
+        if len(buf) <= limit or cut <= 0:
+            return None
+        if self.max_line:
+            self.long_line = True
+        with memoryview(buf) as view:
+            region = bytes(view[:cut])
+        del buf[:cut]
+        text = self._accept(region)
+        self._at_line_start = False
+        return text
 
     def _accept(self, region: bytes) -> bytes | None:
-        """Check and unstuff a run of complete lines; return it unless the size is exceeded."""
+        """Check and unstuff a run of text; return it unless the size is exceeded.
+
+        The run starts where the buffer did and ends at a CRLF, or mid-line after a cut.
+        """
         if not (self.bare_lf and self.bare_cr):
             crlf = region.count(b"\r\n")
             if region.count(b"\n") != crlf:

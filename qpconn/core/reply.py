@@ -3,7 +3,9 @@
 Every reply the server sends passes through :class:`Reply`, so the rules that keep the
 output well-formed live here once: a multi-line reply uses ``CODE-`` on every line but
 the last, text from plugins can never inject a line break or a control character, and an
-enhanced status code (RFC 2034/3463) is written on every line when the reply has one.
+enhanced status code (RFC 2034/3463) is written on every line when the reply has one (once:
+a plugin that already wrote it on each line does not get it twice). Only ASCII digits count
+as codes, and a plugin's "CODE text" with a code outside 200-599 is text, not a crash.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ from collections.abc import Sequence
 __all__ = ["Reply"]
 
 # "X.YYY.ZZZ" with X matching the reply class is RFC 3463's enhanced status code.
-_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)")
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)", re.ASCII)
+# "CODE text" or "CODE-text" as a plugin writes a whole reply line.
+_CODE_LINE = re.compile(r"^([2-5][0-9][0-9])(?:[ -]|$)")
 # Anything a client could mistake for a line break or a terminal escape is replaced, so a
 # plugin's message (which may quote client input) cannot forge a reply line.
-_UNSAFE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+_UNSAFE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 class Reply:
@@ -44,6 +48,8 @@ class Reply:
         if match and int(match.group(1)) == code // 100:
             enhanced = ".".join(match.group(1, 2, 3))
             lines[0] = lines[0][match.end() :]
+        if enhanced:
+            lines = [_strip_enhanced(line, enhanced) for line in lines]
         self.code = code
         self.lines: tuple[str, ...] = tuple(_UNSAFE.sub("?", line) for line in lines)
         self.enhanced = enhanced
@@ -82,7 +88,15 @@ class Reply:
     @classmethod
     def parse_line(cls, text: str, default_code: int) -> Reply:
         """A reply from ``"CODE text"`` (as a plugin returning DONE may give), else default_code."""
-        head = text[:3]
-        if head.isdigit() and (len(text) == 3 or text[3] in " -"):
-            return cls(int(head), text[4:])
+        match = _CODE_LINE.match(text)
+        if match:
+            return cls(int(match.group(1)), text[4:])
         return cls(default_code, text)
+
+
+def _strip_enhanced(line: str, enhanced: str) -> str:
+    """``line`` without a leading copy of ``enhanced`` (to_bytes writes it on every line)."""
+    match = _ENHANCED.match(line)
+    if match and ".".join(match.group(1, 2, 3)) == enhanced:
+        return line[match.end() :]
+    return line

@@ -268,7 +268,10 @@ class ServerSession:
         if self.state is not State.GREETING:
             raise SessionError("greeting already sent")
         self._out.append(reply.to_bytes())
-        self.state = State.CLOSED if close or reply.code >= 400 else State.INIT
+        if close or reply.code >= 400:
+            self.close()  # releases whatever an early talker already sent
+        else:
+            self.state = State.INIT
 
     def send(self, reply: Reply, close: bool = False) -> None:
         """Answer the pending command; the reply code decides the state change.

@@ -7,8 +7,9 @@ The factory is where a listening endpoint meets qpconn: it builds one
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from twisted.internet.interfaces import IAddress, IReactorTime, ITransport
 from twisted.internet.protocol import ServerFactory
@@ -18,10 +19,8 @@ from qpconn.connection import Connection
 from qpconn.core.session import Limits
 from qpconn.hooks import HookRunner
 from qpconn.plugins import Plugin, load_plugins
+from qpconn.server.peerinfo import LookupSettings, PeerInfo
 from qpconn.server.protocol import SMTPServerProtocol
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["SMTPFactory", "address_parts"]
 
@@ -62,6 +61,7 @@ class SMTPFactory(ServerFactory):
         *,
         protocol: type[SMTPServerProtocol] | None = None,
         clock: IReactorTime | None = None,
+        lookups: LookupSettings | None = None,
     ) -> None:
         if clock is None:
             from twisted.internet import reactor
@@ -80,6 +80,13 @@ class SMTPFactory(ServerFactory):
         self.limits = Limits(message_size=self.databytes)
         if protocol is not None:
             self.protocol = protocol
+        lookups = lookups or LookupSettings()
+        self.lookups = dataclasses.replace(
+            lookups,
+            dns_timeout=lookups.dns_timeout or self.config.get_float("dns_timeout", 5.0),
+            ident_timeout=lookups.ident_timeout or self.config.get_float("ident_timeout", 3.0),
+        )
+        self.peer_info = PeerInfo(self.lookups, clock)
         #: sessions currently open (for limits, shutdown and metrics)
         self.sessions: set[SMTPServerProtocol] = set()
 
@@ -92,11 +99,9 @@ class SMTPFactory(ServerFactory):
         )
 
     async def lookup_peer(self, connection: Connection) -> None:
-        """Fill in what the network can tell about the peer before the connect hook runs.
-
-        The base factory knows nothing beyond the addresses; reverse DNS and ident are
-        added by configuring lookups (see ``qpconn.server.lookup``).
-        """
+        """Fill in what the network can tell about the peer before the connect hook runs:
+        reverse DNS with forward confirmation, and ident when enabled."""
+        await self.peer_info.fill(connection)
 
     def session_started(self, session: SMTPServerProtocol) -> None:
         self.sessions.add(session)

@@ -20,6 +20,7 @@ from twisted.internet.defer import Deferred
 from qpconn.config import Config
 from qpconn.plugins import Plugin, load_plugin
 from qpconn.server.factory import SMTPFactory
+from qpconn.server.peerinfo import LookupSettings
 from qpconn.server.protocol import SMTPServerProtocol
 
 T = TypeVar("T")
@@ -92,12 +93,15 @@ def start_server(
     protocol: type[SMTPServerProtocol] | None = None,
     factory_class: type[SMTPFactory] = SMTPFactory,
     interface: str = "127.0.0.1",
+    lookups: LookupSettings | None = None,
 ) -> RunningServer:
     """Listen on a free loopback port with a config directory made from ``files``.
 
     ``plugins`` (instances, classes or config lines) replaces the plugin list; without
     it the ``plugins`` file (or the default list) is used. The default Maildir is
-    ``tmp_path/maildir``, and ``me`` defaults to ``mx.test``.
+    ``tmp_path/maildir``, and ``me`` defaults to ``mx.test``. Peer lookups are off
+    unless ``lookups`` says otherwise (point them at a loopback DNS server: the machine's
+    own resolver is not ours to query from tests).
     """
     config_dir = str(tmp_path / "config")
     maildir = str(tmp_path / "maildir")
@@ -117,7 +121,9 @@ def start_server(
             else:
                 words = item.split()
                 loaded.append(load_plugin(config, words[0], *words[1:]))
-    factory = factory_class(config, loaded, protocol=protocol)
+    factory = factory_class(
+        config, loaded, protocol=protocol, lookups=lookups or LookupSettings(rdns=False)
+    )
     port = reactor.listenTCP(0, factory, interface=interface)
     return RunningServer(factory, port, maildir, config_dir, host=interface)
 

@@ -1,0 +1,77 @@
+"""A protocol subclass: a new greeting, a new command, one handler changed. See docs/protocol.md.
+
+* ``greeting()`` gives the 220 text (``config/smtpgreeting`` is ignored from here on).
+* ``ehlo_lines()`` advertises ``XSTATS`` after the standard extensions.
+* ``smtp_XSTATS`` is a new command: the recipients and messages accepted on this
+  connection so far.
+* ``smtp_RCPT`` and ``smtp_QUIT`` are overridden to keep count and to say goodbye
+  with the count; the hooks still run, since the originals are called.
+* ``unrecognized_command`` answers EXPN with 502 and closes the connection on an HTTP
+  request line, before the ``unrecognized_command`` hook runs.
+
+Run it with ``twistd -n -y`` and a .tac file that passes ``protocol=StatsProtocol`` to
+:func:`qpconn.service.make_service` (see docs/examples/qpconn.tac).
+"""
+
+from __future__ import annotations
+
+from qpconn.core.reply import Reply
+from qpconn.server.protocol import SMTPServerProtocol
+from qpconn.smtp import HandlerResult
+
+#: Request methods a web client or an open-proxy scanner starts with.
+HTTP_VERBS = frozenset({"GET", "HEAD", "POST", "PUT", "CONNECT", "OPTIONS"})
+
+
+class StatsProtocol(SMTPServerProtocol):
+    """One instance per connection, so plain attributes are per-session state."""
+
+    recipients_accepted = 0
+    messages_accepted = 0
+
+    def greeting(self) -> str:
+        return f"{self.me} ESMTP Example Mail Service; no unsolicited mail"
+
+    def ehlo_lines(self) -> list[str]:
+        return [*super().ehlo_lines(), "XSTATS"]
+
+    async def smtp_XSTATS(self, arg: str) -> HandlerResult:
+        if arg:
+            return Reply(501, "5.5.4 Syntax: XSTATS")
+        return Reply(
+            250,
+            [
+                f"2.0.0 session {self.connection.id}",
+                f"recipients accepted: {self.recipients_accepted}",
+                f"messages accepted: {self.messages_accepted}",
+            ],
+        )
+
+    async def smtp_RCPT(self, arg: str) -> HandlerResult:
+        result = await super().smtp_RCPT(arg)
+        reply = result if isinstance(result, Reply) else result[0] if result else None
+        if reply is not None and reply.code == 250:
+            self.recipients_accepted += 1
+        return result
+
+    async def dispatch(self, event):  # type: ignore[no-untyped-def]
+        result = await super().dispatch(event)
+        if event.__class__.__name__ == "MessageEnd":
+            reply = result if isinstance(result, Reply) else result[0] if result else None
+            if reply is not None and reply.code == 250:
+                self.messages_accepted += 1
+        return result
+
+    async def smtp_QUIT(self, arg: str) -> HandlerResult:
+        reply, close = await super().smtp_QUIT(arg)  # type: ignore[misc]
+        if reply.code == 221:
+            reply = Reply(221, f"2.0.0 {self.messages_accepted} message(s) accepted, bye")
+        return reply, close
+
+    async def unrecognized_command(self, verb: str, arg: str) -> HandlerResult:
+        if verb == "EXPN":
+            return Reply(502, "5.5.1 EXPN is not implemented")
+        if verb in HTTP_VERBS:
+            # (Reply, True): send this reply, then close the connection.
+            return Reply(554, "5.7.0 This is an SMTP server, not a web server"), True
+        return await super().unrecognized_command(verb, arg)
