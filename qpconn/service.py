@@ -16,6 +16,7 @@ from qpconn.plugins import Plugin
 from qpconn.server.factory import SMTPFactory
 from qpconn.server.peerinfo import LookupSettings
 from qpconn.server.protocol import SMTPServerProtocol
+from qpconn.server.proxy import ProxySettings
 
 __all__ = ["make_service", "make_factory", "DEFAULT_LISTEN"]
 
@@ -31,8 +32,14 @@ def make_factory(
     protocol: type[SMTPServerProtocol] | None = None,
     reactor: IReactorCore | None = None,
     lookups: LookupSettings | None = None,
+    proxy: ProxySettings | None = None,
 ) -> SMTPFactory:
-    """An SMTPFactory for a config directory (None: built-in defaults)."""
+    """An SMTPFactory for a config directory (None: built-in defaults).
+
+    ``lookups`` and ``proxy`` are the peer lookups and the PROXY protocol policy; a
+    ``.tac`` file sets them here exactly as the command-line options do, e.g.
+    ``proxy=ProxySettings(enabled=True, trusted=["192.0.2.10/32"])``.
+    """
     overrides = {"me": hostname} if hostname else None
     config = Config(config_dir, overrides)
     return SMTPFactory(
@@ -41,6 +48,7 @@ def make_factory(
         protocol=protocol,
         clock=reactor,
         lookups=lookups,
+        proxy=proxy,
     )
 
 
@@ -52,14 +60,21 @@ def make_service(
     plugins: Sequence[Plugin] | None = None,
     protocol: type[SMTPServerProtocol] | None = None,
     lookups: LookupSettings | None = None,
+    proxy: ProxySettings | None = None,
 ) -> service.MultiService:
     """A service listening on every endpoint string in ``listen`` with one shared factory.
 
     Endpoint strings are Twisted's (``tcp:25``, ``tcp6:2525:interface=\\:\\:1``,
     ``unix:/run/qpconn.sock``, ``ssl:465:privateKey=...``, ``systemd:domain=INET:index=0``).
+    Every listener shares the factory, so a ``proxy`` policy applies to all of them.
     """
     factory = make_factory(
-        config_dir, hostname=hostname, plugins=plugins, protocol=protocol, lookups=lookups
+        config_dir,
+        hostname=hostname,
+        plugins=plugins,
+        protocol=protocol,
+        lookups=lookups,
+        proxy=proxy,
     )
     top = service.MultiService()
     top.setName("qpconn")

@@ -8,6 +8,7 @@ from twisted.python import usage
 from qpconn.config import ConfigError
 from qpconn.plugins import PluginLoadError
 from qpconn.server.peerinfo import LookupSettings
+from qpconn.server.proxy import ProxySettings, parse_networks
 from qpconn.service import DEFAULT_LISTEN, make_service
 
 __all__ = ["Options", "makeService"]
@@ -16,7 +17,10 @@ __all__ = ["Options", "makeService"]
 class Options(usage.Options):
     """Options of ``twistd qpconn``."""
 
-    synopsis = "[--listen ENDPOINT ...] [--config DIR] [--hostname NAME]"
+    synopsis = (
+        "[--listen ENDPOINT ...] [--config DIR] [--hostname NAME] "
+        "[--proxy-protocol [--proxy-from CIDR ...]]"
+    )
     longdesc = (
         "An SMTP server with qpsmtpd-style plugins. With no --config it accepts mail for "
         "localhost and this host's name and stores it in ./maildir."
@@ -29,12 +33,19 @@ class Options(usage.Options):
     optFlags = [
         ["no-rdns", None, "do not look up the peer's name (remote_host stays None)"],
         ["ident", None, "ask the peer's RFC 1413 ident service (sets remote_info)"],
+        [
+            "proxy-protocol",
+            None,
+            "require a HAProxy PROXY header (v1 or v2) from trusted balancers on every "
+            "connection; other peers are refused (config proxy_timeout, default 5 s)",
+        ],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
         self["dns-server"] = []
+        self["proxy-from"] = []
 
     def opt_dns_server(self, server: str) -> None:
         """DNS server HOST[:PORT] or [IPv6]:PORT instead of resolv.conf, repeatable"""
@@ -42,6 +53,14 @@ class Options(usage.Options):
             self["dns-server"].append(parse_host_port(server, 53))
         except ValueError as exc:
             raise usage.UsageError(f"--dns-server {server!r}: {exc}") from None
+
+    def opt_proxy_from(self, cidr: str) -> None:
+        """trusted balancer CIDR, repeatable; implies --proxy-protocol [default: loopback]"""
+        try:
+            parse_networks([cidr])
+        except ValueError as exc:
+            raise usage.UsageError(f"--proxy-from {cidr!r}: {exc}") from None
+        self["proxy-from"].append(cidr)
 
     def opt_listen(self, endpoint: str) -> None:
         """Twisted server endpoint string, repeatable [default: tcp:2525:interface=127.0.0.1]"""
@@ -81,6 +100,17 @@ def lookup_settings(options: Options) -> LookupSettings:
     )
 
 
+def proxy_settings(options: Options) -> ProxySettings:
+    """The PROXY protocol policy the options ask for.
+
+    ``--proxy-from`` alone turns the requirement on: naming trusted balancers means the
+    listener sits behind them. ``--proxy-protocol`` alone trusts loopback only.
+    """
+    trusted = list(options["proxy-from"])
+    enabled = bool(options["proxy-protocol"]) or bool(trusted)
+    return ProxySettings(enabled=enabled, trusted=trusted) if trusted else ProxySettings(enabled)
+
+
 def makeService(options: Options) -> IService:
     """Build the service; configuration errors stop twistd with a readable message."""
     try:
@@ -89,6 +119,7 @@ def makeService(options: Options) -> IService:
             options["config"],
             hostname=options["hostname"],
             lookups=lookup_settings(options),
+            proxy=proxy_settings(options),
         )
     except (ConfigError, PluginLoadError) as exc:
         raise usage.UsageError(str(exc)) from exc

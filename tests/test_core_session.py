@@ -158,9 +158,8 @@ def test_whole_session_gives_the_same_events_split_at_every_byte_boundary():
     whole = Driver()
     whole.feed(SESSION)
     expected = merged(whole.events)
-    assert [type(e) for e in expected] == [
-        Command, Command, Command, Command, MessageData, MessageEnd, Command,
-    ]
+    kinds = [Command] * 4 + [MessageData, MessageEnd, Command]
+    assert [type(e) for e in expected] == kinds
     assert text_of(expected) == b".stuffed first line\r\nbody\r\n"
     for cut in range(len(SESSION) + 1):
         driver = Driver()
@@ -260,11 +259,11 @@ def test_every_verb_in_every_state_is_passed_on_or_refused_with_503(state, verb)
         assert driver.session.state is state
 
 
-def test_data_after_only_refused_recipients_says_no_valid_recipients():
+def test_data_after_only_refused_recipients_gets_554_no_valid_recipients():
     driver = driver_in(State.MAIL, answers={"RCPT": Reply(550, "5.1.1 no such user")})
     driver.feed(b"RCPT TO:<nobody@example.org>\r\nDATA\r\n")
     assert driver.session.rcpt_attempts == 1
-    assert driver.lines()[-1] == b"503 5.5.1 Error: no valid recipients"
+    assert driver.lines()[-1] == b"554 5.5.1 Error: no valid recipients"
     driver.answers.clear()
     driver.feed(b"RSET\r\nMAIL FROM:<a@example.org>\r\nDATA\r\n")
     assert driver.session.rcpt_attempts == 0
@@ -618,3 +617,10 @@ def test_bare_lf_inside_an_endless_line_is_still_flagged():
     driver.feed(b"a\n.\n" + b"z" * 70000)
     (end,) = [e for e in driver.feed(b"\r\n.\r\n") if isinstance(e, MessageEnd)]
     assert end.bare_lf
+
+
+def test_an_oversized_message_does_not_hold_an_unfinished_line_in_the_buffer():
+    driver = driver_in(State.DATA, limits=Limits(message_size=10))
+    driver.feed(b"x" * 20 + b"\r\n")
+    assert driver.feed(b"y\r\n" + b"z" * 5000) == []
+    assert driver.session.buffered <= 1000

@@ -1,8 +1,8 @@
 """``pip install .`` and ``pip install -e .`` in a fresh virtualenv make ``twistd qpconn`` work.
 
 The fresh environment borrows the test environment's Twisted (through a .pth line) so
-that no download is needed; qpconn itself is installed from a copy of the source tree through its own packaging
-metadata, with pip's usual isolated build.
+that no download is needed; qpconn itself is installed from a copy of the source tree
+through its own packaging metadata, with pip's usual isolated build.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ def _fresh_env(tmp_path: Path) -> Path:
     python = env_dir / "bin" / "python"
     site = subprocess.run(
         [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout.strip()
     # Twisted and zope.interface from the running environment, not from the network.
     Path(site, "borrowed.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
@@ -38,7 +40,9 @@ def _copy_source(tmp_path: Path) -> Path:
     for name in SOURCES:
         path = ROOT / name
         if path.is_dir():
-            shutil.copytree(path, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.cache"))
+            shutil.copytree(
+                path, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.cache")
+            )
         else:
             shutil.copy2(path, source / name)
     return source
@@ -54,18 +58,30 @@ def test_pip_install_makes_twistd_qpconn_available(tmp_path, editable):
     twistd = env_dir / "bin" / "twistd"
     if not twistd.exists():  # the console script comes with Twisted, which is borrowed
         twistd = None
-    command = ([str(twistd)] if twistd else
-               [str(env_dir / "bin" / "python"), "-c", "from twisted.scripts.twistd import run; run()"])
-    listing = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=60,
-                             cwd=tmp_path)
+    command = (
+        [str(twistd)]
+        if twistd
+        else [
+            str(env_dir / "bin" / "python"),
+            "-c",
+            "from twisted.scripts.twistd import run; run()",
+        ]
+    )
+    listing = subprocess.run(
+        [*command, "--help"], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
     assert "qpconn" in listing.stdout, listing.stdout + listing.stderr
-    options = subprocess.run([*command, "qpconn", "--help"], capture_output=True, text=True,
-                             timeout=60, cwd=tmp_path)
+    options = subprocess.run(
+        [*command, "qpconn", "--help"], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
     assert options.returncode == 0, options.stderr
     assert "--listen" in options.stdout and "--config" in options.stdout
     imported = subprocess.run(
         [env_dir / "bin" / "python", "-c", "import qpconn, sys; print(qpconn.__file__)"],
-        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
     )
     location = Path(imported.stdout.strip())
     if editable:

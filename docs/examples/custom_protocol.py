@@ -4,8 +4,9 @@
 * ``ehlo_lines()`` advertises ``XSTATS`` after the standard extensions.
 * ``smtp_XSTATS`` is a new command: the recipients and messages accepted on this
   connection so far.
-* ``smtp_RCPT`` and ``smtp_QUIT`` are overridden to keep count and to say goodbye
-  with the count; the hooks still run, since the originals are called.
+* ``smtp_RCPT`` and ``message_end`` (the end of DATA) are extended to keep count, and
+  ``smtp_QUIT`` to say goodbye with it; the hooks still run, since the originals are
+  called.
 * ``unrecognized_command`` answers EXPN with 502 and closes the connection on an HTTP
   request line, before the ``unrecognized_command`` hook runs.
 
@@ -15,12 +16,20 @@ Run it with ``twistd -n -y`` and a .tac file that passes ``protocol=StatsProtoco
 
 from __future__ import annotations
 
+from qpconn.core.events import MessageEnd
 from qpconn.core.reply import Reply
 from qpconn.server.protocol import SMTPServerProtocol
 from qpconn.smtp import HandlerResult
 
 #: Request methods a web client or an open-proxy scanner starts with.
 HTTP_VERBS = frozenset({"GET", "HEAD", "POST", "PUT", "CONNECT", "OPTIONS"})
+
+
+def code_of(result: HandlerResult) -> int | None:
+    """The reply code of what a handler returned: a Reply, (Reply, close) or None."""
+    if result is None:
+        return None
+    return result.code if isinstance(result, Reply) else result[0].code
 
 
 class StatsProtocol(SMTPServerProtocol):
@@ -49,17 +58,14 @@ class StatsProtocol(SMTPServerProtocol):
 
     async def smtp_RCPT(self, arg: str) -> HandlerResult:
         result = await super().smtp_RCPT(arg)
-        reply = result if isinstance(result, Reply) else result[0] if result else None
-        if reply is not None and reply.code == 250:
+        if code_of(result) == 250:
             self.recipients_accepted += 1
         return result
 
-    async def dispatch(self, event):  # type: ignore[no-untyped-def]
-        result = await super().dispatch(event)
-        if event.__class__.__name__ == "MessageEnd":
-            reply = result if isinstance(result, Reply) else result[0] if result else None
-            if reply is not None and reply.code == 250:
-                self.messages_accepted += 1
+    async def message_end(self, end: MessageEnd) -> HandlerResult:
+        result = await super().message_end(end)
+        if code_of(result) == 250:
+            self.messages_accepted += 1
         return result
 
     async def smtp_QUIT(self, arg: str) -> HandlerResult:

@@ -3,6 +3,8 @@
 Rules this module keeps (and no other module does):
 
 * Which command is legal in which state: the table ``_LEGAL`` below, read at a glance.
+  Out of sequence is 503, except DATA after only refused recipients: 554, as RFC 5321
+  §3.3 allows (as Postfix does), so the client learns why.
 * What a reply does to the state: ``send()`` looks at the pending command and the reply
   code, so the application cannot forget a transition, and the state cannot move without
   a reply going out.
@@ -148,7 +150,13 @@ class ServerSession:
             return end
         reader = self._data
         assert reader is not None
-        text, finished = reader.feed(self._buf)
+        while True:
+            before = len(self._buf)
+            text, finished = reader.feed(self._buf)
+            # Text past the size limit is dropped (None): keep reading while that
+            # consumes input, or an over-long tail would wait for the next receive.
+            if text or finished or len(self._buf) == before:
+                break
         if finished:
             self._data = None
             end = MessageEnd(
@@ -220,7 +228,7 @@ class ServerSession:
         if legal is None:
             return self._issue(Command(verb, arg))
         if self.state not in legal:
-            return self._protocol_error(503, self._sequence_message(verb), line)
+            return self._protocol_error(*self._sequence_error(verb), line)
         if verb in _NO_ARG and arg:
             return self._protocol_error(501, f"5.5.4 Syntax: {verb} takes no argument", line)
         if verb in _NEED_ARG and not arg:
@@ -232,19 +240,21 @@ class ServerSession:
             arg = arg[len(prefix) :]
         return self._issue(Command(verb, arg))
 
-    def _sequence_message(self, verb: str) -> str:
+    def _sequence_error(self, verb: str) -> tuple[int, str]:
+        """503 for a command out of sequence; 554 for DATA when every RCPT was refused."""
         state = self.state
         if state is State.INIT and verb in ("MAIL", "RCPT", "DATA"):
-            return "5.5.1 Error: send HELO/EHLO first"
+            return 503, "5.5.1 Error: send HELO/EHLO first"
         if verb == "MAIL":
-            return "5.5.1 Error: nested MAIL command"
+            return 503, "5.5.1 Error: nested MAIL command"
         if verb in ("RCPT", "DATA") and state is State.READY:
-            return "5.5.1 Error: need MAIL command"
+            return 503, "5.5.1 Error: need MAIL command"
         if verb == "DATA" and state is State.MAIL:
             if self.rcpt_attempts:
-                return "5.5.1 Error: no valid recipients"
-            return "5.5.1 Error: need RCPT command"
-        return f"5.5.1 Error: {verb} not allowed now"
+                # RFC 5321 §3.3 allows 503 or 554 here; 554 says why.
+                return 554, "5.5.1 Error: no valid recipients"
+            return 503, "5.5.1 Error: need RCPT command"
+        return 503, f"5.5.1 Error: {verb} not allowed now"
 
     def _issue(self, command: Command) -> Command:
         self._pending = command

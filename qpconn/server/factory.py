@@ -21,6 +21,7 @@ from qpconn.hooks import HookRunner
 from qpconn.plugins import Plugin, load_plugins
 from qpconn.server.peerinfo import LookupSettings, PeerInfo
 from qpconn.server.protocol import SMTPServerProtocol
+from qpconn.server.proxy import ProxySettings
 
 __all__ = ["SMTPFactory", "address_parts"]
 
@@ -49,7 +50,11 @@ class SMTPFactory(ServerFactory):
 
     ``config`` is a :class:`~qpconn.config.Config` (defaults when omitted); ``plugins``
     overrides the config's plugin list (handy in tests and ``.tac`` files); ``protocol``
-    plugs in a subclass of :class:`SMTPServerProtocol`.
+    plugs in a subclass of :class:`SMTPServerProtocol`; ``lookups`` chooses the peer
+    lookups (:class:`~qpconn.server.peerinfo.LookupSettings`) and ``proxy`` the PROXY
+    protocol policy (:class:`~qpconn.server.proxy.ProxySettings`). Timeouts left None in
+    either come from the config files ``dns_timeout``, ``ident_timeout`` and
+    ``proxy_timeout``.
     """
 
     protocol = SMTPServerProtocol
@@ -62,6 +67,7 @@ class SMTPFactory(ServerFactory):
         protocol: type[SMTPServerProtocol] | None = None,
         clock: IReactorTime | None = None,
         lookups: LookupSettings | None = None,
+        proxy: ProxySettings | None = None,
     ) -> None:
         if clock is None:
             from twisted.internet import reactor
@@ -87,6 +93,11 @@ class SMTPFactory(ServerFactory):
             ident_timeout=lookups.ident_timeout or self.config.get_float("ident_timeout", 3.0),
         )
         self.peer_info = PeerInfo(self.lookups, clock)
+        proxy = proxy or ProxySettings()
+        #: PROXY protocol policy; the adapter reads it for every new connection
+        self.proxy = dataclasses.replace(
+            proxy, timeout=proxy.timeout or self.config.get_float("proxy_timeout", 5.0)
+        )
         #: sessions currently open (for limits, shutdown and metrics)
         self.sessions: set[SMTPServerProtocol] = set()
 

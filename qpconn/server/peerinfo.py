@@ -33,12 +33,21 @@ from qpconn.server.lookup import (
 if TYPE_CHECKING:
     from qpconn.connection import Connection
 
-__all__ = ["LookupSettings", "PeerInfo", "HostsFile"]
+__all__ = ["LookupSettings", "PeerInfo", "HostsFile", "clear_shared_cache"]
 
 log = Logger(namespace="qpconn.lookup")
 
-#: One cache for the whole process: every factory (and worker listener) shares it.
-_SHARED_CACHE: dict[int, LookupCache] = {}
+#: One cache per (reactor, resolver configuration) for the whole process: every factory
+#: (and worker listener) asking the same servers shares it, while answers from different
+#: servers (a test's own DNS server, a second listener pointed elsewhere) never mix.
+_SHARED_CACHE: dict[tuple[int, tuple[tuple[str, int], ...] | None], LookupCache] = {}
+
+
+def clear_shared_cache() -> None:
+    """Forget every cached lookup result of the process (tests; a resolver change)."""
+    for cache in _SHARED_CACHE.values():
+        cache.clear()  # factories already running keep (and share) their emptied cache
+    _SHARED_CACHE.clear()
 
 
 @dataclass
@@ -111,7 +120,15 @@ class PeerInfo:
         if settings.rdns:
             timeout = settings.dns_timeout or 5.0
             resolver = make_resolver(settings.dns_servers, timeout)
-            cache = _SHARED_CACHE.setdefault(id(reactor), LookupCache(reactor))
+            servers = (
+                tuple((host, int(port)) for host, port in settings.dns_servers)
+                if settings.dns_servers is not None
+                else None
+            )
+            key = (id(reactor), servers)
+            cache = _SHARED_CACHE.get(key)
+            if cache is None:
+                cache = _SHARED_CACHE[key] = LookupCache(reactor)
             self.reverse = PeerLookup(resolver, reactor, timeout, cache)
 
     async def fill(self, connection: Connection) -> None:

@@ -8,6 +8,12 @@ While a hook answers asynchronously the transport is paused and buffered pipelin
 commands wait, so replies leave in order; all replies produced in one pass are written
 with a single ``write()`` (a reply split over several writes meets Nagle's algorithm and
 delayed ACKs and can stall a pipelining client for tens of milliseconds).
+
+Behind a load balancer (``factory.proxy.enabled``) a connection first has to present a
+PROXY header (:mod:`qpconn.server.proxy`): until it is complete nothing else happens -- no
+lookup, no hook, no banner -- and the header's addresses replace the socket's before the
+session starts. An untrusted peer, a malformed header or a header that does not arrive
+within ``proxy_timeout`` closes the connection with one log line and nothing processed.
 """
 
 from __future__ import annotations
@@ -17,14 +23,17 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from qpconn.core.events import MessageData, ProtocolError
+from qpconn.core.proxy import ProxyHeaderParser, ProxyProtocolError
 from qpconn.core.reply import Reply
 from qpconn.core.session import NEED_DATA, PAUSED, ServerSession
+from qpconn.server.proxy import apply_proxy_info
 from qpconn.smtp import HandlerResult, SMTPCommands
 
 if TYPE_CHECKING:
@@ -62,7 +71,26 @@ class SMTPServerProtocol(SMTPCommands, Protocol, TimeoutMixin):
         self._driving = False
         self._paused = False
         self._lost = False
+        #: the SMTP session began (lookups, hooks, greeting); False while a PROXY header
+        #: is awaited and for connections refused before that: those run no hooks at all
+        self._started = False
+        self._proxy_parser: ProxyHeaderParser | None = None
+        self._proxy_timer: IDelayedCall | None = None
         factory.session_started(self)
+        proxy = factory.proxy
+        if not proxy.enabled:
+            self._begin()
+        elif not proxy.trusts(self.connection.remote_ip):
+            self._refuse("PROXY header required, peer is not a trusted proxy")
+        else:
+            self._proxy_parser = ProxyHeaderParser(proxy.max_v2_length)
+            self._proxy_timer = factory.clock.callLater(
+                proxy.timeout or 5.0, self._refuse, "no complete PROXY header in time"
+            )
+
+    def _begin(self) -> None:
+        """Start the SMTP session proper: lookups, pre-connection/connect hooks, greeting."""
+        self._started = True
         conn = self.connection
         self.log.info(
             "{conn_id} connect from {remote_ip}:{remote_port} to {local_ip}:{local_port}",
@@ -71,15 +99,66 @@ class SMTPServerProtocol(SMTPCommands, Protocol, TimeoutMixin):
             local_port=conn.local_port,
             **self.log_context(),
         )
-        self.setTimeout(factory.timeout)
+        self.setTimeout(self.factory.timeout)
         self._run(self._open(), self._greet)
 
     async def _open(self) -> tuple[Reply, bool]:
         await self.factory.lookup_peer(self.connection)
         return await self.start_session()
 
+    # -- PROXY protocol -------------------------------------------------------------------
+    def _proxy_data(self, parser: ProxyHeaderParser, data: bytes) -> None:
+        """Feed the PROXY header parser; on success the session starts with what follows."""
+        try:
+            found = parser.feed(data)
+        except ProxyProtocolError as exc:
+            self._refuse(f"bad PROXY header: {exc}")
+            return
+        if found is None:
+            return
+        info, rest = found
+        self._proxy_parser = None
+        if self._proxy_timer is not None and self._proxy_timer.active():
+            self._proxy_timer.cancel()
+        self._proxy_timer = None
+        balancer = f"{self.connection.remote_ip}:{self.connection.remote_port}"
+        apply_proxy_info(self.connection, info)
+        self.log.debug(
+            "{conn_id} PROXY v{version} {command} from balancer {balancer}",
+            version=info.version,
+            command=info.command,
+            balancer=balancer,
+            **self.log_context(),
+        )
+        # Early talk that came with the header waits in the core until the greeting is
+        # out; it must be buffered before _begin, which may greet synchronously.
+        self.session.receive_data(rest)
+        self._begin()
+
+    def _refuse(self, reason: str) -> None:
+        """Close before the SMTP session began: no banner, no hooks, one log line."""
+        if self._started or self._lost:
+            return
+        self._proxy_parser = None
+        if self._proxy_timer is not None and self._proxy_timer.active():
+            self._proxy_timer.cancel()
+        self._proxy_timer = None
+        self.session.close()
+        conn = self.connection
+        self.log.warn(
+            "{conn_id} refused {remote_ip}:{remote_port}: {reason}",
+            remote_port=conn.remote_port,
+            reason=reason,
+            **self.log_context(),
+        )
+        self.transport.loseConnection()
+
     # -- input ----------------------------------------------------------------------------
     def dataReceived(self, data: bytes) -> None:
+        if not self._started:
+            if self._proxy_parser is not None:
+                self._proxy_data(self._proxy_parser, data)
+            return  # refused: whatever else arrives is dropped unread
         self.resetTimeout()
         self.session.receive_data(data)
         self._drive()
@@ -183,6 +262,15 @@ class SMTPServerProtocol(SMTPCommands, Protocol, TimeoutMixin):
         self._lost = True
         self.setTimeout(None)
         self.session.close()
+        if not self._started:
+            # Refused or gone before a PROXY header completed: nothing ran, nothing to undo.
+            if self._proxy_timer is not None and self._proxy_timer.active():
+                self._proxy_timer.cancel()
+            self._proxy_parser = self._proxy_timer = None
+            self.transaction.close()
+            self.factory.session_ended(self)
+            self.connection.reset()
+            return
         defer.Deferred.fromCoroutine(self._close()).addErrback(
             lambda failure: self.log.failure(
                 "{conn_id} cleanup failed", failure, **self.log_context()

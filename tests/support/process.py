@@ -37,18 +37,28 @@ def twistd_command(*args: str) -> list[str]:
     """``twistd`` from the running interpreter's environment, in the foreground, no pidfile."""
     script = os.path.join(os.path.dirname(sys.executable), "twistd")
     if not os.path.exists(script):
-        return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-                "--nodaemon", "--pidfile=", *args]
+        return [
+            sys.executable,
+            "-c",
+            "from twisted.scripts.twistd import run; run()",
+            "--nodaemon",
+            "--pidfile=",
+            *args,
+        ]
     return [script, "--nodaemon", "--pidfile=", *args]
 
 
 @contextmanager
-def running(command: Sequence[str], port: int, cwd: str, env: dict[str, str] | None = None
-            ) -> Iterator[subprocess.Popen[bytes]]:
+def running(
+    command: Sequence[str], port: int, cwd: str, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     """Start ``command``, wait for its port, and always stop it afterwards."""
     log = open(os.path.join(cwd, "server.log"), "wb")  # noqa: SIM115 - closed in finally
     process = subprocess.Popen(
-        list(command), cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+        list(command),
+        cwd=cwd,
+        stdout=log,
+        stderr=subprocess.STDOUT,
         env={**os.environ, **(env or {})},
     )
     try:

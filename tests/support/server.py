@@ -105,7 +105,10 @@ def start_server(
     """
     config_dir = str(tmp_path / "config")
     maildir = str(tmp_path / "maildir")
-    contents: dict[str, str | Sequence[str]] = {"me": "mx.test", "rcpthosts": ["mx.test", "localhost"]}
+    contents: dict[str, str | Sequence[str]] = {
+        "me": "mx.test",
+        "rcpthosts": ["mx.test", "localhost"],
+    }
     contents["plugins"] = ["relay", "rcpt_ok", f"queue/maildir {maildir}"]
     contents.update(files or {})
     write_config(config_dir, contents)

@@ -1,0 +1,182 @@
+"""The reference tables in docs/ against the code, so the docs cannot drift unnoticed."""
+
+from __future__ import annotations
+
+import re
+import smtplib
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+
+from qpconn.config import Config
+from qpconn.plugins import HOOKS
+from qpconn.results import HookOutcome, Result, reply_for
+from qpconn.server.factory import SMTPFactory
+from qpconn.server.peerinfo import LookupSettings
+from qpconn.tap import Options
+from tests.support.server import in_thread
+
+REPO = Path(__file__).resolve().parent.parent
+DOCS = REPO / "docs"
+# Where the handler, not the table, makes the reply (documented in their own sections).
+NOT_IN_TABLE = {("queue", Result.OK), ("quit", Result.DENY), ("quit", Result.DENYSOFT),
+                ("quit", Result.DENY_DISCONNECT), ("quit", Result.DENYSOFT_DISCONNECT)}  # fmt: skip
+
+
+def read(name: str) -> str:
+    return (DOCS / name).read_text(encoding="utf-8")
+
+
+def between(text: str, start: str, end: str) -> str:
+    begin = text.index(start) + len(start)
+    return text[begin : text.index(end, begin)]
+
+
+def table_rows(text: str) -> list[list[str]]:
+    """The cells of each body row of the markdown tables in ``text``."""
+    rows = []
+    for line in text.splitlines():
+        if line.startswith("|") and not line.startswith("|---"):
+            rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    return rows[1:] if rows else rows
+
+
+def ticked(cell: str) -> list[str]:
+    return re.findall(r"`([^`]*)`", cell)
+
+
+# -- plugins.md ---------------------------------------------------------------------------
+def reply_table() -> dict[tuple[str, Result], tuple[str, bool]]:
+    section = between(read("plugins.md"), "<!-- reply-table", "<!-- /reply-table -->")
+    documented = {}
+    for hooks, results, reply, then in table_rows(section):
+        (text,) = ticked(reply)
+        for hook in ticked(hooks):
+            for result in ticked(results):
+                key = (hook, Result[result])
+                assert key not in documented, f"{key} listed twice"
+                documented[key] = (text, then == "closes")
+    return documented
+
+
+def test_reply_table_matches_reply_for():
+    for (hook, result), (text, closes) in reply_table().items():
+        decided = reply_for(hook, HookOutcome(result))
+        assert decided is not None, f"{hook} {result.name}: documented, but decides nothing"
+        reply, close = decided
+        assert reply.to_bytes() == f"{text}\r\n".encode(), (hook, result.name)
+        assert close is closes, (hook, result.name)
+
+
+def test_reply_table_lists_every_decision():
+    documented = reply_table()
+    for hook in HOOKS:
+        for result in Result:
+            decides = reply_for(hook, HookOutcome(result)) is not None
+            if decides and result is not Result.DONE and (hook, result) not in NOT_IN_TABLE:
+                assert (hook, result) in documented, f"{hook} {result.name} not documented"
+
+
+def test_every_hook_has_a_section():
+    headings = [line for line in read("plugins.md").splitlines() if line.startswith("### ")]
+    for hook in HOOKS:
+        assert any(f"`{hook}`" in line for line in headings), hook
+
+
+# -- config.md ----------------------------------------------------------------------------
+def settings_table() -> dict[str, str]:
+    section = between(read("config.md"), "## Settings", "\n## ")
+    return {ticked(name)[0]: default for name, default, _ in table_rows(section)}
+
+
+def settings_read_by_code() -> set[str]:
+    pattern = re.compile(r"config\.(?:get|lines|get_int|get_float)\(\s*\"([a-z_]+)\"")
+    names = {"plugins", "me"}  # read through Config.plugin_lines() and Config.me
+    for path in (REPO / "qpconn").rglob("*.py"):
+        names.update(pattern.findall(path.read_text(encoding="utf-8")))
+    return names
+
+
+def test_every_setting_the_code_reads_is_documented_and_nothing_else():
+    assert set(settings_table()) == settings_read_by_code()
+
+
+def test_documented_defaults_are_the_effective_ones(tmp_path):
+    config = Config(None)
+    factory = SMTPFactory(config, [], lookups=LookupSettings(rdns=False))
+    effective = {
+        "databytes": factory.databytes,
+        "timeout": factory.timeout,
+        "plugin_timeout": factory.runner.timeout,
+        "size_threshold": factory.size_threshold,
+        "dns_timeout": factory.lookups.dns_timeout,
+        "ident_timeout": factory.lookups.ident_timeout,
+        "proxy_timeout": factory.proxy.timeout,
+        "rcpthosts": "localhost",
+    }
+    for name, default in settings_table().items():
+        if default == "none":
+            assert config.lines(name) == [], name
+        elif name in effective:
+            (value,) = ticked(default)
+            assert str(effective[name]) in (value, f"{value}.0"), name
+    assert factory.spool_dir is None
+    listed = between(read("config.md"), "The default `plugins` list:\n\n```\n", "```")
+    assert listed.splitlines() == config.lines("plugins")
+
+
+def test_every_shipped_plugin_is_documented():
+    text = read("config.md")
+    root = REPO / "qpconn" / "plugins"
+    for path in root.rglob("*.py"):
+        if path.name != "__init__.py":
+            name = path.relative_to(root).with_suffix("").as_posix()
+            assert f"### `{name}" in text, name
+
+
+# -- running.md ---------------------------------------------------------------------------
+def test_every_twistd_option_is_documented():
+    text = read("running.md")
+    options = Options()
+    names = [p[0] for p in options.optParameters] + [f[0] for f in options.optFlags]
+    names += [name[4:].replace("_", "-") for name in dir(options) if name.startswith("opt_")]
+    for name in set(names) - {"help", "version"}:
+        assert f"`--{name}" in text, name
+
+
+# -- the complete example in plugins.md ---------------------------------------------------
+@pytest.fixture
+def badmailfrom_module(tmp_path, monkeypatch):
+    code = between(read("plugins.md"), "<!-- example: badmailfrom -->\n```python\n", "```")
+    package = tmp_path / "pythonpath" / "mycompany"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "badmailfrom.py").write_text(code)
+    monkeypatch.syspath_prepend(str(package.parent))
+    yield "mycompany.badmailfrom"
+    for name in ("mycompany.badmailfrom", "mycompany"):
+        monkeypatch.delitem(__import__("sys").modules, name, raising=False)
+
+
+@pytest_twisted.ensureDeferred
+async def test_complete_example_refuses_listed_senders_and_adds_its_header(
+    qpconn_server, tmp_path, badmailfrom_module
+):
+    server = qpconn_server(
+        files={"badmailfrom": ["spammer@example.net", "@junk.example"]},
+        plugins=[badmailfrom_module, "rcpt_ok", f"queue/maildir {tmp_path / 'maildir'}"],
+    )
+
+    def client():
+        with smtplib.SMTP(*server.address, timeout=10) as smtp:
+            smtp.ehlo("client.test")
+            refused = [smtp.mail(sender) for sender in ("Spammer@example.net", "x@junk.example")]
+            smtp.rset()
+            smtp.sendmail("friend@example.org", ["user@mx.test"], b"Subject: hi\r\n\r\nhi\r\n")
+            return refused
+
+    assert await in_thread(client) == [(550, b"5.7.1 Mail from this sender is not accepted")] * 2
+    (message,) = server.messages()
+    head = message.partition(b"\r\n\r\n")[0]
+    assert head.endswith(b"\r\nX-Peer: unknown [127.0.0.1] verified=no")
