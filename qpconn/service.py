@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from twisted.application import service, strports
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IReactorCore
 
 from qpconn.config import Config
@@ -67,7 +69,11 @@ def make_service(
     Endpoint strings are Twisted's (``tcp:25``, ``tcp6:2525:interface=\\:\\:1``,
     ``unix:/run/qpconn.sock``, ``ssl:465:privateKey=...``, ``systemd:domain=INET:index=0``).
     Every listener shares the factory, so a ``proxy`` policy applies to all of them.
+    A malformed endpoint string raises ValueError before anything else is set up.
     """
+    from twisted.internet import reactor
+
+    endpoints = [serverFromString(reactor, description) for description in listen]
     factory = make_factory(
         config_dir,
         hostname=hostname,
@@ -78,7 +84,10 @@ def make_service(
     )
     top = service.MultiService()
     top.setName("qpconn")
-    for description in listen:
-        strports.service(description, factory).setServiceParent(top)
+    for endpoint in endpoints:
+        listener = StreamServerEndpointService(endpoint, factory)
+        # Fail start-up loudly (as strports.service does) when a port cannot be bound.
+        listener._raiseSynchronously = True
+        listener.setServiceParent(top)
     top.factory = factory  # type: ignore[attr-defined]
     return top

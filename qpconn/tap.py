@@ -67,8 +67,23 @@ class Options(usage.Options):
         self["listen"].append(endpoint)
 
     def postOptions(self) -> None:
+        """Build the service now, so that a bad config is a usage error, not a traceback.
+
+        twistd reports exceptions from option parsing as a short message and exits 1;
+        the same exception from makeService would print a stack trace.
+        """
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
+        try:
+            self["service"] = make_service(
+                self["listen"],
+                self["config"],
+                hostname=self["hostname"],
+                lookups=lookup_settings(self),
+                proxy=proxy_settings(self),
+            )
+        except (ConfigError, PluginLoadError, ValueError) as exc:
+            raise usage.UsageError(str(exc)) from exc
 
 
 def parse_host_port(text: str, default_port: int) -> tuple[str, int]:
@@ -112,14 +127,5 @@ def proxy_settings(options: Options) -> ProxySettings:
 
 
 def makeService(options: Options) -> IService:
-    """Build the service; configuration errors stop twistd with a readable message."""
-    try:
-        return make_service(
-            options["listen"],
-            options["config"],
-            hostname=options["hostname"],
-            lookups=lookup_settings(options),
-            proxy=proxy_settings(options),
-        )
-    except (ConfigError, PluginLoadError) as exc:
-        raise usage.UsageError(str(exc)) from exc
+    """The service built (and validated) while the options were parsed."""
+    return options["service"]

@@ -11,6 +11,12 @@ import pytest_twisted
 from tests.support.server import RunningServer, start_server
 
 
+@pytest.fixture(autouse=True)
+def _work_in_tmp_path(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run every test in its own directory: defaults like ./maildir must not land in the repo."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture
 def qpconn_server(tmp_path: Any) -> Iterator[Callable[..., RunningServer]]:
     """Call it (with start_server's keywords) to get a running server; all stop at teardown."""

@@ -68,5 +68,22 @@ def test_twistd_qpconn_refuses_a_config_naming_an_unknown_plugin(tmp_path):
         capture_output=True,
         timeout=60,
     )
+    output = result.stdout + result.stderr
     assert result.returncode != 0
-    assert b"no_such_plugin" in result.stdout + result.stderr
+    assert b"plugin no_such_plugin: no such plugin" in output
+    assert b"Traceback" not in output
+    assert not (tmp_path / "maildir").exists()
+
+
+def test_twistd_qpconn_refuses_a_malformed_listen_endpoint_before_touching_the_disk(tmp_path):
+    import subprocess
+
+    result = subprocess.run(
+        twistd_command("qpconn", "--listen", "bogus:25"), cwd=tmp_path, capture_output=True,
+        timeout=60,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert b"Unknown endpoint type: 'bogus'" in output
+    assert b"Traceback" not in output
+    assert not (tmp_path / "maildir").exists()
