@@ -84,12 +84,15 @@ class SMTPCommands:
 
     async def reset_transaction(self) -> None:
         """End the current transaction (RSET, new HELO, end of DATA) and start a new one."""
-        old = self.transaction
+        await self.end_transaction(self.transaction)
+        self.transaction = self.new_transaction()
+
+    async def end_transaction(self, old: Transaction) -> None:
+        """Run reset_transaction hooks for a transaction that had an envelope; release it."""
         if old.sender is not None or old.recipients:
             await self.runner.run_all("reset_transaction", old)
         old.close()
         self._verdict = None
-        self.transaction = self.new_transaction()
 
     # -- connection start ---------------------------------------------------------------
     def greeting(self) -> str:
@@ -152,12 +155,22 @@ class SMTPCommands:
         previous = conn.hello, conn.hello_host
         # Empty while the hooks judge the name: a plugin must not trust what it is judging.
         conn.hello = conn.hello_host = None
-        await self.reset_transaction()
+        # The hooks judge on a fresh transaction (where an ehlo hook may note capabilities
+        # to advertise). The open one is set aside: a refused HELO changes nothing, as the
+        # core keeps its state too, so the transaction must keep its sender; dropping it
+        # would let the next RCPT and DATA store the message with a null sender that no
+        # mail hook ever judged.
+        old = self.transaction
+        self.transaction = self.new_transaction()
         outcome = await self.run_hook(kind, host)
         decided = reply_for(kind, outcome)
         if decided is not None:
+            self.transaction.close()
+            self.transaction = old
             conn.hello, conn.hello_host = previous
             return decided
+        # An accepted HELO/EHLO ends the open transaction, as RSET would (RFC 5321 §4.1.4).
+        await self.end_transaction(old)
         conn.hello, conn.hello_host = kind, host
         first = f"{self.me} Hi {conn.remote_host_or_unknown} [{conn.remote_ip or 'unix'}]"
         if kind == "helo":

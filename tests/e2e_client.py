@@ -10,10 +10,24 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Client", "Reply"]
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+
+__all__ = [
+    "Client",
+    "Reply",
+    "describe",
+    "ehlo",
+    "logged_errors",
+    "maildir_line",
+    "plugin_of",
+    "split_message",
+    "watch_errors",
+]
 
 
 @dataclass(frozen=True)
@@ -127,3 +141,76 @@ class Client:
         if chunk:
             raise AssertionError(f"unexpected data {chunk[:200]!r}")
         return True
+
+
+@contextmanager
+def logged_errors() -> Iterator[list[dict[str, Any]]]:
+    """Collect log events at error level or with a traceback while the block runs.
+
+    The server contains a failing handler (the client gets a 451) and logs it, so a bug
+    can hide behind a reply a test does not look at closely; the e2e modules fail a test
+    that leaves such an event unexamined.
+    """
+    found: list[dict[str, Any]] = []
+
+    def observer(event: dict[str, Any]) -> None:
+        level = event.get("log_level")
+        if "log_failure" in event or level in (LogLevel.error, LogLevel.critical):
+            found.append(event)
+
+    globalLogPublisher.addObserver(observer)
+    try:
+        yield found
+    finally:
+        globalLogPublisher.removeObserver(observer)
+
+
+def describe(event: dict[str, Any]) -> str:
+    """One logged error as text, with its traceback if it has one."""
+    text = formatEvent(event)
+    failure = event.get("log_failure")
+    if failure is not None:
+        text += "\n" + failure.getTraceback()
+    return text
+
+
+def watch_errors() -> Iterator[list[dict[str, Any]]]:
+    """For an autouse fixture: yield the logged errors, then fail if any were left.
+
+    A test that expects the server to log an error examines the list and clears it.
+    """
+    with logged_errors() as found:
+        yield found
+        assert not found, "\n".join(describe(event) for event in found)
+
+
+def ehlo(server: Any) -> Client:
+    """A connection to ``server`` that was greeted with 220 and said EHLO client.test."""
+    client = Client(server.address)
+    assert client.greeting.code == 220, client.greeting
+    assert client.cmd("EHLO client.test").code == 250
+    return client
+
+
+def plugin_of(server: Any, cls: type) -> Any:
+    """The running instance of a plugin class passed to ``qpconn_server(plugins=...)``."""
+    (found,) = [p for p in server.factory.plugins if type(p) is cls]
+    return found
+
+
+def maildir_line(path: Any) -> str:
+    """The plugin line for a Maildir queue at ``path``."""
+    return f"queue/maildir {path}"
+
+
+def split_message(message: bytes) -> tuple[list[bytes], bytes]:
+    """Header fields (folded lines joined with a space) and the body of a stored message."""
+    head, sep, body = message.partition(b"\r\n\r\n")
+    assert sep, message
+    fields: list[bytes] = []
+    for line in head.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t"):
+            fields[-1] += b" " + line.strip()
+        else:
+            fields.append(line)
+    return fields, body

@@ -11,14 +11,26 @@ import email.utils
 import re
 import smtplib
 import time
+from collections.abc import Iterator
 from io import BytesIO
+from typing import Any
 
+import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.mail import smtp as twisted_smtp
 
-from tests.e2e_client import Client
+from tests.e2e_client import Client, ehlo, split_message, watch_errors
 from tests.support.server import in_thread
+
+RCPT = "<user@mx.test>"
+
+
+@pytest.fixture(autouse=True)
+def errors() -> Iterator[list[dict[str, Any]]]:
+    """Errors the server logs; a test fails on one it does not expect (and clear)."""
+    yield from watch_errors()
+
 
 # The Received value of qpconn, unfolded: from HELO (host [ip]) by me (software) with
 # PROTO id QUEUEID [for <rcpt>]; date
@@ -27,19 +39,6 @@ _RECEIVED = re.compile(
     r"by (?P<me>\S+) \(qpconn [^)]+\) with (?P<proto>\S+) id (?P<id>\S+)"
     r"(?: for (?P<rcpt><[^>]*>))?; (?P<date>.+)$"
 )
-
-
-def split_message(message: bytes) -> tuple[list[bytes], bytes]:
-    """Header fields (folded lines joined with a space) and the body of a stored message."""
-    head, sep, body = message.partition(b"\r\n\r\n")
-    assert sep, message
-    fields: list[bytes] = []
-    for line in head.split(b"\r\n"):
-        if line[:1] in (b" ", b"\t"):
-            fields[-1] += b" " + line.strip()
-        else:
-            fields.append(line)
-    return fields, body
 
 
 def received(fields: list[bytes]) -> re.Match[str]:
@@ -108,7 +107,7 @@ async def test_helo_session_is_traced_with_smtp_not_esmtp(server):
 @pytest_twisted.ensureDeferred
 async def test_two_recipients_make_one_file_with_two_delivered_to_and_no_for_clause(server):
     def client():
-        with smtplib.SMTP(*server.address) as smtp:
+        with smtplib.SMTP(*server.address, timeout=5) as smtp:
             smtp.ehlo("client.test")
             return smtp.sendmail(
                 "sender@example.org",
@@ -143,10 +142,93 @@ async def test_each_transaction_on_one_connection_gets_its_own_queue_id(server):
     first, second = await in_thread(client)
     assert first.code == second.code == 250
     assert first.lines != second.lines
-    stored = {
-        (received(split_message(m)[0])["id"], split_message(m)[1]) for m in server.messages()
-    }
+    stored = {(received(split_message(m)[0])["id"], split_message(m)[1]) for m in server.messages()}
     assert stored == {(first.last.split()[-1], b"one\r\n"), (second.last.split()[-1], b"two\r\n")}
+
+
+@pytest_twisted.ensureDeferred
+async def test_message_sent_line_by_line_is_stored_byte_for_byte(server):
+    text = (
+        b"From: <a@example.org>\r\n"
+        b"Subject: slow\r\n"
+        b"X-Folded: one\r\n\ttwo\r\n"
+        b"\r\n"
+        b"\xc3\xa9t\xc3\xa9 8-bit body\r\n"
+        b"From me\r\n"
+    )
+
+    def client():
+        with Client(server.address) as smtp:
+            smtp.cmd("EHLO client.test")
+            smtp.cmd("MAIL FROM:<a@example.org> BODY=8BITMIME")
+            smtp.cmd("RCPT TO:<user@mx.test>")
+            smtp.cmd("DATA")
+            for line in text.splitlines(keepends=True):
+                smtp.send(line)
+                time.sleep(0.005)  # separate segments: the header arrives in pieces
+            smtp.send(b".\r\n")
+            return smtp.reply()
+
+    assert (await in_thread(client)).code == 250
+    (message,) = server.messages()
+    fields, _ = split_message(message)
+    assert fields[3:] == [b"From: <a@example.org>", b"Subject: slow", b"X-Folded: one two"]
+    assert message.endswith(b"\r\n" + text)
+
+
+@pytest_twisted.ensureDeferred
+async def test_lowercase_commands_null_sender_and_space_after_colon_are_accepted(server):
+    def client():
+        with Client(server.address) as smtp:
+            smtp.cmd("ehlo client.test")
+            replies = [smtp.cmd("mail from: <>"), smtp.cmd("rcpt to: <user@mx.test>")]
+            replies += [smtp.cmd("data"), smtp.message(b"Subject: bounce\r\n\r\nsorry")]
+            return replies
+
+    replies = await in_thread(client)
+    assert [r.code for r in replies] == [250, 250, 354, 250]
+    (message,) = server.messages()
+    assert message.startswith(b"Return-Path: <>\r\nDelivered-To: user@mx.test\r\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_smtplib_gets_refused_recipients_back_and_the_rest_is_delivered(server):
+    def client():
+        with smtplib.SMTP(*server.address, timeout=5) as smtp:
+            smtp.ehlo("client.test")
+            return smtp.sendmail(
+                "a@example.org", ["x@elsewhere.example", "user@mx.test"], b"Subject: s\r\n\r\nb"
+            )
+
+    refused = await in_thread(client)
+    assert list(refused) == ["x@elsewhere.example"]
+    assert refused["x@elsewhere.example"][0] == 550
+    (message,) = server.messages()
+    fields, _ = split_message(message)
+    assert [f for f in fields if f.startswith(b"Delivered-To:")] == [b"Delivered-To: user@mx.test"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_twisted_smtp_client_delivers_a_message(server):
+    host, port = server.address
+    # Twisted's client turns LF into CRLF itself: the file holds LF line ends.
+    message = BytesIO(b"From: a@example.org\nSubject: twisted\n\nfrom twisted.mail\n")
+    result = await twisted_smtp.sendmail(
+        host,
+        "a@example.org",
+        ["user@mx.test"],
+        message,
+        senderDomainName="twisted.client.test",
+        port=port,
+        reactor=reactor,
+    )
+    accepted, per_recipient = result
+    assert accepted == 1
+    assert [(addr, code) for addr, code, _ in per_recipient] == [(b"user@mx.test", 250)]
+    (stored,) = server.messages()
+    fields, body = split_message(stored)
+    assert received(fields)["helo"] == "twisted.client.test"
+    assert body == b"from twisted.mail\r\n"
 
 
 @pytest_twisted.ensureDeferred
@@ -179,7 +261,7 @@ async def test_ehlo_reply_is_multiline_and_advertises_extensions_with_configured
 @pytest_twisted.ensureDeferred
 async def test_smtplib_sees_the_advertised_extensions(server):
     def client():
-        with smtplib.SMTP(*server.address) as smtp:
+        with smtplib.SMTP(*server.address, timeout=5) as smtp:
             smtp.ehlo("client.test")
             return dict(smtp.esmtp_features)
 
@@ -250,49 +332,42 @@ async def test_rset_forgets_sender_and_recipients(server):
 
 
 @pytest_twisted.ensureDeferred
-async def test_pipelined_transaction_in_one_write_gets_replies_in_order(server):
+async def test_new_ehlo_abandons_the_open_transaction(server):
     def client():
         with Client(server.address) as smtp:
             smtp.cmd("EHLO client.test")
-            smtp.send(
-                b"MAIL FROM:<a@example.org>\r\n"
-                b"RCPT TO:<one@mx.test>\r\n"
-                b"RCPT TO:<two@mx.test>\r\n"
-                b"DATA\r\n"
-            )
-            first = smtp.replies(4)
-            # Text, end marker, next command and QUIT in one write, too.
-            smtp.send(b"Subject: p\r\n\r\npiped\r\n.\r\nNOOP\r\nQUIT\r\n")
-            rest = smtp.replies(3)
-            return first + rest, smtp.is_closed()
+            smtp.cmd("MAIL FROM:<a@example.org>")
+            return smtp.code("EHLO again.test"), smtp.code("RCPT TO:<user@mx.test>")
 
-    replies, closed = await in_thread(client)
-    assert [r.code for r in replies] == [250, 250, 250, 354, 250, 250, 221]
-    assert replies[1].last.startswith("2.1.5 <one@mx.test>")
-    assert replies[2].last.startswith("2.1.5 <two@mx.test>")
-    assert closed
-    (message,) = server.messages()
-    assert split_message(message)[1] == b"piped\r\n"
+    assert await in_thread(client) == (250, 503)
 
 
 @pytest_twisted.ensureDeferred
-async def test_twisted_smtp_client_delivers_a_message(server):
-    host, port = server.address
-    # Twisted's client turns LF into CRLF itself: the file holds LF line ends.
-    message = BytesIO(b"From: a@example.org\nSubject: twisted\n\nfrom twisted.mail\n")
-    result = await twisted_smtp.sendmail(
-        host,
-        "a@example.org",
-        ["user@mx.test"],
-        message,
-        senderDomainName="twisted.client.test",
-        port=port,
-        reactor=reactor,
-    )
-    accepted, per_recipient = result
-    assert accepted == 1
-    assert [(addr, code) for addr, code, _ in per_recipient] == [(b"user@mx.test", 250)]
-    (stored,) = server.messages()
-    fields, body = split_message(stored)
-    assert received(fields)["helo"] == "twisted.client.test"
-    assert body == b"from twisted.mail\r\n"
+async def test_empty_message_is_accepted_and_stored_with_trace_fields_only(server):
+    def client():
+        with ehlo(server) as smtp:
+            smtp.cmd("MAIL FROM:<a@example.org>")
+            smtp.cmd(f"RCPT TO:{RCPT}")
+            smtp.cmd("DATA")
+            smtp.send(b".\r\n")
+            return smtp.reply()
+
+    assert (await in_thread(client)).code == 250
+    (message,) = server.messages()
+    fields, body = split_message(message)
+    assert [f.split(b":")[0] for f in fields] == [b"Return-Path", b"Delivered-To", b"Received"]
+    assert body == b""
+
+
+@pytest_twisted.ensureDeferred
+async def test_hostile_helo_name_cannot_shape_the_received_field(server):
+    def client():
+        with Client(server.address) as smtp:
+            smtp.cmd("EHLO x)\t(by evil.example with ESMTP id 1; x")
+            return smtp.transaction("<a@example.org>", [RCPT], b"s: x\r\n\r\nx")
+
+    assert (await in_thread(client)).code == 250
+    (message,) = server.messages()
+    trace = received(split_message(message)[0])
+    assert trace["helo"] == "x???by?evil.example?with?ESMTP?id?1;?x"
+    assert trace["me"] == "mx.test"
