@@ -18,7 +18,7 @@ from twisted.internet import reactor, task
 
 from qpconn.plugins import Plugin
 from qpconn.results import OK
-from tests.e2e_client import Client, ehlo, maildir_line, split_message, watch_errors
+from tests.e2e_client import Client, ehlo, maildir_line, plugin_of, split_message, watch_errors
 from tests.support.server import in_thread
 
 RCPT = "<user@mx.test>"
@@ -179,9 +179,6 @@ class SlowQueuePre(Plugin):
         return task.deferLater(reactor, 0.5, lambda: None)
 
 
-@pytest.mark.xfail(
-    reason="server/protocol.py: the idle timer runs while a hook works (reported)", strict=True
-)
 @pytest_twisted.ensureDeferred
 async def test_time_a_hook_takes_does_not_count_as_client_idle_time(qpconn_server):
     server = qpconn_server(files={"timeout": "0.3"}, plugins=[SlowMail])
@@ -195,27 +192,59 @@ async def test_time_a_hook_takes_does_not_count_as_client_idle_time(qpconn_serve
     assert noop == 250
 
 
-@pytest.mark.xfail(
-    reason="server/protocol.py: connectionLost closes the transaction a running queue "
-    "hook still reads, so the body is lost (reported)",
-    strict=True,
-)
+class AbortingQueuePre(Plugin):
+    """queue_pre: the connection dies (aborted) while this hook is still working."""
+
+    sessions: Any = ()
+
+    def hook_queue_pre(self, transaction: Any) -> Any:
+        for session in list(self.sessions):
+            reactor.callLater(0.1, session.transport.abortConnection)
+        return task.deferLater(reactor, 0.5, lambda: None)
+
+
 @pytest_twisted.ensureDeferred
-async def test_session_ending_while_the_message_is_queued_never_stores_it_truncated(
+async def test_connection_lost_while_the_message_is_queued_never_stores_it_truncated(
     qpconn_server, tmp_path
 ):
-    # The idle timeout (which fires while queue_pre works, see above) ends the session
-    # in the middle of queueing: whatever the client was told, a stored copy is whole.
-    plugins = ["rcpt_ok", SlowQueuePre, maildir_line(tmp_path / "maildir")]
-    server = qpconn_server(files={"timeout": "0.3"}, plugins=plugins)
+    # The connection is lost while queue_pre is still working: cleanup (disconnect hooks,
+    # closing the transaction) must wait for the queue hook, which stores the whole message.
+    plugins = ["rcpt_ok", AbortingQueuePre, maildir_line(tmp_path / "maildir")]
+    server = qpconn_server(plugins=plugins)
+    plugin_of(server, AbortingQueuePre).sessions = server.factory.sessions
 
     def client():
         with ehlo(server) as smtp:
-            return smtp.transaction("<a@example.org>", [RCPT], b"s: x\r\n\r\nthe body")
+            assert smtp.code("MAIL FROM:<a@example.org>") == 250
+            assert smtp.code(f"RCPT TO:{RCPT}") == 250
+            assert smtp.code("DATA") == 354
+            smtp.send(b"s: x\r\n\r\nthe body\r\n.\r\n")
 
-    reply = await in_thread(client)
+    await in_thread(client)
+    await task.deferLater(reactor, 0.8, lambda: None)  # the queue hook finishes meanwhile
     await server.wait_sessions_closed()
-    await task.deferLater(reactor, 0.5, lambda: None)  # let the queue hook finish
     stored = server.messages()
-    assert reply.code in (250, 421)
-    assert [split_message(m)[1] for m in stored] in ([], [b"the body\r\n"])
+    assert [split_message(m)[1] for m in stored] == [b"the body\r\n"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_that_half_closes_after_its_commands_still_gets_every_reply(server):
+    import socket
+
+    def client():
+        with socket.create_connection(server.address, timeout=5) as sock:
+            sock.sendall(
+                b"EHLO c\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<u@mx.test>\r\n"
+                b"DATA\r\nSubject: x\r\n\r\nhalf\r\n.\r\n"
+            )
+            sock.shutdown(socket.SHUT_WR)
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+            return data
+
+    data = await in_thread(client)
+    assert [line[:3] for line in data.split(b"\r\n") if line[3:4] == b" "] == [
+        b"220", b"250", b"250", b"250", b"354", b"250"
+    ]
+    assert len(server.messages()) == 1

@@ -23,11 +23,12 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from qpconn.core.events import MessageData, ProtocolError
 from qpconn.core.proxy import ProxyHeaderParser, ProxyProtocolError
@@ -44,6 +45,7 @@ __all__ = ["SMTPServerProtocol"]
 _INTERNAL_ERROR = Reply(451, "4.3.0 Internal error - try again later")
 
 
+@implementer(IHalfCloseableProtocol)
 class SMTPServerProtocol(SMTPCommands, Protocol, TimeoutMixin):
     """One SMTP session over a Twisted transport. Subclass it to change behaviour.
 
@@ -71,6 +73,11 @@ class SMTPServerProtocol(SMTPCommands, Protocol, TimeoutMixin):
         self._driving = False
         self._paused = False
         self._lost = False
+        self._read_closed = False
+        #: the handler that went asynchronous, if any: cleanup waits for it
+        self._inflight: defer.Deferred[None] | None = None
+        #: the idle timeout set aside while our own hooks run (they are not client idleness)
+        self._idle_saved: float | None = None
         #: the SMTP session began (lookups, hooks, greeting); False while a PROXY header
         #: is awaited and for connections refused before that: those run no hooks at all
         self._started = False
@@ -183,6 +190,24 @@ class SMTPServerProtocol(SMTPCommands, Protocol, TimeoutMixin):
         finally:
             self._driving = False
         self._flush()
+        if self._read_closed and not self._busy and not self._lost:
+            # The client half-closed and everything it sent has been answered.
+            self.transport.loseConnection()
+
+    def readConnectionLost(self) -> None:
+        """The client shut its sending side: answer what it sent, then close.
+
+        Without this, Twisted would treat the EOF as a lost connection and drop the
+        replies still owed, including the 250 for a message that was already stored.
+        """
+        self._read_closed = True
+        if not self._started:
+            self.transport.loseConnection()
+            return
+        self._drive()
+
+    def writeConnectionLost(self) -> None:
+        self.transport.loseConnection()
 
     def protocol_error(self, event: ProtocolError) -> None:
         """The core refused a line itself; count it (limits on errors build on this)."""
@@ -205,10 +230,16 @@ class SMTPServerProtocol(SMTPCommands, Protocol, TimeoutMixin):
         deferred = defer.Deferred.fromCoroutine(coro)
         deferred.addBoth(self._finished, apply)
         if self._busy:
+            self._inflight = deferred
             self._pause()
+            self._idle_saved = self.setTimeout(None)
 
     def _finished(self, result: Any, apply: Callable[[Any], None] | None) -> None:
         self._busy = False
+        self._inflight = None
+        if self._idle_saved is not None and not self._lost:
+            self.setTimeout(self._idle_saved)
+        self._idle_saved = None
         if isinstance(result, Failure):
             self.log.failure("{conn_id} handler failed", result, **self.log_context())
             result = (_INTERNAL_ERROR, False)
@@ -271,6 +302,14 @@ class SMTPServerProtocol(SMTPCommands, Protocol, TimeoutMixin):
             self.factory.session_ended(self)
             self.connection.reset()
             return
+        if self._inflight is not None:
+            # A handler is still at work (e.g. queueing the message): the transaction is
+            # its until it is done, so the disconnect hooks and cleanup wait for it.
+            self._inflight.addBoth(lambda _: self._start_close())
+        else:
+            self._start_close()
+
+    def _start_close(self) -> None:
         defer.Deferred.fromCoroutine(self._close()).addErrback(
             lambda failure: self.log.failure(
                 "{conn_id} cleanup failed", failure, **self.log_context()
