@@ -138,10 +138,10 @@ _MESSAGE: dict[Result, _Row] = {
     DENY_DISCONNECT: (552, "5.7.1", "Message denied", True),
     DENYSOFT_DISCONNECT: (421, "4.7.1", "Message denied temporarily", True),
 }
+# OK at queue has no row: the handler answers 250 with the plugin's text or the queue id.
 _QUEUE: dict[Result, _Row] = {
     **_MESSAGE,
     DECLINED: (451, "4.3.0", "Queuing declined or disabled; try again later", False),
-    OK: (250, "2.0.0", "Queued", False),
 }
 _UNRECOGNIZED: dict[Result, _Row] = {
     DENY: (500, "5.5.1", "Unrecognized command", False),
@@ -182,7 +182,7 @@ _REPLIES: dict[str, dict[Result, _Row]] = {
     "vrfy": _VRFY,
     "noop": _SIMPLE,
     "help": _SIMPLE,
-    "quit": _SIMPLE,
+    # quit: as in qpsmtpd, only DONE (with the reply to send) changes the 221.
 }
 
 ERROR_REPLY = (451, "4.3.0", "Internal error - try again later")
@@ -194,18 +194,21 @@ def reply_for(hook: str, outcome: HookOutcome) -> tuple[Reply, bool] | None:
     None means the outcome does not decide the reply at this hook (e.g. OK at ``mail``:
     the command handler then gives its own success reply). A plugin's message replaces
     the default text; an enhanced code at its start replaces the default one.
+
+    DONE with a message is a whole reply the plugin wrote ("CODE text"); the command's
+    effect then follows that code as with any other reply (a 2xx to MAIL sets the
+    sender). DONE without a message stops the plugin chain and counts as OK.
     """
     if outcome.error:
         code, enhanced, text = ERROR_REPLY
         return Reply(code, text, enhanced), hook in ("connect", "pre-connection")
-    if outcome.result is DONE and outcome.message:
-        # DONE: the plugin wrote the whole reply itself, "CODE text".
-        return Reply.parse_line(outcome.message, 250), False
-    row = _REPLIES.get(hook, {}).get(outcome.result)
+    result = outcome.result
+    if result is DONE:
+        if outcome.message:
+            return Reply.parse_line(outcome.message, 250), False
+        result = OK
+    row = _REPLIES.get(hook, {}).get(result)
     if row is None:
         return None
     code, enhanced, text, close = row
-    reply = Reply(code, outcome.message or text)
-    if reply.enhanced is None:
-        reply.enhanced = enhanced
-    return reply, close
+    return Reply(code, outcome.message or text, enhanced), close

@@ -41,9 +41,13 @@ _RCPT_PARAMS: frozenset[str] = frozenset()
 _BODY_TYPES = frozenset({"7BIT", "8BITMIME"})
 
 
-def _accepted(outcome: HookOutcome) -> bool:
-    """OK, or DONE without a reply of its own: the command succeeds with the default reply."""
-    return outcome.result is OK or (outcome.result is DONE and not outcome.message)
+def _positive(decided: tuple[Reply, bool] | None) -> bool:
+    """No plugin refused (None), or a plugin's own reply is 2xx: the command takes effect.
+
+    The effect follows the reply the client gets, as the session core's state does, so
+    the two never disagree (a DONE plugin answering 250 to MAIL sets the sender).
+    """
+    return decided is None or 200 <= decided[0].code < 300
 
 
 class SMTPCommands:
@@ -164,7 +168,7 @@ class SMTPCommands:
         self.transaction = self.new_transaction()
         outcome = await self.run_hook(kind, host)
         decided = reply_for(kind, outcome)
-        if decided is not None:
+        if not _positive(decided):
             self.transaction.close()
             self.transaction = old
             conn.hello, conn.hello_host = previous
@@ -172,6 +176,8 @@ class SMTPCommands:
         # An accepted HELO/EHLO ends the open transaction, as RSET would (RFC 5321 §4.1.4).
         await self.end_transaction(old)
         conn.hello, conn.hello_host = kind, host
+        if decided is not None:
+            return decided
         first = f"{self.me} Hi {conn.remote_host_or_unknown} [{conn.remote_ip or 'unix'}]"
         if kind == "helo":
             return Reply(250, first)
@@ -197,14 +203,14 @@ class SMTPCommands:
         if problem is not None:
             return problem
         outcome = await self.run_hook("mail", sender, params)
-        if not _accepted(outcome):
-            decided = reply_for("mail", outcome)
-            if decided is not None:
-                self._log_rejection("mail", outcome, decided[0], sender=sender.format())
-                return decided
+        decided = reply_for("mail", outcome)
+        if not _positive(decided):
+            assert decided is not None
+            self._log_rejection("mail", outcome, decided[0], sender=sender.format())
+            return decided
         self.transaction.sender = sender
         self.transaction.mail_params = params
-        return Reply(250, f"2.1.0 {sender.format()}, sender OK")
+        return decided or Reply(250, f"2.1.0 {sender.format()}, sender OK")
 
     def check_mail_params(self, params: dict[str, str | None]) -> Reply | None:
         """Refuse what MAIL parameters the server does not offer, or a SIZE too big."""
@@ -245,13 +251,13 @@ class SMTPCommands:
             if key not in _RCPT_PARAMS:
                 return Reply(555, f"5.5.4 Unsupported option: {key}")
         outcome = await self.run_hook("rcpt", recipient, params)
-        if _accepted(outcome):
-            self.transaction.add_recipient(recipient, params)
-            return Reply(250, f"2.1.5 {recipient.format()}, recipient ok")
         decided = reply_for("rcpt", outcome)
-        assert decided is not None  # every other rcpt result has a row
-        self._log_rejection("rcpt", outcome, decided[0], rcpt=recipient.format())
-        return decided
+        if not _positive(decided):
+            assert decided is not None
+            self._log_rejection("rcpt", outcome, decided[0], rcpt=recipient.format())
+            return decided
+        self.transaction.add_recipient(recipient, params)
+        return decided or Reply(250, f"2.1.5 {recipient.format()}, recipient ok")
 
     # -- DATA -----------------------------------------------------------------------------
     async def smtp_DATA(self, arg: str) -> HandlerResult:
@@ -335,13 +341,10 @@ class SMTPCommands:
         decided = reply_for("queue_pre", outcome)
         if decided is None:
             outcome = await self.run_hook("queue")
-            decided = reply_for("queue", outcome)
-            assert decided is not None  # queue has a row for every result
-            if outcome.result is OK:
-                reply = Reply(250, outcome.message or f"2.0.0 Queued as {self.transaction.id}")
-                if reply.enhanced is None:
-                    reply.enhanced = "2.0.0"
-                decided = (reply, False)
+            decided = reply_for("queue", outcome) or (
+                Reply(250, outcome.message or f"Queued as {self.transaction.id}", "2.0.0"),
+                False,
+            )
         reply = decided[0]
         self._log_transaction(
             "accepted" if reply.code < 300 else "rejected", reply, plugin=outcome.plugin
@@ -360,9 +363,7 @@ class SMTPCommands:
 
     async def smtp_VRFY(self, arg: str) -> HandlerResult:
         outcome = await self.run_hook("vrfy", arg)
-        decided = reply_for("vrfy", outcome)
-        assert decided is not None
-        return decided
+        return reply_for("vrfy", outcome) or Reply(250, "2.1.5 User OK")
 
     async def smtp_HELP(self, arg: str) -> HandlerResult:
         outcome = await self.run_hook("help", arg)
@@ -379,9 +380,8 @@ class SMTPCommands:
 
     async def smtp_QUIT(self, arg: str) -> HandlerResult:
         outcome = await self.run_hook("quit")
-        if outcome.result is DONE and outcome.message:
-            return Reply.parse_line(outcome.message, 221), True
-        return Reply(221, f"2.0.0 {self.me} closing connection"), True
+        decided = reply_for("quit", outcome)
+        return (decided[0] if decided else Reply(221, f"2.0.0 {self.me} closing connection")), True
 
     # -- logging --------------------------------------------------------------------------
     def _log_rejection(self, stage: str, outcome: HookOutcome, reply: Reply, **fields: Any) -> None:

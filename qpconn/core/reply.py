@@ -21,6 +21,7 @@ _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?:\s+|$)", re.ASCII)
 _CODE_LINE = re.compile(r"^([2-5][0-9][0-9])(?:[ -]|$)")
 # Anything a client could mistake for a line break or a terminal escape is replaced, so a
 # plugin's message (which may quote client input) cannot forge a reply line.
+_VALID_ENHANCED = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}")
 _UNSAFE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
@@ -39,6 +40,9 @@ class Reply:
     ) -> None:
         if not 200 <= code <= 599:
             raise ValueError(f"not an SMTP reply code: {code!r}")
+        if enhanced is not None and not _VALID_ENHANCED.fullmatch(enhanced):
+            # It is written on every line: anything else here could break the reply apart.
+            raise ValueError(f"not an enhanced status code: {enhanced!r}")
         if isinstance(text, str):
             lines = text.splitlines() or [""]
         else:

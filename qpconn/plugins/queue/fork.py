@@ -22,7 +22,8 @@ Policy (what the client is told):
    permanent refusal: the message is stored nowhere, so a bounce is the truth.
 3. Anything else -- a temporary failure, a path that declined, failed or timed out, or
    a mix of accepted and refused paths -> a temporary failure: the first failing path's
-   own reply if it is 4xx, else ``451 4.3.0``. The client keeps the message and retries.
+   own reply if it is 4xx, else ``452 4.3.0`` (DENYSOFT at queue). The client keeps the
+   message and retries.
    When some paths had already accepted, they receive the message again on the retry
    (a duplicate, never a loss: duplicates are the price of not losing mail on the path
    that failed). Such a partial delivery is logged as an error naming every path.
@@ -196,8 +197,8 @@ class Fork(Plugin):
 def _reply(outcome: HookOutcome) -> Reply:
     """The reply a path's outcome would have given as the only queue plugin."""
     decided = reply_for("queue", outcome)
-    if decided is None:  # DONE without a reply: nobody said the message was stored
-        return Reply(451, "Queue path gave no reply", "4.3.0")
+    if decided is None:  # OK (or DONE without a reply, which counts as OK): stored
+        return Reply(250, outcome.message or "Queued", "2.0.0")
     return decided[0]
 
 
