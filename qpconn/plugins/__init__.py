@@ -74,6 +74,9 @@ class Plugin:
     #: seconds a hook of this plugin may take before the command gets 451; None uses the
     #: server-wide ``plugin_timeout``.
     timeout: float | None = None
+    #: the SMTPFactory serving with this plugin (set by :meth:`attach`): ``server.resolver``
+    #: (DNS, obeying ``--dns-server``), ``server.clock``, ``server.me``. None until then.
+    server: Any = None
 
     def __init__(self, config: Config, name: str | None = None, *args: str) -> None:
         self.config = config
@@ -91,6 +94,14 @@ class Plugin:
         """
         if args:
             raise ValueError(f"plugin {self.name} takes no arguments, got {' '.join(args)!r}")
+
+    def attach(self, server: Any) -> None:
+        """Called once the server exists, before the first session.
+
+        Override (calling super) to use what only the running server has: its DNS
+        resolver, its clock, its host name.
+        """
+        self.server = server
 
     def register_hook(self, hook: str, function: HookFunction) -> None:
         """Hook a function that is not named ``hook_<name>`` (as qpsmtpd's register_hook)."""

@@ -19,6 +19,7 @@ from qpconn.connection import Connection
 from qpconn.core.session import Limits
 from qpconn.hooks import HookRunner
 from qpconn.plugins import Plugin, load_plugins
+from qpconn.server.lookup import make_resolver
 from qpconn.server.peerinfo import LookupSettings, PeerInfo
 from qpconn.server.protocol import SMTPServerProtocol
 from qpconn.server.proxy import ProxySettings
@@ -92,7 +93,10 @@ class SMTPFactory(ServerFactory):
             dns_timeout=lookups.dns_timeout or self.config.get_float("dns_timeout", 5.0),
             ident_timeout=lookups.ident_timeout or self.config.get_float("ident_timeout", 3.0),
         )
-        self.peer_info = PeerInfo(self.lookups, clock)
+        #: the DNS resolver of this server (``--dns-server`` or resolv.conf), for lookups
+        #: and for plugins (``self.server.resolver``), so every query obeys one setting
+        self.resolver = make_resolver(self.lookups.dns_servers, self.lookups.dns_timeout or 5.0)
+        self.peer_info = PeerInfo(self.lookups, clock, self.resolver)
         proxy = proxy or ProxySettings()
         #: PROXY protocol policy; the adapter reads it for every new connection
         self.proxy = dataclasses.replace(
@@ -100,6 +104,8 @@ class SMTPFactory(ServerFactory):
         )
         #: sessions currently open (for limits, shutdown and metrics)
         self.sessions: set[SMTPServerProtocol] = set()
+        for plugin in self.plugins:
+            plugin.attach(self)
 
     def build_connection(self, transport: ITransport) -> Connection:
         """The Connection for a new transport, from its peer and host addresses."""

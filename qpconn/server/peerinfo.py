@@ -111,7 +111,9 @@ class HostsFile:
 class PeerInfo:
     """Runs the configured lookups for new connections of one factory."""
 
-    def __init__(self, settings: LookupSettings, reactor: IReactorTime) -> None:
+    def __init__(
+        self, settings: LookupSettings, reactor: IReactorTime, resolver: Any | None = None
+    ) -> None:
         self.settings = settings
         #: a full reactor: ident needs connectTCP as well as the clock
         self.clock = reactor
@@ -119,7 +121,8 @@ class PeerInfo:
         self.reverse: PeerLookup | None = None
         if settings.rdns:
             timeout = settings.dns_timeout or 5.0
-            resolver = make_resolver(settings.dns_servers, timeout)
+            if resolver is None:
+                resolver = make_resolver(settings.dns_servers, timeout)
             servers = (
                 tuple((host, int(port)) for host, port in settings.dns_servers)
                 if settings.dns_servers is not None
