@@ -8,7 +8,7 @@ bytes means a message is stored exactly as it arrived, which DKIM signatures dep
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 __all__ = ["Header", "split_header", "is_field_line"]
 
@@ -103,6 +103,22 @@ class Header:
         wanted = name.lower()
         before = len(self._fields)
         self._fields = [entry for entry in self._fields if entry[0].lower() != wanted]
+        return before - len(self._fields)
+
+    def delete_if(self, name: str, predicate: Callable[[str], bool]) -> int:
+        """Remove the fields of this name whose (unfolded) value satisfies ``predicate``,
+        keeping every other field in place; return how many were removed.
+
+        For fields that must go only when they claim to be ours, such as an incoming
+        ``Authentication-Results`` with our authserv-id (RFC 8601 §5).
+        """
+        wanted = name.lower()
+        before = len(self._fields)
+        self._fields = [
+            entry
+            for entry in self._fields
+            if entry[0].lower() != wanted or not predicate(_value(entry[1]))
+        ]
         return before - len(self._fields)
 
     def names(self) -> list[str]:

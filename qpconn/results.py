@@ -164,6 +164,15 @@ _SIMPLE: dict[Result, _Row] = {
     DENY_DISCONNECT: (550, "5.7.1", "Access denied", True),
     DENYSOFT_DISCONNECT: (421, "4.7.1", "Access denied", True),
 }
+# AUTH (RFC 4954 §6). OK has no row: the handler answers 235 and records the user. With
+# no plugin deciding, the credentials are refused: silence is not consent.
+_AUTH: dict[Result, _Row] = {
+    DENY: (535, "5.7.8", "Authentication credentials invalid", False),
+    DENYSOFT: (454, "4.7.0", "Temporary authentication failure", False),
+    DENY_DISCONNECT: (535, "5.7.8", "Authentication credentials invalid", True),
+    DENYSOFT_DISCONNECT: (421, "4.7.0", "Temporary authentication failure", True),
+    DECLINED: (535, "5.7.8", "Authentication credentials invalid", False),
+}
 _REPLIES: dict[str, dict[Result, _Row]] = {
     "pre-connection": _CONNECT,
     "connect": _CONNECT,
@@ -182,6 +191,10 @@ _REPLIES: dict[str, dict[Result, _Row]] = {
     "vrfy": _VRFY,
     "noop": _SIMPLE,
     "help": _SIMPLE,
+    "auth-plain": _AUTH,
+    "auth-login": _AUTH,
+    "auth-cram-md5": _AUTH,
+    "auth": _AUTH,
     # quit: as in qpsmtpd, only DONE (with the reply to send) changes the 221.
 }
 

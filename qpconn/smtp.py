@@ -19,10 +19,12 @@ from twisted.logger import Logger
 
 import qpconn
 from qpconn.address import Address, AddressError, parse_params, split_path_and_params
-from qpconn.core.events import Command, MessageEnd
+from qpconn.core.events import AuthResponse, Command, MessageEnd
 from qpconn.core.reply import Reply
+from qpconn.limits import SessionLimits
 from qpconn.received import received_value
 from qpconn.results import DONE, OK, HookOutcome, reply_for
+from qpconn.smtp_security import TLSAuthCommands
 from qpconn.transaction import Transaction
 
 if TYPE_CHECKING:
@@ -50,8 +52,11 @@ def _positive(decided: tuple[Reply, bool] | None) -> bool:
     return decided is None or 200 <= decided[0].code < 300
 
 
-class SMTPCommands:
-    """Command handling shared by every protocol adapter; see the module docstring."""
+class SMTPCommands(TLSAuthCommands):
+    """Command handling shared by every protocol adapter; see the module docstring.
+
+    STARTTLS and AUTH are in :class:`qpconn.smtp_security.TLSAuthCommands`.
+    """
 
     log = Logger(namespace="qpconn.smtp")
 
@@ -64,6 +69,8 @@ class SMTPCommands:
     spool_dir: str | None
     size_threshold: int
     databytes: int
+    #: max_rcpt, max_errors, ... (the adapter sets the factory's; defaults otherwise)
+    session_limits: SessionLimits = SessionLimits()
     _verdict: tuple[Reply, bool] | None = None
     _tx_count = 0
 
@@ -125,10 +132,12 @@ class SMTPCommands:
         return Reply(220, self.greeting()), False
 
     # -- dispatch -------------------------------------------------------------------------
-    async def dispatch(self, event: Command | MessageEnd) -> HandlerResult:
-        """The reply to one command (or to the end of a message)."""
+    async def dispatch(self, event: Command | MessageEnd | AuthResponse) -> HandlerResult:
+        """The reply to one command (or to the end of a message, or to a SASL response)."""
         if isinstance(event, MessageEnd):
             return await self.message_end(event)
+        if isinstance(event, AuthResponse):
+            return await self.auth_response(event.data)
         verb = event.verb
         handler = getattr(self, "smtp_" + verb, None) if verb.isascii() and verb.isalpha() else None
         if handler is None:
@@ -151,6 +160,7 @@ class SMTPCommands:
     def ehlo_lines(self) -> list[str]:
         """The extensions advertised after EHLO, one per line."""
         lines = ["PIPELINING", "8BITMIME", f"SIZE {self.databytes}", "ENHANCEDSTATUSCODES"]
+        lines += self.tls_auth_ehlo_lines()  # STARTTLS, AUTH ...: see smtp_security
         extra = self.transaction.notes.get("capabilities") or []
         return lines + [str(item) for item in extra]
 
@@ -185,6 +195,9 @@ class SMTPCommands:
 
     # -- MAIL -----------------------------------------------------------------------------
     async def smtp_MAIL(self, arg: str) -> HandlerResult:
+        refusal = self.tls_refusal_for_mail()  # tls_required: 530 before any hook
+        if refusal is not None:
+            return refusal
         outcome = await self.run_hook("mail_pre", arg)
         if outcome.result is OK and outcome.message is not None:
             arg = outcome.message
@@ -231,6 +244,10 @@ class SMTPCommands:
 
     # -- RCPT -----------------------------------------------------------------------------
     async def smtp_RCPT(self, arg: str) -> HandlerResult:
+        limit = self.session_limits.max_rcpt
+        if limit and len(self.transaction.recipients) >= limit:
+            # Before any hook: past the limit nothing about the address matters.
+            return Reply(452, "4.5.3 Too many recipients")
         outcome = await self.run_hook("rcpt_pre", arg)
         if outcome.result is OK and outcome.message is not None:
             arg = outcome.message
@@ -321,6 +338,10 @@ class SMTPCommands:
         if end.long_line:
             return Reply(500, "5.5.2 Message has a line longer than 1000 octets")
         if end.bare_lf or end.bare_cr:
+            if self.session.limits.normalize_newlines:
+                # bare_newline normalize: the core already stored them as CRLF.
+                self.transaction.notes["bare_newline"] = "normalized"
+                return None
             return Reply(554, "5.5.2 Message contains a bare CR or LF; lines must end with CRLF")
         return None
 

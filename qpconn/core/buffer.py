@@ -8,7 +8,9 @@ Two rules are kept here and nowhere else:
 
 * message text ends only on ``CRLF . CRLF``. A bare LF or bare CR never ends it, whatever
   dot follows (``\\n.\\n``, ``\\n.\\r\\n``, ``\\r.\\r`` ...): those sequences are what SMTP
-  smuggling relies on. They are reported so the application can refuse the message.
+  smuggling relies on. They are reported so the application can refuse the message,
+  or, with ``normalize``, turned into CRLF in the text handed on (Postfix's
+  ``smtpd_forbid_bare_newline = normalize``): the end marker is still only ``CRLF . CRLF``.
 * memory stays bounded whatever the client sends: a line that never ends is handed on as
   it arrives (counted, checked and unstuffed like any other text, never silently lost),
   keeping only the few bytes needed to recognise the end marker.
@@ -51,15 +53,18 @@ class DataReader:
         "long_line",
         "max_line",
         "max_size",
+        "normalize",
         "oversized",
         "size",
     )
 
-    def __init__(self, max_size: int = 0, max_line: int = 1000) -> None:
+    def __init__(self, max_size: int = 0, max_line: int = 1000, normalize: bool = False) -> None:
         #: databytes: 0 means no limit. Text past it is read and dropped, never kept.
         self.max_size = max_size
         #: longest line allowed including CRLF (RFC 5321 §4.5.3.1.6); 0 means no limit.
         self.max_line = max_line
+        #: turn bare CR and bare LF into CRLF (still reported in bare_cr/bare_lf)
+        self.normalize = normalize
         self.size = 0
         self.oversized = False
         self.long_line = False
@@ -117,6 +122,8 @@ class DataReader:
                 self.bare_lf = True
             if region.count(b"\r") != crlf:
                 self.bare_cr = True
+        if self.normalize and (self.bare_lf or self.bare_cr):
+            region = _normalize(region)
         if self.max_line and not self.long_line and len(region) > self.max_line:
             longest = max(map(len, region.split(b"\r\n")))
             # split() strips the CRLF, which counts towards the limit.
@@ -133,3 +140,12 @@ class DataReader:
         if self.oversized:
             return None
         return region
+
+
+def _normalize(region: bytes) -> bytes:
+    """Every bare CR and bare LF as CRLF, as if the client had sent CRLF (three C scans).
+
+    Safe on a run cut mid-line: a cut is made only where the buffer holds no CRLF, so a
+    CR at the end of a run never has its LF at the start of the next one.
+    """
+    return region.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from qpconn.core.reply import Reply
 
-__all__ = ["Command", "MessageData", "MessageEnd", "ProtocolError", "Event"]
+__all__ = ["AuthResponse", "Command", "MessageData", "MessageEnd", "ProtocolError", "Event"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,4 +61,22 @@ class ProtocolError:
     line: bytes = b""
 
 
-Event = Command | MessageData | MessageEnd | ProtocolError
+@dataclass(frozen=True, slots=True)
+class AuthResponse:
+    """A line the client sent in answer to a ``334`` SASL challenge (RFC 4954 §4).
+
+    It is not a command: after a 334 reply to AUTH the next line belongs to the SASL
+    exchange, whatever it looks like (``RSET`` there is a malformed response, never a
+    reset). ``data`` is the line without its CRLF, ASCII only (base64 or ``*``). It needs
+    exactly one reply, like a Command: 334 continues the exchange, 235 ends it
+    authenticated, anything else ends it. Its ``repr`` hides the data: it carries
+    credentials, which must never reach a log.
+    """
+
+    data: str
+
+    def __repr__(self) -> str:
+        return f"AuthResponse(<{len(self.data)} characters>)"
+
+
+Event = Command | MessageData | MessageEnd | ProtocolError | AuthResponse

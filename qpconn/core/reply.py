@@ -76,6 +76,8 @@ class Reply:
         for index, line in enumerate(self.lines):
             sep = " " if index == last else "-"
             out.append(f"{self.code}{sep}{prefix}{line}".rstrip(" ") + "\r\n")
+        if self.code == 334 and out == ["334\r\n"]:
+            out = ["334 \r\n"]  # RFC 4954 §4: continue-req = "334" SP [base64] CRLF
         return "".join(out).encode("utf-8", "replace")
 
     def __repr__(self) -> str:

@@ -24,8 +24,16 @@ import enum
 from dataclasses import dataclass
 
 from qpconn.core.buffer import DataReader, take_line
-from qpconn.core.events import Command, Event, MessageData, MessageEnd, ProtocolError
+from qpconn.core.events import (
+    AuthResponse,
+    Command,
+    Event,
+    MessageData,
+    MessageEnd,
+    ProtocolError,
+)
 from qpconn.core.reply import Reply
+from qpconn.core.tls_auth import TLSAuthRules
 
 __all__ = ["State", "Limits", "ServerSession", "NEED_DATA", "PAUSED", "SessionError"]
 
@@ -39,6 +47,7 @@ class State(enum.Enum):
     MAIL = "mail"  # MAIL accepted
     RCPT = "rcpt"  # at least one RCPT accepted
     DATA = "data"  # reading message text
+    STARTTLS = "starttls"  # 220 to STARTTLS sent: input is discarded until tls_started()
     CLOSED = "closed"  # a closing reply was sent, or the peer went away
 
 
@@ -67,10 +76,14 @@ _LEGAL: dict[str, frozenset[State]] = {
     "QUIT": _SESSION,
     "VRFY": _SESSION,
     "HELP": _SESSION,
+    # RFC 3207 §4 and RFC 4954 §4: after EHLO, outside a transaction (see _tls_auth_refusal
+    # for "already active" / "already authenticated").
+    "STARTTLS": frozenset({_S.READY}),
+    "AUTH": frozenset({_S.READY}),
 }
 # Verbs that take no argument (RFC 5321 §4.1.1); NOOP and HELP take an optional one.
-_NO_ARG = frozenset({"DATA", "RSET", "QUIT"})
-_NEED_ARG = frozenset({"HELO", "EHLO", "VRFY"})
+_NO_ARG = frozenset({"DATA", "RSET", "QUIT", "STARTTLS"})
+_NEED_ARG = frozenset({"HELO", "EHLO", "VRFY", "AUTH"})
 _PREFIX = {"MAIL": "FROM:", "RCPT": "TO:"}
 _USAGE = {
     "HELO": "Syntax: HELO hostname",
@@ -78,6 +91,7 @@ _USAGE = {
     "MAIL": "Syntax: MAIL FROM:<address>",
     "RCPT": "Syntax: RCPT TO:<address>",
     "VRFY": "Syntax: VRFY address",
+    "AUTH": "Syntax: AUTH mechanism [initial-response]",
 }
 
 
@@ -89,12 +103,17 @@ class Limits:
     command_line: int = 512
     #: extra octets MAIL and RCPT may use for parameters (RFC 1870 grants SIZE 26)
     parameter_allowance: int = 26
+    #: longest AUTH command or SASL response line including CRLF (RFC 4954 §4: 12288)
+    auth_line: int = 12288
     #: longest line of message text including CRLF; 0 = unlimited
     text_line: int = 1000
     #: largest message in octets (``databytes``); 0 = unlimited
     message_size: int = 0
     #: allow UTF-8 in command lines (only once SMTPUTF8 is offered)
     utf8: bool = False
+    #: store bare CR/LF in message text as CRLF instead of flagging it for refusal
+    #: (config ``bare_newline normalize``); never changes what ends the text
+    normalize_newlines: bool = False
 
 
 class SessionError(RuntimeError):
@@ -105,15 +124,18 @@ def _error(code: int, text: str) -> Reply:
     return Reply(code, text)
 
 
-class ServerSession:
-    """The server side of one SMTP session, fed with bytes, answered with replies."""
+class ServerSession(TLSAuthRules):
+    """The server side of one SMTP session, fed with bytes, answered with replies.
+
+    STARTTLS and the SASL exchange of AUTH follow the rules in :mod:`qpconn.core.tls_auth`.
+    """
 
     def __init__(self, limits: Limits | None = None) -> None:
         self.limits = limits or Limits()
         self.state = State.GREETING
         self._buf = bytearray()
         self._out: list[bytes] = []
-        self._pending: Command | MessageEnd | None = None
+        self._pending: Command | MessageEnd | AuthResponse | None = None
         self._data: DataReader | None = None
         self._end_after_text: MessageEnd | None = None
         self._discarding = False
@@ -121,11 +143,17 @@ class ServerSession:
         self.rcpt_attempts = 0
         #: the client greeted with EHLO (extensions may be used)
         self.esmtp = False
+        # tls_active, authenticated and the SASL mode: see TLSAuthRules
 
     # -- input --------------------------------------------------------------------------
     def receive_data(self, data: bytes) -> None:
-        """Add bytes from the client. Nothing is interpreted until ``next_event``."""
-        if self.state is not State.CLOSED:
+        """Add bytes from the client. Nothing is interpreted until ``next_event``.
+
+        Between a 220 reply to STARTTLS and ``tls_started()`` every byte is dropped: what
+        a client sends there was sent in clear text after it asked for encryption, and
+        interpreting it would let a man in the middle inject commands (CVE-2011-0411).
+        """
+        if self.state not in (State.CLOSED, State.STARTTLS):
             self._buf += data
 
     @property
@@ -137,8 +165,13 @@ class ServerSession:
         """The next thing that happened, NEED_DATA, or PAUSED while a reply is owed."""
         if self._pending is not None or self.state in (State.GREETING, State.CLOSED):
             return PAUSED
+        if self.state is State.STARTTLS:
+            return PAUSED  # nothing is read until tls_started()
         if self.state is State.DATA:
             return self._next_data_event()
+        if self._sasl:
+            sasl = self._next_sasl_event()
+            return NEED_DATA if sasl is None else sasl
         event = self._next_command_event()
         return NEED_DATA if event is None else event
 
@@ -188,7 +221,7 @@ class ServerSession:
             self._discarding = False
         line = take_line(buf)
         if line is None:
-            if len(buf) > self.limits.command_line + self.limits.parameter_allowance:
+            if len(buf) > self._line_budget(buf):
                 # Answer now and drop the rest of the line as it comes: memory stays bounded.
                 buf.clear()
                 self._discarding = True
@@ -222,11 +255,16 @@ class ServerSession:
         allowed = limits.command_line
         if verb in _PREFIX:
             allowed += limits.parameter_allowance
+        if verb == "AUTH":
+            allowed = max(allowed, limits.auth_line)
         if len(line) > allowed:
             return self._protocol_error(500, "5.5.2 Line too long", line)
         legal = _LEGAL.get(verb)
         if legal is None:
             return self._issue(Command(verb, arg))
+        refusal = self._tls_auth_refusal(verb, line)
+        if refusal is not None:
+            return refusal
         if self.state not in legal:
             return self._protocol_error(*self._sequence_error(verb), line)
         if verb in _NO_ARG and arg:
@@ -265,12 +303,14 @@ class ServerSession:
     def _protocol_error(self, code: int, text: str, line: bytes) -> ProtocolError:
         reply = _error(code, text)
         self._out.append(reply.to_bytes())
+        if line[:5].upper() == b"AUTH ":
+            line = b"AUTH <redacted>\r\n"  # an initial response carries credentials
         return ProtocolError(reply, line)
 
     # -- output -------------------------------------------------------------------------
     @property
-    def pending(self) -> Command | MessageEnd | None:
-        """The command (or message end) that waits for a reply, if any."""
+    def pending(self) -> Command | MessageEnd | AuthResponse | None:
+        """The command (message end, SASL response) that waits for a reply, if any."""
         return self._pending
 
     def greet(self, reply: Reply, close: bool = False) -> None:
@@ -300,11 +340,16 @@ class ServerSession:
         if isinstance(pending, MessageEnd):
             self._end_transaction()
             return
+        if self._tls_auth_transition(pending, code):
+            return
         verb = pending.verb
         if verb == "DATA":
             if code == 354:
                 self.state = State.DATA
-                self._data = DataReader(self.limits.message_size, self.limits.text_line)
+                limits = self.limits
+                self._data = DataReader(
+                    limits.message_size, limits.text_line, limits.normalize_newlines
+                )
             return
         if not 200 <= code < 300:
             return  # a refused command changes nothing

@@ -18,6 +18,7 @@ from qpconn.config import Config
 from qpconn.connection import Connection
 from qpconn.core.session import Limits
 from qpconn.hooks import HookRunner
+from qpconn.limits import ConnectionCounter, SessionLimits
 from qpconn.plugins import Plugin, load_plugins
 from qpconn.server.lookup import make_resolver
 from qpconn.server.peerinfo import LookupSettings, PeerInfo
@@ -84,7 +85,14 @@ class SMTPFactory(ServerFactory):
         self.size_threshold = self.config.get_int("size_threshold", 1 << 20)
         spool = self.config.get("spool_dir")
         self.spool_dir = self.config.path(spool) if spool else None
-        self.limits = Limits(message_size=self.databytes)
+        #: max_rcpt, max_errors, data_timeout, connection limits, bare_newline
+        self.session_limits = SessionLimits.from_config(self.config)
+        #: sessions admitted now, in all and per address (max_connections*)
+        self.connection_counter = ConnectionCounter()
+        self.limits = Limits(
+            message_size=self.databytes,
+            normalize_newlines=self.session_limits.normalize_newlines,
+        )
         if protocol is not None:
             self.protocol = protocol
         lookups = lookups or LookupSettings()

@@ -34,6 +34,7 @@ from qpconn.core.events import MessageData, ProtocolError
 from qpconn.core.proxy import ProxyHeaderParser, ProxyProtocolError
 from qpconn.core.reply import Reply
 from qpconn.core.session import NEED_DATA, PAUSED, ServerSession
+from qpconn.server.guard import SessionGuard
 from qpconn.server.proxy import apply_proxy_info
 from qpconn.smtp import HandlerResult, SMTPCommands
 
@@ -46,7 +47,7 @@ _INTERNAL_ERROR = Reply(451, "4.3.0 Internal error - try again later")
 
 
 @implementer(IHalfCloseableProtocol)
-class SMTPServerProtocol(SMTPCommands, Protocol, TimeoutMixin):
+class SMTPServerProtocol(SessionGuard, SMTPCommands, Protocol, TimeoutMixin):
     """One SMTP session over a Twisted transport. Subclass it to change behaviour.
 
     Documented extension points (see ``docs/protocol.md``): :meth:`greeting`,
@@ -65,6 +66,7 @@ class SMTPServerProtocol(SMTPCommands, Protocol, TimeoutMixin):
         self.databytes = factory.databytes
         self.size_threshold = factory.size_threshold
         self.spool_dir = factory.spool_dir
+        self.session_limits = factory.session_limits
         self.connection = factory.build_connection(self.transport)
         self.session = ServerSession(dataclasses.replace(factory.limits))
         self.transaction = self.new_transaction()
@@ -97,6 +99,8 @@ class SMTPServerProtocol(SMTPCommands, Protocol, TimeoutMixin):
 
     def _begin(self) -> None:
         """Start the SMTP session proper: lookups, pre-connection/connect hooks, greeting."""
+        if not self.admit():
+            return  # over a connection limit: 421 sent, nothing else runs (guard.py)
         self._started = True
         conn = self.connection
         self.log.info(
@@ -168,6 +172,8 @@ class SMTPServerProtocol(SMTPCommands, Protocol, TimeoutMixin):
             return  # refused: whatever else arrives is dropped unread
         self.resetTimeout()
         self.session.receive_data(data)
+        if self.reading_before_greeting():
+            self.note_early_talk()  # guard.py: evidence for earlytalker
         self._drive()
 
     def _drive(self) -> None:
@@ -211,13 +217,13 @@ class SMTPServerProtocol(SMTPCommands, Protocol, TimeoutMixin):
 
     def protocol_error(self, event: ProtocolError) -> None:
         """The core refused a line itself; count it (limits on errors build on this)."""
-        self.errors += 1
         self.log.debug(
             "{conn_id} protocol error: {code} {text}",
             code=event.reply.code,
             text=event.reply.text,
             **self.log_context(),
         )
+        self.count_error()  # at max_errors: 421 and close (guard.py)
 
     # -- running handlers -----------------------------------------------------------------
     def _run(
@@ -231,7 +237,8 @@ class SMTPServerProtocol(SMTPCommands, Protocol, TimeoutMixin):
         deferred.addBoth(self._finished, apply)
         if self._busy:
             self._inflight = deferred
-            self._pause()
+            if not self.reading_before_greeting():  # early talk must be seen (guard.py)
+                self._pause()
             self._idle_saved = self.setTimeout(None)
 
     def _finished(self, result: Any, apply: Callable[[Any], None] | None) -> None:
@@ -260,7 +267,9 @@ class SMTPServerProtocol(SMTPCommands, Protocol, TimeoutMixin):
             self.log.error("{conn_id} a handler returned no reply", **self.log_context())
             result = _INTERNAL_ERROR
         reply, close = (result, False) if isinstance(result, Reply) else result
+        answered = self.session.pending
         self.session.send(reply, close)
+        self.after_reply(answered, reply)  # max_errors, data_timeout (guard.py)
 
     def _pause(self) -> None:
         if not self._paused and not self._lost:
@@ -292,6 +301,7 @@ class SMTPServerProtocol(SMTPCommands, Protocol, TimeoutMixin):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._lost = True
         self.setTimeout(None)
+        self.release_slot()  # max_connections* count live connections (guard.py)
         self.session.close()
         if not self._started:
             # Refused or gone before a PROXY header completed: nothing ran, nothing to undo.
