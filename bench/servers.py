@@ -1,0 +1,280 @@
+"""The servers under test: how each is configured, started, watched and stopped.
+
+Every server is started fresh on 127.0.0.1 on a free port, as its own process group,
+optionally pinned to one CPU with ``taskset``. Its CPU time and memory are read from
+``/proc/<pid>`` (``utime+stime`` of all its threads, ``VmRSS``/``VmHWM``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tools import BENCH, Haraka, Postfix
+
+HOSTNAME = "bench.test"  # the servers' own name and the test recipients' domain
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def twistd_command() -> list[str]:
+    twistd = Path(sys.executable).parent / "twistd"
+    if twistd.exists():
+        return [str(twistd)]
+    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+@dataclass
+class Launch:
+    """What to execute for one server instance."""
+
+    argv: list[str]
+    cwd: Path
+    env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+    #: called between measured runs (e.g. to empty a Maildir); not timed
+    between_runs: Callable[[], None] | None = None
+
+
+@dataclass
+class ServerSpec:
+    """One kind of server: a name for the table and a way to launch it in a work dir."""
+
+    name: str
+    label: str
+    prepare: Callable[[Path, int], Launch]
+    #: pinned to the server CPU (and its load generator to the other) when pinning is on
+    pinned: bool = True
+    #: the workloads it runs (None: all)
+    workloads: tuple[str, ...] | None = None
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def qpconn_sink(workdir: Path, port: int) -> Launch:
+    conf = workdir / "config"
+    _write(conf / "plugins", "rcpt_ok\nqueue/discard\n")
+    _write(conf / "rcpthosts", f"{HOSTNAME}\n")
+    _write(conf / "me", f"{HOSTNAME}\n")
+    argv = [
+        *twistd_command(), "--nodaemon", "--pidfile=", "--logfile", str(workdir / "qpconn.log"),
+        "qpconn", "--listen", f"tcp:{port}:interface=127.0.0.1", "--config", str(conf),
+        "--no-rdns",
+    ]  # fmt: skip
+    return Launch(argv, workdir)
+
+
+def qpconn_supports_workers() -> bool:
+    """True once ``twistd qpconn`` has a --workers option (issue 6's multi-core part)."""
+    try:
+        from qpconn.tap import Options
+    except ImportError:
+        return False
+    return any(row[0] == "workers" for row in Options.optParameters)
+
+
+def qpconn_sink_workers(count: int) -> Callable[[Path, int], Launch]:
+    def prepare(workdir: Path, port: int) -> Launch:
+        launch = qpconn_sink(workdir, port)
+        launch.argv += ["--workers", str(count)]
+        return launch
+
+    return prepare
+
+
+def qpconn_maildir(workdir: Path, port: int) -> Launch:
+    # No config directory: the built-in defaults (relay, count_unrecognized_commands,
+    # rcpt_ok, queue/maildir ./maildir), with ./ the work dir. --hostname makes
+    # bench.test one of our domains and keeps the host name out of DNS.
+    argv = [
+        *twistd_command(), "--nodaemon", "--pidfile=", "--logfile", str(workdir / "qpconn.log"),
+        "qpconn", "--listen", f"tcp:{port}:interface=127.0.0.1", "--hostname", HOSTNAME,
+        "--no-rdns",
+    ]  # fmt: skip
+
+    def empty_maildir() -> None:
+        for sub in ("new", "tmp", "cur"):
+            folder = workdir / "maildir" / sub
+            if folder.is_dir():
+                for entry in os.scandir(folder):
+                    os.unlink(entry.path)
+
+    return Launch(argv, workdir, between_runs=empty_maildir)
+
+
+def twisted_sink(workdir: Path, port: int) -> Launch:
+    argv = [
+        sys.executable, str(BENCH / "peers" / "twisted_sink.py"), "--port", str(port),
+        "--hostname", HOSTNAME, "--log", str(workdir / "twisted.log"),
+    ]  # fmt: skip
+    return Launch(argv, workdir)
+
+
+def aiosmtpd_sink(workdir: Path, port: int) -> Launch:
+    argv = [
+        sys.executable, str(BENCH / "peers" / "aiosmtpd_sink.py"), "--port", str(port),
+        "--hostname", HOSTNAME,
+    ]  # fmt: skip
+    return Launch(argv, workdir)
+
+
+def smtp_sink_factory(postfix: Postfix, max_sessions: int) -> Callable[[Path, int], Launch]:
+    def prepare(workdir: Path, port: int) -> Launch:
+        argv = [str(postfix.smtp_sink)]
+        if os.geteuid() == 0:
+            argv += ["-u", "nobody"]  # it refuses to run as root otherwise
+        argv += ["-h", HOSTNAME, "-m", str(max_sessions), f"127.0.0.1:{port}", "1024"]
+        return Launch(argv, workdir, env=postfix.env())
+
+    return prepare
+
+
+def haraka_factory(haraka: Haraka) -> Callable[[Path, int], Launch]:
+    def prepare(workdir: Path, port: int) -> Launch:
+        conf = workdir / "config"
+        # nodes=0: one process, no cluster master in front (Haraka's "1 proc" setup).
+        _write(conf / "smtp.ini", f"listen=127.0.0.1:{port}\nnodes=0\n")
+        _write(conf / "plugins", "bench_no_rdns\nrcpt_to.in_host_list\nqueue/discard\n")
+        _write(conf / "host_list", f"{HOSTNAME}\n")
+        _write(conf / "me", f"{HOSTNAME}\n")
+        defaults = haraka.root / "node_modules" / "Haraka" / "config"
+        for name in ("connection.ini", "log.ini"):
+            shutil.copy(defaults / name, conf / name)
+        plugins = workdir / "plugins"
+        plugins.mkdir(exist_ok=True)
+        shutil.copy(BENCH / "peers" / "haraka" / "bench_no_rdns.js", plugins)
+        env = dict(os.environ)
+        env["YES_REALLY_DO_DISCARD"] = "1"  # queue/discard only discards when told so
+        argv = ["node", str(haraka.bin), "-c", str(workdir)]
+        return Launch(argv, workdir, env=env)
+
+    return prepare
+
+
+class Running:
+    """A started server process."""
+
+    def __init__(self, spec: ServerSpec, workdir: Path, cpu: int | None) -> None:
+        self.spec = spec
+        self.workdir = workdir
+        self.port = free_port()
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.launch = spec.prepare(workdir, self.port)
+        argv = self.launch.argv
+        if cpu is not None:
+            argv = ["taskset", "-c", str(cpu), *argv]
+        self.output = open(workdir / "server.out", "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            argv,
+            cwd=self.launch.cwd,
+            env=self.launch.env,
+            stdout=self.output,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self.pid = self.proc.pid  # taskset execs the server: same pid
+        #: the CPU its load generator is pinned to (None: not pinned)
+        self.gen_cpu: int | None = None
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Until a connection gets a 220 greeting."""
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.spec.name} exited: {self.tail()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+                    greeting = sock.recv(512)
+                    sock.sendall(b"QUIT\r\n")
+                    if greeting.startswith(b"220"):
+                        return
+                    last = RuntimeError(f"greeting {greeting!r}")
+            except OSError as exc:
+                last = exc
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.spec.name} not ready after {timeout}s: {last} {self.tail()}")
+
+    def tail(self, lines: int = 5) -> str:
+        self.output.flush()
+        try:
+            text = (self.workdir / "server.out").read_text(errors="replace")
+        except OSError:
+            return ""
+        return " / ".join(text.strip().splitlines()[-lines:])
+
+    def pids(self) -> list[int]:
+        """The server process and its descendants (worker processes, if it has any)."""
+        found, todo = [], [self.pid]
+        while todo:
+            pid = todo.pop()
+            found.append(pid)
+            try:
+                for task in os.listdir(f"/proc/{pid}/task"):
+                    with open(f"/proc/{pid}/task/{task}/children") as handle:
+                        todo += [int(child) for child in handle.read().split()]
+            except OSError:
+                continue
+        return found
+
+    def cpu_seconds(self, user_only: bool = False) -> float:
+        """utime + stime (or utime only) of the server, all threads and worker processes.
+
+        A worker that exited in the meantime is not counted: runs are short and workers
+        are not expected to die during one.
+        """
+        ticks = 0
+        for pid in self.pids():
+            try:
+                with open(f"/proc/{pid}/stat") as handle:
+                    fields = handle.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
+            ticks += int(fields[11]) + (0 if user_only else int(fields[12]))
+        return ticks / CLOCK_TICKS
+
+    def status_kib(self, key: str) -> int:
+        """A /proc/<pid>/status figure in KiB (VmRSS, VmHWM), summed over worker processes."""
+        total = 0
+        for pid in self.pids():
+            try:
+                with open(f"/proc/{pid}/status") as handle:
+                    total += next(
+                        int(line.split()[1]) for line in handle if line.startswith(key + ":")
+                    )
+            except (OSError, StopIteration):
+                continue
+        return total
+
+    def between_runs(self) -> None:
+        if self.launch.between_runs is not None:
+            self.launch.between_runs()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.pid, signal.SIGTERM)
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.pid, signal.SIGKILL)
+                self.proc.wait(5)
+            except ProcessLookupError:
+                pass
+        self.output.close()

@@ -1,0 +1,108 @@
+"""Delivery status notifications (bounces, RFC 3464) for recipients a next hop refused.
+
+``queue/smtp-forward`` sends a message on to the recipients the next hop accepted and
+answers our client 250. The recipients the next hop refused permanently would then be
+lost without a word, since after DATA SMTP has one reply for the whole message. So the
+refusal is reported the way every MTA reports a failure after accepting a message: a
+bounce to the envelope sender, from the null sender (so it can never bounce back), sent
+through the same next hop before our client gets its 250.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import os
+import time
+from collections.abc import Sequence
+
+from qpconn.client.smtp import ClientReply
+
+__all__ = ["build_dsn"]
+
+_ENHANCED_PREFIX = ("5.", "4.", "2.")
+
+
+def _status(reply: ClientReply) -> str:
+    """The enhanced status code of a reply, or one derived from its class."""
+    first = reply.lines[0] if reply.lines else ""
+    word = first.split(" ", 1)[0]
+    parts = word.split(".")
+    if word.startswith(_ENHANCED_PREFIX) and len(parts) == 3 and all(p.isdigit() for p in parts):
+        return word
+    return f"{reply.code // 100}.0.0"
+
+
+def _clean(text: str) -> str:
+    """One header-safe line: no line breaks, no control characters."""
+    return "".join(ch if ch >= " " and ch != "\x7f" else " " for ch in text).strip()
+
+
+def build_dsn(
+    *,
+    reporting_mta: str,
+    sender: str,
+    queue_id: str,
+    remote: str,
+    failures: Sequence[tuple[str, ClientReply]],
+    original_header: bytes,
+) -> bytes:
+    """The bounce message (CRLF line endings) telling ``sender`` which recipients failed.
+
+    ``failures`` pairs each refused recipient (as ``<addr>`` or ``addr``) with the next
+    hop's reply; ``original_header`` is the message's header, returned as the
+    ``text/rfc822-headers`` part so the sender can tell which message it was.
+    """
+    boundary = f"{queue_id}.{int(time.time())}.{os.getpid()}/{reporting_mta}"
+    bare = [(rcpt.strip("<>"), reply) for rcpt, reply in failures]
+    lines = [
+        f"From: Mail Delivery System <MAILER-DAEMON@{reporting_mta}>",
+        f"To: <{sender}>",
+        "Subject: Undelivered Mail Returned to Sender",
+        f"Date: {email.utils.formatdate(localtime=True)}",
+        f"Message-ID: <{queue_id}.dsn.{int(time.time() * 1000)}@{reporting_mta}>",
+        "Auto-Submitted: auto-replied",
+        "MIME-Version: 1.0",
+        f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"',
+        "",
+        "This is a MIME-encapsulated message.",
+        "",
+        f"--{boundary}",
+        "Content-Type: text/plain; charset=us-ascii",
+        "",
+        f"This is the mail system at host {reporting_mta}.",
+        "",
+        "Your message could not be delivered to the recipients below: the next mail",
+        "server refused them permanently. It was delivered to the other recipients.",
+        "",
+    ]
+    for rcpt, reply in bare:
+        lines.append(f"<{_clean(rcpt)}>: {remote} said: {_clean(str(reply))}")
+    lines += [
+        "",
+        f"--{boundary}",
+        "Content-Type: message/delivery-status",
+        "",
+        f"Reporting-MTA: dns; {reporting_mta}",
+        f"X-Queue-ID: {queue_id}",
+        f"Arrival-Date: {email.utils.formatdate(localtime=True)}",
+    ]
+    for rcpt, reply in bare:
+        lines += [
+            "",
+            f"Final-Recipient: rfc822; {_clean(rcpt)}",
+            "Action: failed",
+            f"Status: {_status(reply)}",
+            f"Remote-MTA: dns; {_clean(remote)}",
+            f"Diagnostic-Code: smtp; {_clean(str(reply))}",
+        ]
+    lines += [
+        "",
+        f"--{boundary}",
+        "Content-Type: text/rfc822-headers",
+        "",
+    ]
+    text = "\r\n".join(lines).encode("utf-8") + b"\r\n"
+    head = original_header if original_header.endswith(b"\r\n") or not original_header else (
+        original_header + b"\r\n"
+    )
+    return text + head + f"\r\n--{boundary}--\r\n".encode()

@@ -1,0 +1,143 @@
+"""karma: remember how each client address behaved, and keep out the ones that behave badly.
+
+Every session scores its client: each refusal it earns (any plugin's DENY/DENYSOFT, or a
+``DONE`` with a 4xx/5xx reply) is one *bad* point, each message accepted for delivery one
+*good* point. At disconnect the points are added to the address's history in a small
+SQLite file. When a client connects, its karma is good minus bad; at ``-negative`` or
+below (default 3), and with its last bad point less than ``penalty_days`` old (default
+1), the client is *naughty*: refused with ``450 4.7.1`` before the greeting (temporary,
+because karma recovers), or marked for the ``naughty`` plugin (``reject naughty``), or
+only recorded (``reject 0``). Karma's own refusals do not count, or a client retrying
+from the penalty box would never leave it. Relay clients are neither judged nor scored.
+
+The database (``db PATH``, else the setting ``karma_db``, else ``./karma.db``) holds one
+row per address (good, bad, connections, last seen, last bad). It is read once per
+connection and written once per connection that scored, each time in the reactor's
+thread pool with a fresh SQLite connection, so several server processes may share it.
+If the file cannot be used the plugin logs a warning and judges nobody.
+
+Arguments: ``db PATH``, ``negative N``, ``penalty_days N``, ``reject 1|0|naughty``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from contextlib import closing
+from typing import Any
+
+from twisted.internet import threads
+
+from qpconn.checks import parse_options
+from qpconn.plugins import Plugin
+from qpconn.results import DONE, OK
+from qpconn.verdicts import RejectPolicy, record
+
+NOTE = "karma"
+DAY = 86400.0
+_SCHEMA = """CREATE TABLE IF NOT EXISTS karma (
+    ip TEXT PRIMARY KEY, good INTEGER NOT NULL, bad INTEGER NOT NULL,
+    connections INTEGER NOT NULL, last_seen REAL NOT NULL, last_bad REAL)"""
+_UPSERT = """INSERT INTO karma (ip, good, bad, connections, last_seen, last_bad)
+    VALUES (?, ?, ?, 1, ?, ?) ON CONFLICT(ip) DO UPDATE SET
+    good = good + excluded.good, bad = bad + excluded.bad, connections = connections + 1,
+    last_seen = excluded.last_seen, last_bad = COALESCE(excluded.last_bad, last_bad)"""
+
+
+class KarmaStore:
+    """The SQLite file; every method blocks, so call them from a thread."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=5.0)
+        db.execute(_SCHEMA)
+        return db
+
+    def read(self, ip: str) -> tuple[int, int, float | None]:
+        """(good, bad, time of the last bad point) of ``ip``; zeros when unknown."""
+        with closing(self._open()) as db:
+            row = db.execute("SELECT good, bad, last_bad FROM karma WHERE ip = ?", (ip,)).fetchone()
+        return (int(row[0]), int(row[1]), row[2]) if row else (0, 0, None)
+
+    def add(self, ip: str, good: int, bad: int, now: float) -> None:
+        """Add one session's points to ``ip``'s history."""
+        with closing(self._open()) as db, db:
+            db.execute(_UPSERT, (ip, good, bad, now, now if bad else None))
+
+
+class Karma(Plugin):
+    """Scores sessions and refuses addresses with a bad history (see the module docstring)."""
+
+    def register(self, *args: str) -> None:
+        options = parse_options(
+            self.name,
+            args,
+            {"db": "", "negative": "3", "penalty_days": "1", "reject": "1"},
+            {"reject": ("0", "1", "naughty")},
+            numbers=["negative", "penalty_days"],
+        )
+        path = options["db"] or self.config.get("karma_db") or "./karma.db"
+        self.store = KarmaStore(self.config.path(path))
+        self.negative = float(options["negative"])
+        self.penalty = float(options["penalty_days"]) * DAY
+        self.policy = RejectPolicy(reject=options["reject"], reject_type="temp")
+
+    def _now(self) -> float:
+        return float(self.server.clock.seconds())
+
+    async def hook_connect(self, transaction: Any) -> Any:
+        connection = transaction.connection
+        ip = connection.remote_ip
+        if ip is None or connection.relay_client:
+            record(transaction, self.name, "skip", "relay client or no IP", stage="connect")
+            return None
+        try:
+            good, bad, last_bad = await threads.deferToThread(self.store.read, ip)
+        except sqlite3.Error as exc:
+            self.log.warn("karma: cannot read {path}: {error}", path=self.store.path, error=exc)
+            record(transaction, self.name, "temperror", f"database: {exc}", stage="connect")
+            return None
+        score = good - bad
+        connection.notes[NOTE] = {"history": score, "good": 0, "bad": 0}
+        recent = last_bad is not None and self._now() - last_bad < self.penalty
+        if score > -self.negative or not recent:
+            record(transaction, self.name, "pass", f"karma {score}", stage="connect")
+            return None
+        return self.policy.fail(
+            transaction,
+            self.name,
+            "connect",
+            f"4.7.1 Your address {ip} has a poor reputation here (karma {score}); try again later",
+            reason=f"karma {score} ({good} good, {bad} bad)",
+        )
+
+    def hook_deny(
+        self, transaction: Any, plugin: Any, hook: Any, result: Any, message: Any
+    ) -> None:
+        if plugin != self.name:
+            self._score(transaction, "bad")
+
+    def hook_ok(self, transaction: Any, plugin: Any, hook: Any, result: Any, message: Any) -> None:
+        refused = result is DONE and bool(message) and str(message)[:1] in ("4", "5")
+        if refused:
+            self._score(transaction, "bad")
+        elif hook == "queue" and result in (OK, DONE):
+            self._score(transaction, "good")
+
+    def _score(self, transaction: Any, kind: str) -> None:
+        scores = transaction.connection.notes.get(NOTE) if transaction is not None else None
+        if scores is not None:
+            scores[kind] += 1
+
+    async def hook_disconnect(self, transaction: Any) -> None:
+        connection = transaction.connection
+        scores = connection.notes.get(NOTE)
+        if not scores or connection.remote_ip is None or not (scores["good"] or scores["bad"]):
+            return
+        try:
+            await threads.deferToThread(
+                self.store.add, connection.remote_ip, scores["good"], scores["bad"], self._now()
+            )
+        except sqlite3.Error as exc:
+            self.log.warn("karma: cannot write {path}: {error}", path=self.store.path, error=exc)
