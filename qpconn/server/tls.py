@@ -41,26 +41,29 @@ def load_tls_options(cert_path: str, key_path: str | None = None) -> Any:
     try:
         from cryptography import x509
         from cryptography.hazmat.primitives import serialization
-        from OpenSSL import crypto
         from twisted.internet import ssl
     except ImportError as exc:  # pragma: no cover - twisted[tls] is a dependency
-        raise ConfigError(f"tls_cert: TLS needs pyOpenSSL (pip install 'twisted[tls]'): {exc}")
+        raise ConfigError(
+            f"tls_cert: TLS needs pyOpenSSL (pip install 'twisted[tls]'): {exc}"
+        ) from exc
     key_path = key_path or cert_path
     try:
         with open(cert_path, "rb") as handle:
             chain = x509.load_pem_x509_certificates(handle.read())
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"tls_cert: cannot load a certificate from {cert_path!r}: {exc}")
+        raise ConfigError(f"tls_cert: cannot load a certificate from {cert_path!r}: {exc}") from exc
     try:
         with open(key_path, "rb") as handle:
             key = serialization.load_pem_private_key(handle.read(), password=None)
     except (OSError, ValueError, TypeError) as exc:
-        raise ConfigError(f"tls_key: cannot load a private key from {key_path!r}: {exc}")
-    certs = [crypto.X509.from_cryptography(cert) for cert in chain]
+        raise ConfigError(f"tls_key: cannot load a private key from {key_path!r}: {exc}") from exc
+    if not chain:
+        raise ConfigError(f"tls_cert: no certificate in {cert_path!r}")
+    # cryptography objects, as pyOpenSSL now wants them (its own X509/PKey are deprecated)
     options = ssl.CertificateOptions(
-        privateKey=crypto.PKey.from_cryptography_key(key),  # type: ignore[arg-type]
-        certificate=certs[0],
-        extraCertChain=certs[1:],
+        privateKey=key,  # type: ignore[arg-type]
+        certificate=chain[0],  # type: ignore[arg-type]
+        extraCertChain=chain[1:],  # type: ignore[arg-type]
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
     )
     try:
