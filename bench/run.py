@@ -142,7 +142,8 @@ def measure_workload(
     rather than into all runs of one, so the ratios stay fair.
     """
     messages = workload.count(args.scale)
-    warmup = min(2000, max(100, workload.sessions * 2, messages // 10))
+    floor = workload.sessions if args.quick else 100  # warm-up messages, at least
+    warmup = min(2000, max(floor, workload.sessions * 2, messages // 10))
     results: dict[str, dict[str, Any]] = {}
     running: dict[str, Running] = {}
     try:
@@ -484,12 +485,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--profile-scale", type=float, default=1.0, help="messages for --profile, x --scale [1]"
     )
+    parser.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="also run the sink from another copy of qpconn (a dir holding qpconn/ and "
+        "twisted/plugins/, e.g. `git archive OLD | tar -x -C DIR`) as 'qpconn-base'",
+    )
     parser.add_argument("--no-pin", action="store_true", help="do not use taskset")
     parser.add_argument(
         "--no-install", action="store_true", help="use only what bench/.cache already holds"
     )
     parser.add_argument("--out", default=str(BENCH / "results"), help="where reports go")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run of seconds: qpconn-sink only, 1%% of the messages, 1 run, "
+        "100 idle sessions (shows the benchmark works; its figures mean little)",
+    )
     args = parser.parse_args(argv)
+    if args.quick:
+        args.scale = min(args.scale, 0.01)
+        args.runs = 1
+        args.servers = "qpconn-sink"
+        args.idle_sessions = min(args.idle_sessions, 100)
+        args.max_seconds = min(args.max_seconds, 30.0)
     if args.scale <= 0 or args.runs < 1:
         parser.error("--scale must be > 0 and --runs ≥ 1")
     pin = not args.no_pin and shutil.which("taskset") and len(os.sched_getaffinity(0)) >= 2
@@ -500,7 +519,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_specs(
-    args: argparse.Namespace, postfix: tools.Postfix, haraka: tools.Haraka | None
+    args: argparse.Namespace,
+    postfix: tools.Postfix,
+    haraka: tools.Haraka | None,
+    wanted: list[str],
 ) -> dict[str, ServerSpec]:
     specs = {
         "qpconn-sink": ServerSpec("qpconn-sink", "qpconn sink", servers.qpconn_sink),
@@ -509,7 +531,9 @@ def build_specs(
         ),
         "twisted.mail": ServerSpec("twisted.mail", "twisted.mail sink", servers.twisted_sink),
     }
-    if tools.ensure_module("aiosmtpd", "aiosmtpd", install=not args.no_install):
+    if "aiosmtpd" in wanted and tools.ensure_module(
+        "aiosmtpd", "aiosmtpd", install=not args.no_install
+    ):
         import aiosmtpd
 
         specs["aiosmtpd"] = ServerSpec(
@@ -518,6 +542,12 @@ def build_specs(
     if haraka is not None:
         specs["haraka"] = ServerSpec(
             "haraka", f"Haraka {haraka.version()} (1 proc)", servers.haraka_factory(haraka)
+        )
+    if args.baseline:
+        specs["qpconn-base"] = ServerSpec(
+            "qpconn-base",
+            f"qpconn sink from {args.baseline}",
+            servers.qpconn_sink_from(Path(args.baseline).resolve()),
         )
     if servers.qpconn_supports_workers():
         specs["qpconn-sink-2w"] = ServerSpec(
@@ -547,8 +577,10 @@ def main(argv: list[str] | None = None) -> int:
         log("Postfix's smtp-source is required as the load generator; stopping")
         return 2
     wanted = args.servers.split(",")
+    if args.baseline and "qpconn-base" not in wanted:
+        wanted.insert(1, "qpconn-base")
     haraka = tools.get_haraka(install=not args.no_install) if "haraka" in wanted else None
-    specs = build_specs(args, postfix, haraka)
+    specs = build_specs(args, postfix, haraka, wanted)
     names = [n for n in wanted if n in specs]
     why = {
         "qpconn-sink-2w": "twistd qpconn has no --workers option yet",
@@ -663,6 +695,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / f"bench-{stamp}.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     (out / f"bench-{stamp}.md").write_text(rendered + "\n")
     (out / "latest.md").write_text(rendered + "\n")
+    (out / "latest.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     log(f"report written to {out}/bench-{stamp}.md and .json")
     return 0
 

@@ -79,6 +79,23 @@ def qpconn_sink(workdir: Path, port: int) -> Launch:
     return Launch(argv, workdir)
 
 
+def qpconn_sink_from(source: Path) -> Callable[[Path, int], Launch]:
+    """The sink configuration run from another copy of the code (``--baseline``).
+
+    ``source`` holds a ``qpconn`` package (and ``twisted/plugins``), e.g. an unpacked
+    ``git archive`` of an older commit: put first on PYTHONPATH, it is what twistd
+    imports, so the two versions are measured side by side in the same run.
+    """
+
+    def prepare(workdir: Path, port: int) -> Launch:
+        launch = qpconn_sink(workdir, port)
+        path = [str(source), launch.env.get("PYTHONPATH", "")]
+        launch.env["PYTHONPATH"] = os.pathsep.join(p for p in path if p)
+        return launch
+
+    return prepare
+
+
 def qpconn_supports_workers() -> bool:
     """True once ``twistd qpconn`` has a --workers option (issue 6's multi-core part)."""
     try:

@@ -1,7 +1,8 @@
 """Getting the external programs the benchmark drives, into ``bench/.cache``.
 
 * Postfix's ``smtp-source`` (the load generator) and ``smtp-sink`` (the C reference
-  server): ``apt-get download postfix`` and ``dpkg-deb -x``. Postfix itself is never
+  server): the installed ones if the postfix package is installed, else
+  ``apt-get download postfix`` and ``dpkg-deb -x``. Postfix itself is never
   installed, configured or started; the two test programs run from the unpacked tree with
   ``LD_LIBRARY_PATH`` pointing at its private libraries.
 * Haraka: ``npm install Haraka`` into ``bench/.cache/haraka``.
@@ -91,6 +92,9 @@ def get_postfix(install: bool = True) -> Postfix | None:
     postfix = Postfix(root)
     if postfix.smtp_source.exists() and postfix.works():
         return postfix
+    system = Postfix(Path("/"))  # a machine with the postfix package installed has them
+    if system.smtp_source.exists() and system.works():
+        return system
     if not install:
         log("smtp-source not found in bench/.cache/postfix (run without --no-install)")
         return None

@@ -67,6 +67,9 @@ class Config:
         for name, value in (overrides or {}).items():
             self._overrides[name] = (value,) if isinstance(value, str) else tuple(value)
         self._cache: dict[str, tuple[str, ...]] = {}
+        #: set by :meth:`freeze`: files not read by then are never read (defaults apply)
+        self._frozen = False
+        self._unread: set[str] = set()
 
     def lines(self, name: str) -> list[str]:
         """Every value of a setting, in file order; the default if the file is absent."""
@@ -79,7 +82,7 @@ class Config:
     def _load(self, name: str) -> tuple[str, ...]:
         if name in self._overrides:
             return self._overrides[name]
-        if self.directory is not None:
+        if self.directory is not None and (not self._frozen or name in self._unread):
             path = os.path.join(self.directory, name)
             if os.path.isfile(path):
                 with open(path, encoding="utf-8") as handle:
@@ -87,6 +90,23 @@ class Config:
         if name == "me":
             return (default_hostname(),)
         return _DEFAULTS.get(name, ())
+
+    def freeze(self) -> None:
+        """Read every file of the directory now, and never look at the directory again.
+
+        A running server freezes its config (``twistd qpconn`` at start-up, each SIGHUP
+        reload), so it goes on with what the directory held then, never with a file
+        half edited since: changes take effect at the next reload, all together. Files
+        that are not text stay unread and are read (and refused) if asked for.
+        """
+        if self.directory is not None:
+            for entry in sorted(os.scandir(self.directory), key=lambda e: e.name):
+                if entry.is_file():
+                    try:
+                        self.lines(entry.name)
+                    except (UnicodeDecodeError, OSError):
+                        self._unread.add(entry.name)
+        self._frozen = True
 
     def get(self, name: str, default: str | None = None) -> str | None:
         """The first value of a setting, or ``default``."""

@@ -10,20 +10,21 @@ logged traceback; the session and the server carry on.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from qpconn.loglevel import LevelLogger
 from qpconn.plugins import HOOKS, HookFunction, Plugin
 from qpconn.results import DECLINED_OUTCOME, DENYSOFT, HookOutcome, Result, normalize
 
 __all__ = ["HookRunner"]
 
-log = Logger(namespace="qpconn.hooks")
+log = LevelLogger(namespace="qpconn.hooks")
 
 _OK_LIKE = (Result.OK, Result.DONE)
 
@@ -37,6 +38,9 @@ class HookRunner:
         self.plugins = list(plugins)
         self.clock = clock
         self.timeout = timeout
+        #: ``observer(hook, plugin_name, seconds, outcome)`` after every plugin call, or
+        #: None (metrics set it: qpconn.metrics); timing costs nothing while it is None
+        self.observer: Callable[[str, str, float, HookOutcome], None] | None = None
         self._table: dict[str, list[tuple[Plugin, HookFunction]]] = {hook: [] for hook in HOOKS}
         for plugin in self.plugins:
             for hook, function in plugin.hooks():
@@ -86,20 +90,26 @@ class HookRunner:
         args: tuple[Any, ...],
         log_context: dict[str, Any] | None,
     ) -> HookOutcome:
+        observer = self.observer
+        started = time.perf_counter() if observer is not None else 0.0
         try:
             value = function(transaction, *args)
             if inspect.isawaitable(value):
                 value = await self._bounded(value, plugin)
-            return normalize(value, plugin.name)
+            outcome = normalize(value, plugin.name)
         except Exception:
             log.failure(
                 "plugin {plugin} failed in hook {hook}",
                 Failure(),
                 plugin=plugin.name,
                 hook=hook,
+                result="error",
                 **(log_context or {}),
             )
-            return HookOutcome(DENYSOFT, None, plugin.name, error=True)
+            outcome = HookOutcome(DENYSOFT, None, plugin.name, error=True)
+        if observer is not None:
+            observer(hook, plugin.name, time.perf_counter() - started, outcome)
+        return outcome
 
     def _bounded(self, awaitable: Any, plugin: Plugin) -> defer.Deferred[Any]:
         """The plugin's awaitable as a Deferred that fails with TimeoutError past its limit."""

@@ -14,11 +14,13 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IReactorCore
 
 from qpconn.config import Config
+from qpconn.loglevel import parse_level, set_level
 from qpconn.plugins import Plugin
 from qpconn.server.factory import SMTPFactory
 from qpconn.server.peerinfo import LookupSettings
 from qpconn.server.protocol import SMTPServerProtocol
 from qpconn.server.proxy import ProxySettings
+from qpconn.server.shutdown import GracefulShutdown
 
 __all__ = ["make_service", "make_factory", "DEFAULT_LISTEN"]
 
@@ -35,14 +37,22 @@ def make_factory(
     reactor: IReactorCore | None = None,
     lookups: LookupSettings | None = None,
     proxy: ProxySettings | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
 ) -> SMTPFactory:
     """An SMTPFactory for a config directory (None: built-in defaults).
 
     ``lookups`` and ``proxy`` are the peer lookups and the PROXY protocol policy; a
     ``.tac`` file sets them here exactly as the command-line options do, e.g.
-    ``proxy=ProxySettings(enabled=True, trusted=["192.0.2.10/32"])``.
+    ``proxy=ProxySettings(enabled=True, trusted=["192.0.2.10/32"])``. ``tls_cert`` and
+    ``tls_key`` (PEM files) replace the config settings of those names, as ``--tls-cert``
+    and ``--tls-key`` do: STARTTLS is offered with that certificate.
     """
-    overrides = {"me": hostname} if hostname else None
+    overrides = {"me": hostname} if hostname else {}
+    if tls_cert:
+        overrides["tls_cert"] = tls_cert
+    if tls_key:
+        overrides["tls_key"] = tls_key
     config = Config(config_dir, overrides)
     return SMTPFactory(
         config,
@@ -63,6 +73,8 @@ def make_service(
     protocol: type[SMTPServerProtocol] | None = None,
     lookups: LookupSettings | None = None,
     proxy: ProxySettings | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
 ) -> service.MultiService:
     """A service listening on every endpoint string in ``listen`` with one shared factory.
 
@@ -81,9 +93,16 @@ def make_service(
         protocol=protocol,
         lookups=lookups,
         proxy=proxy,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
     )
+    # A service is the whole process: its config's loglevel becomes the process's
+    # threshold for qpconn's own log events (qpconn.loglevel).
+    set_level(parse_level(factory.config.get("loglevel") or "debug"))
     top = service.MultiService()
     top.setName("qpconn")
+    # Stops with the listeners: lets messages in flight finish, then 421 (shutdown.py).
+    GracefulShutdown(factory).setServiceParent(top)
     for endpoint in endpoints:
         listener = StreamServerEndpointService(endpoint, factory)
         # Fail start-up loudly (as strports.service does) when a port cannot be bound.

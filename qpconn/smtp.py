@@ -12,18 +12,20 @@ returns a :class:`~qpconn.core.reply.Reply` or ``(Reply, close)``.
 
 from __future__ import annotations
 
+import errno
 import time
 from typing import TYPE_CHECKING, Any
 
-from twisted.logger import Logger
-
 import qpconn
-from qpconn.address import Address, AddressError, parse_params, split_path_and_params
+from qpconn.address import AddressError
+from qpconn.core.bdat import ChunkEnd
 from qpconn.core.events import AuthResponse, Command, MessageEnd
 from qpconn.core.reply import Reply
 from qpconn.limits import SessionLimits
+from qpconn.loglevel import LevelLogger
 from qpconn.received import received_value
 from qpconn.results import DONE, OK, HookOutcome, reply_for
+from qpconn.smtp_extensions import MAIL_EXTENSION_PARAMS, ExtensionCommands
 from qpconn.smtp_security import TLSAuthCommands
 from qpconn.transaction import Transaction
 
@@ -38,9 +40,8 @@ __all__ = ["SMTPCommands", "HandlerResult"]
 HandlerResult = Reply | tuple[Reply, bool] | None
 SOFTWARE = f"qpconn {qpconn.__version__}"
 
-_MAIL_PARAMS = frozenset({"SIZE", "BODY"})
-_RCPT_PARAMS: frozenset[str] = frozenset()
-_BODY_TYPES = frozenset({"7BIT", "8BITMIME"})
+_MAIL_PARAMS = frozenset({"SIZE", "BODY"}) | MAIL_EXTENSION_PARAMS
+_BODY_TYPES = frozenset({"7BIT", "8BITMIME", "BINARYMIME"})
 
 
 def _positive(decided: tuple[Reply, bool] | None) -> bool:
@@ -52,13 +53,14 @@ def _positive(decided: tuple[Reply, bool] | None) -> bool:
     return decided is None or 200 <= decided[0].code < 300
 
 
-class SMTPCommands(TLSAuthCommands):
+class SMTPCommands(TLSAuthCommands, ExtensionCommands):
     """Command handling shared by every protocol adapter; see the module docstring.
 
-    STARTTLS and AUTH are in :class:`qpconn.smtp_security.TLSAuthCommands`.
+    STARTTLS and AUTH are in :class:`qpconn.smtp_security.TLSAuthCommands`; BDAT, DSN
+    and SMTPUTF8 in :class:`qpconn.smtp_extensions.ExtensionCommands`.
     """
 
-    log = Logger(namespace="qpconn.smtp")
+    log = LevelLogger(namespace="qpconn.smtp")
 
     session: ServerSession
     connection: Connection
@@ -77,7 +79,12 @@ class SMTPCommands(TLSAuthCommands):
     # -- helpers ------------------------------------------------------------------------
     def log_context(self) -> dict[str, Any]:
         """Fields every log event of this session carries."""
-        return {"conn_id": self.connection.id, "remote_ip": self.connection.remote_ip}
+        transaction = getattr(self, "transaction", None)
+        return {
+            "conn_id": self.connection.id,
+            "txn_id": transaction.id if transaction is not None else None,
+            "remote_ip": self.connection.remote_ip,
+        }
 
     async def run_hook(self, hook: str, *args: Any) -> HookOutcome:
         """Run a hook with the current transaction and these arguments."""
@@ -126,6 +133,8 @@ class SMTPCommands(TLSAuthCommands):
                     hook=hook,
                     plugin=outcome.plugin,
                     code=decided[0].code,
+                    event="rejection",
+                    result="rejected",
                     **self.log_context(),
                 )
                 return decided
@@ -136,6 +145,8 @@ class SMTPCommands(TLSAuthCommands):
         """The reply to one command (or to the end of a message, or to a SASL response)."""
         if isinstance(event, MessageEnd):
             return await self.message_end(event)
+        if isinstance(event, ChunkEnd):
+            return await self.chunk_end(event)
         if isinstance(event, AuthResponse):
             return await self.auth_response(event.data)
         verb = event.verb
@@ -161,6 +172,7 @@ class SMTPCommands(TLSAuthCommands):
         """The extensions advertised after EHLO, one per line."""
         lines = ["PIPELINING", "8BITMIME", f"SIZE {self.databytes}", "ENHANCEDSTATUSCODES"]
         lines += self.tls_auth_ehlo_lines()  # STARTTLS, AUTH ...: see smtp_security
+        lines += self.extension_ehlo_lines()  # CHUNKING, DSN, SMTPUTF8: smtp_extensions
         extra = self.transaction.notes.get("capabilities") or []
         return lines + [str(item) for item in extra]
 
@@ -206,13 +218,11 @@ class SMTPCommands(TLSAuthCommands):
             if decided is not None:
                 return decided
         try:
-            path, rest = split_path_and_params(arg)
-            sender = Address.parse(path)
-            params = parse_params(rest)
+            sender, params = self.parse_mail_arg(arg)  # SMTPUTF8: see smtp_extensions
         except AddressError as exc:
             code = 553 if exc.utf8 else 501
             return Reply(code, f"{'5.6.7' if exc.utf8 else '5.1.7'} Bad sender address syntax")
-        problem = self.check_mail_params(params)
+        problem = self.check_mail_params(params) or self.check_extension_mail_params(params)
         if problem is not None:
             return problem
         outcome = await self.run_hook("mail", sender, params)
@@ -239,7 +249,7 @@ class SMTPCommands(TLSAuthCommands):
             return Reply(552, "5.3.4 Message size exceeds fixed maximum message size")
         body = params.get("BODY", "7BIT")
         if body is None or body.upper() not in _BODY_TYPES:
-            return Reply(501, "5.5.4 Syntax: BODY=7BIT|8BITMIME")
+            return Reply(501, "5.5.4 Syntax: BODY=7BIT|8BITMIME|BINARYMIME")
         return None
 
     # -- RCPT -----------------------------------------------------------------------------
@@ -256,17 +266,15 @@ class SMTPCommands(TLSAuthCommands):
             if decided is not None:
                 return decided
         try:
-            path, rest = split_path_and_params(arg)
-            recipient = Address.parse(path)
-            params = parse_params(rest)
+            recipient, params = self.parse_rcpt_arg(arg)
         except AddressError as exc:
             code = 553 if exc.utf8 else 501
             return Reply(code, f"{'5.6.7' if exc.utf8 else '5.1.3'} Bad recipient address syntax")
         if recipient.is_null:
             return Reply(501, "5.1.3 Bad recipient address syntax")
-        for key in params:
-            if key not in _RCPT_PARAMS:
-                return Reply(555, f"5.5.4 Unsupported option: {key}")
+        problem = self.check_rcpt_params(params)  # NOTIFY, ORCPT: see smtp_extensions
+        if problem is not None:
+            return problem
         outcome = await self.run_hook("rcpt", recipient, params)
         decided = reply_for("rcpt", outcome)
         if not _positive(decided):
@@ -280,6 +288,9 @@ class SMTPCommands(TLSAuthCommands):
     async def smtp_DATA(self, arg: str) -> HandlerResult:
         if not self.transaction.recipients:
             return Reply(554, "5.5.1 Error: no valid recipients")
+        refusal = self.data_refusal()  # BODY=BINARYMIME needs BDAT
+        if refusal is not None:
+            return refusal
         outcome = await self.run_hook("data")
         decided = reply_for("data", outcome)
         if decided is not None:
@@ -291,7 +302,16 @@ class SMTPCommands(TLSAuthCommands):
         """Store a piece of message text; run data_headers_end once the header is complete."""
         if self._verdict is not None:
             return
-        if self.transaction.body_write(data):
+        try:
+            headers_done = self.transaction.body_write(data)
+        except OSError as exc:
+            # The spool disk is full or failing: the text is incomplete, so the message
+            # must not be accepted. The rest of the text is ignored; the end gets a 4xx.
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            text = "4.3.1 Insufficient system storage" if full else "4.3.0 Cannot store message"
+            self._verdict = (Reply(452 if full else 451, text), False)
+            return
+        if headers_done:
             await self._headers_end()
 
     async def _headers_end(self) -> None:
@@ -316,18 +336,18 @@ class SMTPCommands(TLSAuthCommands):
         txn = self.transaction
         refusal = self.refuse_message_text(end)
         if refusal is not None:
-            self._log_transaction("rejected", refusal)
+            self._log_transaction("rejected", refusal, hook="data")
             return refusal
         if txn.end_of_data() and self._verdict is None:
             await self._headers_end()
         if self._verdict is not None:
-            self._log_transaction("rejected", self._verdict[0])
+            self._log_transaction("rejected", self._verdict[0], hook="data_headers_end")
             return self._verdict
         await self.add_received_header()
         outcome = await self.run_hook("data_post")
         decided = reply_for("data_post", outcome)
         if decided is not None:
-            self._log_transaction("rejected", decided[0], plugin=outcome.plugin)
+            self._log_transaction("rejected", decided[0], plugin=outcome.plugin, hook="data_post")
             return decided
         return await self.queue_message()
 
@@ -353,14 +373,18 @@ class SMTPCommands(TLSAuthCommands):
         if outcome.result is OK and outcome.message:
             value = outcome.message
         else:
-            value = received_value(self.connection, txn, self.me, SOFTWARE)
+            value = received_value(
+                self.connection, txn, self.me, SOFTWARE, with_word=self.received_with()
+            )
         txn.header.add("Received", value, index=0)
 
     async def queue_message(self) -> HandlerResult:
         """queue_pre, queue and queue_post: 250 only when a queue plugin said OK."""
         outcome = await self.run_hook("queue_pre")
         decided = reply_for("queue_pre", outcome)
+        stage = "queue_pre"
         if decided is None:
+            stage = "queue"
             outcome = await self.run_hook("queue")
             decided = reply_for("queue", outcome) or (
                 Reply(250, outcome.message or f"Queued as {self.transaction.id}", "2.0.0"),
@@ -368,7 +392,7 @@ class SMTPCommands(TLSAuthCommands):
             )
         reply = decided[0]
         self._log_transaction(
-            "accepted" if reply.code < 300 else "rejected", reply, plugin=outcome.plugin
+            "accepted" if reply.code < 300 else "rejected", reply, plugin=outcome.plugin, hook=stage
         )
         await self.runner.run_all("queue_post", self.transaction)
         return decided
@@ -409,6 +433,9 @@ class SMTPCommands(TLSAuthCommands):
         self.log.info(
             "{conn_id} {stage} rejected by {plugin}: {code} {text}",
             stage=stage,
+            hook=stage,
+            event="rejection",
+            result="rejected",
             plugin=outcome.plugin or "-",
             code=reply.code,
             text=reply.text,
@@ -416,7 +443,11 @@ class SMTPCommands(TLSAuthCommands):
             **self.log_context(),
         )
 
-    def _log_transaction(self, verdict: str, reply: Reply, plugin: str | None = None) -> None:
+    def _log_transaction(
+        self, verdict: str, reply: Reply, plugin: str | None = None, hook: str = "queue"
+    ) -> None:
+        """The one summary line of a transaction that reached the end of DATA (``event``
+        ``transaction``); ``hook`` is where it was decided. Metrics count these events."""
         txn = self.transaction
         started = txn.notes.get("data_started")
         self.log.info(
@@ -429,6 +460,10 @@ class SMTPCommands(TLSAuthCommands):
             size=txn.data_size,
             code=reply.code,
             plugin=plugin,
+            hook=hook,
+            result=verdict,
+            recipients=len(txn.recipients),
+            event="transaction",
             elapsed=(time.monotonic() - started) if started else 0.0,
             **self.log_context(),
         )

@@ -29,6 +29,9 @@ class Options(usage.Options):
         ["config", "c", None, "qpsmtpd-style config directory (plugins, me, rcpthosts, ...)"],
         ["hostname", None, None, "name of this server (overrides the config file 'me')"],
         ["ident-port", None, 113, "port of the peers' ident service", int],
+        ["metrics", None, None, "endpoint serving Prometheus metrics (tcp:9125:interface=...)"],
+        ["tls-cert", None, None, "PEM certificate (and chain) for STARTTLS (config tls_cert)"],
+        ["tls-key", None, None, "PEM private key for --tls-cert if not in it (config tls_key)"],
     ]
     optFlags = [
         ["no-rdns", None, "do not look up the peer's name (remote_host stays None)"],
@@ -81,9 +84,25 @@ class Options(usage.Options):
                 hostname=self["hostname"],
                 lookups=lookup_settings(self),
                 proxy=proxy_settings(self),
+                tls_cert=self["tls-cert"],
+                tls_key=self["tls-key"],
             )
+            add_operations(self["service"], self["metrics"])
         except (ConfigError, PluginLoadError, ValueError) as exc:
             raise usage.UsageError(str(exc)) from exc
+
+
+def add_operations(top: IService, metrics: str | None) -> None:
+    """SIGHUP reloads the config (qpconn.reload); ``--metrics`` serves Prometheus figures."""
+    from qpconn.reload import ReloadOnSignal
+
+    factory = top.factory  # type: ignore[attr-defined]
+    factory.config.freeze()  # edits wait for the next SIGHUP, then apply all together
+    ReloadOnSignal(factory).setServiceParent(top)
+    if metrics:
+        from qpconn.metrics import metrics_service
+
+        metrics_service(metrics, factory, top)
 
 
 def parse_host_port(text: str, default_port: int) -> tuple[str, int]:

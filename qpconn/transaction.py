@@ -14,7 +14,9 @@ from typing import IO, TYPE_CHECKING
 
 from qpconn.address import Address
 from qpconn.connection import Notes
+from qpconn.dsn import MailDSN, RcptDSN, mail_dsn, rcpt_dsn
 from qpconn.header import Header, is_field_line, split_header
+from qpconn.spool import spool_prefix
 
 if TYPE_CHECKING:
     from qpconn.connection import Connection
@@ -40,6 +42,11 @@ class Recipient(Address):
         cls, address: Address, params: dict[str, str | None] | None = None
     ) -> Recipient:
         return cls(address.user, address.host, params)
+
+    @property
+    def dsn(self) -> RcptDSN:
+        """NOTIFY and ORCPT (RFC 3461) from the RCPT parameters, decoded (qpconn.dsn)."""
+        return rcpt_dsn(self.params)
 
 
 class Transaction:
@@ -77,6 +84,16 @@ class Transaction:
         self._closed = False
 
     # -- envelope -------------------------------------------------------------------------
+    @property
+    def dsn(self) -> MailDSN:
+        """RET and ENVID (RFC 3461) from the MAIL parameters, decoded (qpconn.dsn)."""
+        return mail_dsn(self.mail_params)
+
+    @property
+    def smtputf8(self) -> bool:
+        """MAIL carried SMTPUTF8 (RFC 6531): addresses and header may hold UTF-8."""
+        return "SMTPUTF8" in self.mail_params
+
     def add_recipient(
         self, recipient: Address, params: dict[str, str | None] | None = None
     ) -> Recipient:
@@ -141,7 +158,7 @@ class Transaction:
 
     def _spool_to_disk(self) -> None:
         self._file = tempfile.NamedTemporaryFile(  # noqa: SIM115 - kept open on purpose
-            prefix="qpconn-", suffix=".spool", dir=self.spool_dir, delete=False
+            prefix=spool_prefix(), suffix=".spool", dir=self.spool_dir, delete=False
         )
         for piece in self._memory:
             self._file.write(piece)

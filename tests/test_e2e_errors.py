@@ -99,12 +99,12 @@ async def test_unknown_mail_and_rcpt_parameters_get_555(server):
         with ehlo(server) as smtp:
             mail = smtp.cmd("MAIL FROM:<a@example.org> FROB=1")
             smtp.cmd("MAIL FROM:<a@example.org> BODY=8BITMIME")
-            rcpt = smtp.cmd(f"RCPT TO:{RCPT} NOTIFY=NEVER")
+            rcpt = smtp.cmd(f"RCPT TO:{RCPT} XFROB=NEVER")
             return mail, rcpt, smtp.code(f"RCPT TO:{RCPT}")
 
     mail, rcpt, accepted = await in_thread(client)
     assert (mail.code, mail.last) == (555, "5.5.4 Unsupported option: FROB")
-    assert (rcpt.code, rcpt.last) == (555, "5.5.4 Unsupported option: NOTIFY")
+    assert (rcpt.code, rcpt.last) == (555, "5.5.4 Unsupported option: XFROB")
     assert accepted == 250
 
 

@@ -31,6 +31,14 @@ from typing import Any
 
 from twisted.internet import defer
 
+from qpconn.client.extensions import (
+    binary_refusal,
+    envelope_lines,
+    extension_mail_params,
+    send_bdat,
+    smtputf8_refusal,
+    use_bdat,
+)
 from qpconn.client.pool import STARTTLS_MODES, ConnectionPool, Destination
 from qpconn.client.smtp import ClientReply, NextHopError, SMTPClient
 from qpconn.plugins import Plugin
@@ -155,9 +163,13 @@ class ForwardingQueue(Plugin):
 
     async def transfer(self, client: SMTPClient, txn: Any) -> Verdict:
         """Rules 2-6 of the module docstring for one message on one connection."""
-        sender = txn.sender.format() if txn.sender is not None else "<>"
+        label = self.destination.label
+        refusal = smtputf8_refusal(client, txn, label) or binary_refusal(client, txn, label)
+        if refusal is not None:  # the next hop lacks SMTPUTF8/BINARYMIME: permanent
+            return DONE, refusal
         rcpts = [rcpt.format() for rcpt in txn.recipients]
-        mail, replies = await client.envelope(sender, rcpts, self._mail_params(client, txn))
+        sender, wire = envelope_lines(client, txn)  # A-labels, NOTIFY/ORCPT: extensions.py
+        mail, replies = await client.envelope(sender, wire, self._mail_params(client, txn))
         _check(mail, *replies)
         notes: dict[str, Any] = {"destination": self.destination.label, "mail": str(mail)}
         notes["rcpts"] = {rcpt: str(reply) for rcpt, reply in zip(rcpts, replies, strict=False)}
@@ -173,7 +185,11 @@ class ForwardingQueue(Plugin):
             return DONE, f"{_reply_line(temporary[0][1])} (not delivered to any recipient)"
         if permanent and self.lmtp:
             return DONE, f"{_reply_line(permanent[0][1])} (not delivered to any recipient)"
-        go_ahead, finals = await client.data(txn.message_chunks(), len(accepted) if self.lmtp else 1)
+        expected = len(accepted) if self.lmtp else 1
+        if use_bdat(client, txn):
+            go_ahead, finals = await send_bdat(client, txn.message_chunks(), expected)
+        else:
+            go_ahead, finals = await client.data(txn.message_chunks(), expected)
         notes["data"] = [str(reply) for reply in finals] or [str(go_ahead)]
         if not finals:
             _check(go_ahead)
@@ -195,8 +211,9 @@ class ForwardingQueue(Plugin):
         if "SIZE" in client.extensions and txn.data_size:
             params.append(f"SIZE={txn.data_size}")
         body = (txn.mail_params.get("BODY") or "").upper()
-        if body == "8BITMIME" and "8BITMIME" in client.extensions:
-            params.append("BODY=8BITMIME")
+        if body in ("8BITMIME", "BINARYMIME") and body in client.extensions:
+            params.append(f"BODY={body}")
+        params += extension_mail_params(client, txn)  # SMTPUTF8, RET, ENVID
         return " ".join(params)
 
     def lmtp_verdict(self, txn: Any, results: list[tuple[str, ClientReply]]) -> Verdict:

@@ -40,23 +40,21 @@ class Reply:
     ) -> None:
         if not 200 <= code <= 599:
             raise ValueError(f"not an SMTP reply code: {code!r}")
-        if enhanced is not None and not _VALID_ENHANCED.fullmatch(enhanced):
-            # It is written on every line: anything else here could break the reply apart.
-            raise ValueError(f"not an enhanced status code: {enhanced!r}")
         if isinstance(text, str):
-            lines = text.splitlines() or [""]
+            # Most replies are the same few texts: parse each (code, text, enhanced) once.
+            key = (code, text, enhanced)
+            parsed = _PARSED.get(key)
+            if parsed is None:
+                parsed = _parse(code, text.splitlines() or [""], enhanced)
+                if len(_PARSED) >= _PARSED_MAX:
+                    _PARSED.clear()  # texts with queue ids and addresses come and go
+                _PARSED[key] = parsed
         else:
             lines = [part for line in text for part in (str(line).splitlines() or [""])]
-            lines = lines or [""]
-        match = _ENHANCED.match(lines[0])
-        if match and int(match.group(1)) == code // 100:
-            enhanced = ".".join(match.group(1, 2, 3))
-            lines[0] = lines[0][match.end() :]
-        if enhanced:
-            lines = [_strip_enhanced(line, enhanced) for line in lines]
+            parsed = _parse(code, lines or [""], enhanced)
         self.code = code
-        self.lines: tuple[str, ...] = tuple(_UNSAFE.sub("?", line) for line in lines)
-        self.enhanced = enhanced
+        self.lines: tuple[str, ...] = parsed[0]
+        self.enhanced = parsed[1]
 
     @property
     def text(self) -> str:
@@ -98,6 +96,27 @@ class Reply:
         if match:
             return cls(int(match.group(1)), text[4:])
         return cls(default_code, text)
+
+
+#: (code, text, enhanced) -> (lines, enhanced) of replies built from a string
+_PARSED: dict[tuple[int, str, str | None], tuple[tuple[str, ...], str | None]] = {}
+_PARSED_MAX = 512
+
+
+def _parse(
+    code: int, lines: list[str], enhanced: str | None
+) -> tuple[tuple[str, ...], str | None]:
+    """The safe lines and the enhanced code of a reply (``lines`` is consumed)."""
+    if enhanced is not None and not _VALID_ENHANCED.fullmatch(enhanced):
+        # It is written on every line: anything else here could break the reply apart.
+        raise ValueError(f"not an enhanced status code: {enhanced!r}")
+    match = _ENHANCED.match(lines[0])
+    if match and int(match.group(1)) == code // 100:
+        enhanced = ".".join(match.group(1, 2, 3))
+        lines[0] = lines[0][match.end() :]
+    if enhanced:
+        lines = [_strip_enhanced(line, enhanced) for line in lines]
+    return tuple(_UNSAFE.sub("?", line) for line in lines), enhanced
 
 
 def _strip_enhanced(line: str, enhanced: str) -> str:

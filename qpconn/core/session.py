@@ -23,6 +23,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from qpconn.core.bdat import ChunkEnd, ChunkingRules, ChunkStart
 from qpconn.core.buffer import DataReader, take_line
 from qpconn.core.events import (
     AuthResponse,
@@ -81,6 +82,8 @@ _LEGAL: dict[str, frozenset[State]] = {
     "STARTTLS": frozenset({_S.READY}),
     "AUTH": frozenset({_S.READY}),
 }
+# Verbs whose argument may hold UTF-8 once SMTPUTF8 is offered (Limits.utf8).
+_UTF8_VERBS = frozenset({"MAIL", "RCPT", "VRFY", "EXPN"})
 # Verbs that take no argument (RFC 5321 §4.1.1); NOOP and HELP take an optional one.
 _NO_ARG = frozenset({"DATA", "RSET", "QUIT", "STARTTLS"})
 _NEED_ARG = frozenset({"HELO", "EHLO", "VRFY", "AUTH"})
@@ -111,6 +114,10 @@ class Limits:
     message_size: int = 0
     #: allow UTF-8 in command lines (only once SMTPUTF8 is offered)
     utf8: bool = False
+    #: offer CHUNKING: frame ``BDAT n [LAST]`` and its octets (see qpconn.core.bdat)
+    chunking: bool = True
+    #: speak LMTP (RFC 2033): LHLO instead of HELO/EHLO
+    lmtp: bool = False
     #: store bare CR/LF in message text as CRLF instead of flagging it for refusal
     #: (config ``bare_newline normalize``); never changes what ends the text
     normalize_newlines: bool = False
@@ -124,7 +131,7 @@ def _error(code: int, text: str) -> Reply:
     return Reply(code, text)
 
 
-class ServerSession(TLSAuthRules):
+class ServerSession(TLSAuthRules, ChunkingRules):
     """The server side of one SMTP session, fed with bytes, answered with replies.
 
     STARTTLS and the SASL exchange of AUTH follow the rules in :mod:`qpconn.core.tls_auth`.
@@ -135,7 +142,7 @@ class ServerSession(TLSAuthRules):
         self.state = State.GREETING
         self._buf = bytearray()
         self._out: list[bytes] = []
-        self._pending: Command | MessageEnd | AuthResponse | None = None
+        self._pending: Command | MessageEnd | ChunkEnd | AuthResponse | None = None
         self._data: DataReader | None = None
         self._end_after_text: MessageEnd | None = None
         self._discarding = False
@@ -161,12 +168,15 @@ class ServerSession(TLSAuthRules):
         """Bytes received and not yet interpreted (for memory accounting)."""
         return len(self._buf)
 
-    def next_event(self) -> Event | _Sentinel:
+    def next_event(self) -> Event | ChunkStart | ChunkEnd | _Sentinel:
         """The next thing that happened, NEED_DATA, or PAUSED while a reply is owed."""
         if self._pending is not None or self.state in (State.GREETING, State.CLOSED):
             return PAUSED
         if self.state is State.STARTTLS:
             return PAUSED  # nothing is read until tls_started()
+        if self._chunk is not None:
+            chunk = self._next_chunk_event()  # BDAT octets: see qpconn.core.bdat
+            return NEED_DATA if chunk is None else chunk
         if self.state is State.DATA:
             return self._next_data_event()
         if self._sasl:
@@ -209,7 +219,7 @@ class ServerSession(TLSAuthRules):
             return MessageData(text)
         return NEED_DATA
 
-    def _next_command_event(self) -> Event | None:
+    def _next_command_event(self) -> Event | ChunkStart | ChunkEnd | None:
         """Frame and check one command line; None when no whole line is buffered."""
         buf = self._buf
         if self._discarding:
@@ -229,7 +239,7 @@ class ServerSession(TLSAuthRules):
             return None
         return self._check_command(line)
 
-    def _check_command(self, line: bytes) -> Event:
+    def _check_command(self, line: bytes) -> Event | ChunkStart | ChunkEnd | None:
         limits = self.limits
         if len(line) < 2 or line[-2] != 13:
             return self._protocol_error(
@@ -249,8 +259,13 @@ class ServerSession(TLSAuthRules):
                 text = body.decode("utf-8")
             except UnicodeDecodeError:
                 return self._protocol_error(500, "5.5.2 Invalid UTF-8 in command", line)
+            if text.partition(" ")[0].upper() not in _UTF8_VERBS:
+                # RFC 6531 §3.3: UTF-8 belongs in mailboxes, not in any other command.
+                return self._protocol_error(500, "5.5.2 Non-ASCII characters in command", line)
         verb, _, arg = text.partition(" ")
-        verb = verb.upper()
+        verb, lmtp_error = self._lmtp_verb(verb.upper(), line)
+        if lmtp_error is not None:
+            return lmtp_error
         arg = arg.strip(" ")
         allowed = limits.command_line
         if verb in _PREFIX:
@@ -259,10 +274,12 @@ class ServerSession(TLSAuthRules):
             allowed = max(allowed, limits.auth_line)
         if len(line) > allowed:
             return self._protocol_error(500, "5.5.2 Line too long", line)
+        if verb == "BDAT" and limits.chunking:
+            return self._bdat_command(arg, line)
         legal = _LEGAL.get(verb)
         if legal is None:
             return self._issue(Command(verb, arg))
-        refusal = self._tls_auth_refusal(verb, line)
+        refusal = self._tls_auth_refusal(verb, line) or self._chunking_refusal(verb, line)
         if refusal is not None:
             return refusal
         if self.state not in legal:
@@ -309,7 +326,7 @@ class ServerSession(TLSAuthRules):
 
     # -- output -------------------------------------------------------------------------
     @property
-    def pending(self) -> Command | MessageEnd | AuthResponse | None:
+    def pending(self) -> Command | MessageEnd | ChunkEnd | AuthResponse | None:
         """The command (message end, SASL response) that waits for a reply, if any."""
         return self._pending
 
@@ -340,6 +357,10 @@ class ServerSession(TLSAuthRules):
         if isinstance(pending, MessageEnd):
             self._end_transaction()
             return
+        if isinstance(pending, ChunkEnd):
+            if self._chunk_replied(code, pending.last):
+                self._end_transaction()
+            return
         if self._tls_auth_transition(pending, code):
             return
         verb = pending.verb
@@ -369,6 +390,7 @@ class ServerSession(TLSAuthRules):
         if self.state in (State.MAIL, State.RCPT, State.DATA):
             self.state = State.READY
         self.rcpt_attempts = 0
+        self._reset_chunking()
 
     def reset_transaction(self) -> None:
         """Forget the transaction without a command (e.g. a plugin ended it)."""
@@ -386,6 +408,7 @@ class ServerSession(TLSAuthRules):
         self._pending = None
         self._data = None
         self._end_after_text = None
+        self._chunk = None
         self._buf = bytearray()
 
     @property

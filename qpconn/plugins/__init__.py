@@ -19,7 +19,7 @@ from importlib.metadata import entry_points
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from twisted.logger import Logger
+from qpconn.loglevel import LevelLogger
 
 if TYPE_CHECKING:
     from qpconn.config import Config
@@ -86,7 +86,7 @@ class Plugin:
         self.config = config
         self.name = name or type(self).__name__
         self.args = args
-        self.log = Logger(namespace=f"qpconn.plugin.{self.name}")
+        self.log = LevelLogger(namespace=f"qpconn.plugin.{self.name}")
         self._extra_hooks: list[tuple[str, HookFunction]] = []
         self.register(*args)
 

@@ -73,7 +73,11 @@ def verify_one(lookup: DNSFunction, message: bytes, index: int, timeout: float) 
         if answer.status != "ok":
             problems.append(f"permanent: no key at {text.rstrip('.')}")
             return None
-        return str(answer.values[0]).encode("utf-8")
+        record = str(answer.values[0]).encode("utf-8")
+        problem = key_problem(text.rstrip("."), record)
+        if problem:
+            problems.append(f"permanent: {problem}")
+        return record
 
     try:
         verified = dkimpy.DKIM(message, minkey=1024, timeout=timeout).verify(index, dnsfunc)
@@ -88,6 +92,28 @@ def verify_one(lookup: DNSFunction, message: bytes, index: int, timeout: float) 
         kind, _, reason = problem.partition(": ")
         return ("temperror" if kind == "temporary" else "permerror"), reason
     return "fail", "signature did not verify"
+
+
+def key_problem(name: str, record: bytes) -> str | None:
+    """Why the key record at ``name`` is unusable, or None.
+
+    dkimpy only logs a bad key and reports the signature as not verified, which would
+    read as ``fail`` (a forgery); a revoked or broken key is a ``permerror`` (RFC 6376
+    §6.1.2 step 6: an empty ``p=`` means the key was revoked).
+    """
+    try:
+        tags = parse_tag_value(record)
+    except Exception:  # dkimpy raises its own and plain errors for broken tag lists
+        return f"unreadable key record at {name}"
+    if not tags.get(b"p", b"").strip():
+        return f"key at {name} revoked (empty p=)"
+    try:
+        dkimpy.evaluate_pk(name, record)
+    except dkimpy.DKIMException as exc:
+        return f"bad key at {name}: {exc}"
+    except Exception as exc:  # a malformed key can break the parser in other ways
+        return f"bad key at {name}: {exc}"
+    return None
 
 
 def sign(message: bytes, domain: str, selector: str, key: bytes) -> str:

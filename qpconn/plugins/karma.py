@@ -30,7 +30,7 @@ from twisted.internet import threads
 from qpconn.checks import parse_options
 from qpconn.plugins import Plugin
 from qpconn.results import DONE, OK
-from qpconn.verdicts import RejectPolicy, record
+from qpconn.verdicts import RejectPolicy, naughty_mark, record
 
 NOTE = "karma"
 DAY = 86400.0
@@ -115,8 +115,14 @@ class Karma(Plugin):
     def hook_deny(
         self, transaction: Any, plugin: Any, hook: Any, result: Any, message: Any
     ) -> None:
-        if plugin != self.name:
-            self._score(transaction, "bad")
+        if plugin == self.name or self._own_mark(transaction, message):
+            return
+        self._score(transaction, "bad")
+
+    def _own_mark(self, transaction: Any, message: Any) -> bool:
+        """True for ``naughty`` giving karma's own deferred refusal (``reject naughty``)."""
+        mark = naughty_mark(transaction) if transaction is not None else None
+        return bool(mark) and mark.get("plugin") == self.name and message == mark.get("message")
 
     def hook_ok(self, transaction: Any, plugin: Any, hook: Any, result: Any, message: Any) -> None:
         refused = result is DONE and bool(message) and str(message)[:1] in ("4", "5")

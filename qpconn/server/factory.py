@@ -24,6 +24,9 @@ from qpconn.server.lookup import make_resolver
 from qpconn.server.peerinfo import LookupSettings, PeerInfo
 from qpconn.server.protocol import SMTPServerProtocol
 from qpconn.server.proxy import ProxySettings
+from qpconn.server.tls import tls_from_config
+from qpconn.smtp_security import read_security_settings
+from qpconn.spool import clean_stale_spool
 
 __all__ = ["SMTPFactory", "address_parts"]
 
@@ -60,6 +63,8 @@ class SMTPFactory(ServerFactory):
     """
 
     protocol = SMTPServerProtocol
+    #: connections accepted since start-up (metrics: ``qpconn_connections_total``)
+    connections_total = 0
 
     def __init__(
         self,
@@ -85,12 +90,18 @@ class SMTPFactory(ServerFactory):
         self.size_threshold = self.config.get_int("size_threshold", 1 << 20)
         spool = self.config.get("spool_dir")
         self.spool_dir = self.config.path(spool) if spool else None
+        # Spool files of a crashed (kill -9) predecessor would otherwise stay forever.
+        clean_stale_spool(self.spool_dir)
         #: max_rcpt, max_errors, data_timeout, connection limits, bare_newline
         self.session_limits = SessionLimits.from_config(self.config)
         #: sessions admitted now, in all and per address (max_connections*)
         self.connection_counter = ConnectionCounter()
+        #: the STARTTLS certificate (tls_cert/tls_key, loaded now so a bad file stops the
+        #: server) and the TLS/AUTH policy (tls_required, tls_before_auth, auth_max_failures)
+        self.security = read_security_settings(self.config, tls_from_config(self.config))
         self.limits = Limits(
             message_size=self.databytes,
+            utf8=True,  # SMTPUTF8 is offered; addresses hold UTF-8 only after MAIL ... SMTPUTF8
             normalize_newlines=self.session_limits.normalize_newlines,
         )
         if protocol is not None:
@@ -130,6 +141,7 @@ class SMTPFactory(ServerFactory):
 
     def session_started(self, session: SMTPServerProtocol) -> None:
         self.sessions.add(session)
+        self.connections_total += 1
 
     def session_ended(self, session: SMTPServerProtocol) -> None:
         self.sessions.discard(session)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -119,6 +120,9 @@ class PeerInfo:
         self.clock = reactor
         self.hosts = HostsFile(settings.hosts_file)
         self.reverse: PeerLookup | None = None
+        #: ``observer(kind, seconds, outcome)`` after each lookup (``rdns``/``ident``;
+        #: ``ok``, ``timeout``, ``none`` or the rdns error word), or None: for metrics
+        self.observer: Callable[[str, float, str], None] | None = None
         if settings.rdns:
             timeout = settings.dns_timeout or 5.0
             if resolver is None:
@@ -149,6 +153,7 @@ class PeerInfo:
 
     async def _reverse(self, connection: Connection, ip: str) -> None:
         assert self.reverse is not None
+        started = self.clock.seconds()
         result: ReverseDNS
         if self.settings.dns_servers is None:
             name = self.hosts.name_for(ip)
@@ -164,6 +169,8 @@ class PeerInfo:
         connection.remote_host_verified = result.verified
         if result.error:
             connection.notes["rdns_error"] = result.error
+        if self.observer is not None:
+            self.observer("rdns", self.clock.seconds() - started, result.error or "ok")
         log.debug(
             "{conn_id} rdns {ip} -> {name} verified={verified} error={error}",
             conn_id=connection.id,
@@ -175,6 +182,8 @@ class PeerInfo:
 
     async def _ident(self, connection: Connection, ip: str) -> None:
         assert connection.remote_port is not None and connection.local_port is not None
+        started = self.clock.seconds()
+        timeout = self.settings.ident_timeout or 3.0
         user = await ident_lookup(
             self.clock,
             ip,
@@ -182,6 +191,11 @@ class PeerInfo:
             connection.local_ip or "",
             connection.local_port,
             port=self.settings.ident_port,
-            timeout=self.settings.ident_timeout or 3.0,
+            timeout=timeout,
         )
         connection.remote_info = user
+        if self.observer is not None:
+            elapsed = self.clock.seconds() - started
+            # ident_lookup answers None for every failure; only the clock tells a timeout
+            outcome = "ok" if user else ("timeout" if elapsed >= timeout else "none")
+            self.observer("ident", elapsed, outcome)

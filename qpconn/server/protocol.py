@@ -25,17 +25,19 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from qpconn.core.bdat import ChunkStart
 from qpconn.core.events import MessageData, ProtocolError
 from qpconn.core.proxy import ProxyHeaderParser, ProxyProtocolError
 from qpconn.core.reply import Reply
 from qpconn.core.session import NEED_DATA, PAUSED, ServerSession
+from qpconn.loglevel import LevelLogger
 from qpconn.server.guard import SessionGuard
 from qpconn.server.proxy import apply_proxy_info
+from qpconn.server.tls import TLSAdapter
 from qpconn.smtp import HandlerResult, SMTPCommands
 
 if TYPE_CHECKING:
@@ -47,7 +49,7 @@ _INTERNAL_ERROR = Reply(451, "4.3.0 Internal error - try again later")
 
 
 @implementer(IHalfCloseableProtocol)
-class SMTPServerProtocol(SessionGuard, SMTPCommands, Protocol, TimeoutMixin):
+class SMTPServerProtocol(SessionGuard, TLSAdapter, SMTPCommands, Protocol, TimeoutMixin):
     """One SMTP session over a Twisted transport. Subclass it to change behaviour.
 
     Documented extension points (see ``docs/protocol.md``): :meth:`greeting`,
@@ -55,7 +57,7 @@ class SMTPServerProtocol(SessionGuard, SMTPCommands, Protocol, TimeoutMixin):
     :meth:`unrecognized_command`. Plug a subclass in with ``SMTPFactory(protocol=...)``.
     """
 
-    log = Logger(namespace="qpconn.protocol")
+    log = LevelLogger(namespace="qpconn.protocol")
     factory: SMTPFactory
 
     def connectionMade(self) -> None:
@@ -67,6 +69,7 @@ class SMTPServerProtocol(SessionGuard, SMTPCommands, Protocol, TimeoutMixin):
         self.size_threshold = factory.size_threshold
         self.spool_dir = factory.spool_dir
         self.session_limits = factory.session_limits
+        self.security = factory.security
         self.connection = factory.build_connection(self.transport)
         self.session = ServerSession(dataclasses.replace(factory.limits))
         self.transaction = self.new_transaction()
@@ -99,6 +102,8 @@ class SMTPServerProtocol(SessionGuard, SMTPCommands, Protocol, TimeoutMixin):
 
     def _begin(self) -> None:
         """Start the SMTP session proper: lookups, pre-connection/connect hooks, greeting."""
+        if self.tls_handshake_pending():
+            return  # implicit TLS: called again once the handshake is done (tls.py)
         if not self.admit():
             return  # over a connection limit: 421 sent, nothing else runs (guard.py)
         self._started = True
@@ -189,6 +194,8 @@ class SMTPServerProtocol(SessionGuard, SMTPCommands, Protocol, TimeoutMixin):
                     break
                 if isinstance(event, MessageData):
                     self._run(self.message_data(event.data), None)
+                elif isinstance(event, ChunkStart):
+                    self._run(self.chunk_start(event), None)  # BDAT: smtp_extensions
                 elif isinstance(event, ProtocolError):
                     self.protocol_error(event)
                 else:
@@ -288,6 +295,7 @@ class SMTPServerProtocol(SessionGuard, SMTPCommands, Protocol, TimeoutMixin):
             return
         if data:
             self.transport.write(data)
+            self.tls_after_flush()  # the 220 to STARTTLS is out: handshake now (tls.py)
         if self.session.closed:
             self.transport.loseConnection()
 
@@ -301,6 +309,7 @@ class SMTPServerProtocol(SessionGuard, SMTPCommands, Protocol, TimeoutMixin):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._lost = True
         self.setTimeout(None)
+        self._tls_cancel_timer()
         self.release_slot()  # max_connections* count live connections (guard.py)
         self.session.close()
         if not self._started:

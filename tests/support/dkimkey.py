@@ -23,7 +23,7 @@ wTScYTJBUWiSNk8BadQ1jRhziNyHfA8TARDn/OzlvJ6ggw==
 """
 
 #: base64 of the DER SubjectPublicKeyInfo, as it goes into a DKIM key record's ``p=``
-PUBLIC_KEY = "MIGfMA0GCSqGSIb3DQEBAQUAA4GNADCBiQKBgQC8QOmzoafWDQMhXfvEIHpA1V4WLXTVW8QlpvDKAviPkBQV1qiZj2diP2ifjroPyWPhW6Agt8YOlq/ox+le3cV3h74Kl1GksweoP0bGRSa6RCqCjT08nTEBfI7qg9mYF7GC9liYdA2Yb27dtPfqhL0mQfSbiRiV2ZkXy/tUbOxCEwIDAQAB"
+PUBLIC_KEY = "MIGfMA0GCSqGSIb3DQEBAQUAA4GNADCBiQKBgQC8QOmzoafWDQMhXfvEIHpA1V4WLXTVW8QlpvDKAviPkBQV1qiZj2diP2ifjroPyWPhW6Agt8YOlq/ox+le3cV3h74Kl1GksweoP0bGRSa6RCqCjT08nTEBfI7qg9mYF7GC9liYdA2Yb27dtPfqhL0mQfSbiRiV2ZkXy/tUbOxCEwIDAQAB"  # noqa: E501
 
 
 def key_record(public_key: str = PUBLIC_KEY) -> str:

@@ -59,6 +59,7 @@ class Recorder:
                           responses: list[str]) -> list[str]:  # fmt: skip
         self.hellos.append(session.peer)
         self.commands.append("EHLO")
+        session.host_name = hostname  # the new-style hook must set it (aiosmtpd 1.4)
         return responses
 
     async def handle_MAIL(self, server: Any, session: Any, envelope: Any, address: str,
@@ -87,7 +88,8 @@ class Recorder:
         self.commands.append("DATA")
         content = envelope.original_content or envelope.content
         if self.lmtp_replies is not None:
-            lines = [self.lmtp_replies.get(r, f"250 2.0.0 <{r}> delivered") for r in envelope.rcpt_tos]
+            replies = self.lmtp_replies
+            lines = [replies.get(r, f"250 2.0.0 <{r}> delivered") for r in envelope.rcpt_tos]
             for rcpt, line in zip(envelope.rcpt_tos, lines, strict=True):
                 if line.startswith("2"):
                     self._keep(envelope, [rcpt], content, session)

@@ -1,0 +1,1 @@
+"""Virus scanner plugins (``virus/clamdscan``), named as qpsmtpd's ``virus/`` directory."""

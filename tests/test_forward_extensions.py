@@ -1,0 +1,165 @@
+"""queue/smtp-forward with DSN, SMTPUTF8 and BINARYMIME: what goes on depends on the next hop.
+
+Two real next hops on loopback: a second qpconn (offers DSN, SMTPUTF8, CHUNKING,
+BINARYMIME) and aiosmtpd (offers none of them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest_twisted
+
+from qpconn.plugins import Plugin
+from tests.e2e_client import Client
+from tests.support.nexthop import aiosmtpd_next_hop
+from tests.support.server import in_thread, start_server
+
+TEXT = b"Subject: on\r\n\r\nbody"
+
+
+class Keep(Plugin):
+    """On the next hop: what MAIL and each RCPT carried."""
+
+    def register(self) -> None:
+        self.seen: list[Any] = []
+
+    def hook_queue_pre(self, transaction: Any) -> Any:
+        self.seen.append(
+            (
+                dict(transaction.mail_params),
+                [(r.address, dict(r.params)) for r in transaction.recipients],
+                transaction.body_bytes(),
+            )
+        )
+
+
+@contextlib.asynccontextmanager
+async def next_hop_qpconn(tmp_path: Any) -> AsyncIterator[Any]:
+    hop = start_server(
+        tmp_path / "hop",
+        plugins=[Keep, "relay", "rcpt_ok", f"queue/maildir {tmp_path / 'hop' / 'maildir'}"],
+        files={"rcpthosts": ["mx.test", "bücher.test"]},
+    )
+    try:
+        yield hop
+    finally:
+        await hop.stop()
+        await hop.wait_sessions_closed()
+
+
+def front(qpconn_server: Any, port: int) -> Any:
+    return qpconn_server(
+        plugins=["relay", "rcpt_ok", f"queue/smtp-forward 127.0.0.1 {port} idle=0.1"],
+        files={"rcpthosts": ["mx.test", "bücher.test"]},
+    )
+
+
+def deliver(address: Any, mail: str, rcpts: list[str], body: bytes = TEXT,
+            bdat: bool = False) -> Any:  # fmt: skip
+    with Client(address, timeout=15) as smtp:
+        assert smtp.cmd("EHLO client.test").code == 250
+        reply = smtp.cmd(f"MAIL FROM:{mail}".encode())
+        assert reply.code == 250, reply
+        for rcpt in rcpts:
+            reply = smtp.cmd(f"RCPT TO:{rcpt}".encode())
+            assert reply.code == 250, reply
+        if bdat:
+            smtp.send(b"BDAT %d LAST\r\n" % len(body) + body)
+            return smtp.reply()
+        assert smtp.code("DATA") == 354
+        return smtp.message(body)
+
+
+@pytest_twisted.ensureDeferred
+async def test_dsn_passed_on_to_a_next_hop_that_offers_it(qpconn_server, tmp_path):
+    async with next_hop_qpconn(tmp_path) as hop:
+        server = front(qpconn_server, hop.address[1])
+        reply = await in_thread(
+            deliver,
+            server.address,
+            "<a@example.org> RET=HDRS ENVID=QQ+2B314",
+            ["<u@mx.test> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;u+40mx.test", "<v@mx.test>"],
+        )
+        assert reply.code == 250, reply
+        ((mail, rcpts, _),) = hop.factory.plugins[0].seen
+        assert mail["RET"] == "HDRS" and mail["ENVID"] == "QQ+2B314"
+        assert rcpts == [
+            ("u@mx.test", {"NOTIFY": "SUCCESS,DELAY", "ORCPT": "rfc822;u+40mx.test"}),
+            ("v@mx.test", {}),
+        ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_dsn_dropped_for_a_next_hop_without_it(qpconn_server):
+    with aiosmtpd_next_hop() as (recorder, controller):
+        server = front(qpconn_server, controller.port)
+        reply = await in_thread(
+            deliver, server.address, "<a@example.org> RET=FULL", ["<u@mx.test> NOTIFY=NEVER"]
+        )
+        assert reply.code == 250, reply
+        assert recorder.commands[1:3] == ["MAIL a@example.org", "RCPT u@mx.test"]
+        assert len(recorder.messages) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_smtputf8_forwarded_to_a_next_hop_that_offers_it(qpconn_server, tmp_path):
+    async with next_hop_qpconn(tmp_path) as hop:
+        server = front(qpconn_server, hop.address[1])
+        body = "Subject: Grüße\r\n\r\nü".encode()
+        reply = await in_thread(
+            deliver, server.address, "<jörg@example.org> SMTPUTF8", ["<用户@bücher.test>"], body
+        )
+        assert reply.code == 250, reply
+        ((mail, rcpts, stored),) = hop.factory.plugins[0].seen
+        assert "SMTPUTF8" in mail
+        assert rcpts == [("用户@bücher.test", {})]
+        assert stored == "ü\r\n".encode()
+
+
+@pytest_twisted.ensureDeferred
+async def test_smtputf8_to_a_next_hop_without_it_fails_permanently(qpconn_server):
+    with aiosmtpd_next_hop(enable_SMTPUTF8=False) as (recorder, controller):
+        server = front(qpconn_server, controller.port)
+        address = await in_thread(
+            deliver, server.address, "<jörg@example.org> SMTPUTF8", ["<u@mx.test>"]
+        )
+        header = await in_thread(
+            deliver, server.address, "<a@example.org> SMTPUTF8", ["<u@mx.test>"],
+            "Subject: Grüße\r\n\r\nx".encode(),
+        )
+        # Only a U-label domain: it goes on, as A-labels, without SMTPUTF8.
+        domain = await in_thread(
+            deliver, server.address, "<a@example.org> SMTPUTF8", ["<u@bücher.test>"]
+        )
+        assert (address.code, address.last[:5]) == (553, "5.6.7")
+        assert "does not support SMTPUTF8" in address.last
+        assert (header.code, header.last[:5]) == (554, "5.6.9")
+        assert domain.code == 250, domain
+        assert recorder.messages[-1].recipients == ["u@xn--bcher-kva.test"]
+        assert len(recorder.messages) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_binarymime_goes_on_with_bdat_or_fails(qpconn_server, tmp_path):
+    body = b"Subject: bin\r\n\r\n" + bytes(range(256)) + b"\r\n.\r\n"
+    async with next_hop_qpconn(tmp_path) as hop:
+        server = front(qpconn_server, hop.address[1])
+        reply = await in_thread(
+            deliver, server.address, "<a@example.org> BODY=BINARYMIME", ["<u@mx.test>"],
+            body, True,
+        )
+        assert reply.code == 250, reply
+        ((mail, _, stored),) = hop.factory.plugins[0].seen
+        assert mail["BODY"] == "BINARYMIME"
+        assert stored == bytes(range(256)) + b"\r\n.\r\n"
+    with aiosmtpd_next_hop() as (recorder, controller):
+        server = front(qpconn_server, controller.port)
+        reply = await in_thread(
+            deliver, server.address, "<a@example.org> BODY=BINARYMIME", ["<u@mx.test>"],
+            body, True,
+        )
+        assert (reply.code, reply.last[:5]) == (554, "5.6.3")
+        assert recorder.messages == []

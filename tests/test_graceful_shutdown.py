@@ -1,0 +1,109 @@
+"""SIGTERM to ``twistd -n qpconn``: stop accepting, finish messages in flight, 421 the rest.
+
+The server is a real separate process; the clients are raw sockets, one idle after EHLO
+and one halfway through its message text when the signal arrives.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.e2e_client import Client, ConnectionClosed
+from tests.support.process import free_port, twistd_command, wait_for_port
+
+
+def start(tmp_path: Path, grace: str) -> tuple[subprocess.Popen[bytes], int]:
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "me").write_text("mx.test\n")
+    (config / "rcpthosts").write_text("localhost\n")
+    (config / "plugins").write_text(f"rcpt_ok\nqueue/maildir {tmp_path / 'maildir'}\n")
+    (config / "shutdown_timeout").write_text(f"{grace}\n")
+    port = free_port()
+    command = twistd_command(
+        "qpconn", "--listen", f"tcp:{port}:interface=127.0.0.1", "--config", str(config),
+        "--no-rdns",
+    )  # fmt: skip
+    log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - the child keeps it
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    wait_for_port(port, process)
+    return process, port
+
+
+@pytest.fixture
+def reaper() -> list[subprocess.Popen[bytes]]:
+    processes: list[subprocess.Popen[bytes]] = []
+    yield processes
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=5)
+
+
+def in_data(port: int) -> Client:
+    client = Client(("127.0.0.1", port), timeout=10)
+    assert client.cmd("EHLO client.test").code == 250
+    assert client.cmd("MAIL FROM:<a@example.org>").code == 250
+    assert client.cmd("RCPT TO:<user@localhost>").code == 250
+    assert client.cmd("DATA").code == 354
+    client.send(b"Subject: in flight\r\n\r\nfirst half\r\n")
+    return client
+
+
+def refused(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+            return sock.recv(100) == b""
+    except OSError:
+        return True
+
+
+def test_message_in_flight_finishes_and_idle_sessions_get_421(tmp_path, reaper):
+    process, port = start(tmp_path, "20")
+    reaper.append(process)
+    sending = in_data(port)
+    idle = Client(("127.0.0.1", port), timeout=10)
+    assert idle.cmd("EHLO idle.test").code == 250
+    time.sleep(0.2)  # both sessions are established server-side
+    process.send_signal(signal.SIGTERM)
+    # The idle session is told at once, and closed.
+    reply = idle.reply()
+    assert reply.code == 421 and reply.text == "4.3.2 mx.test Service shutting down"
+    assert idle.is_closed()
+    # No new sessions are accepted...
+    assert refused(port)
+    # ...but the message being sent is still taken, stored, and acknowledged.
+    reply = sending.message(b"second half")
+    assert reply.code == 250, reply
+    after = sending.reply()
+    assert after.code == 421
+    assert sending.is_closed()
+    assert process.wait(timeout=10) in (0, -signal.SIGTERM)  # twistd re-raises the signal
+    (name,) = os.listdir(tmp_path / "maildir" / "new")
+    stored = (tmp_path / "maildir" / "new" / name).read_bytes()
+    assert stored.endswith(b"\r\n\r\nfirst half\r\nsecond half\r\n")
+
+
+def test_grace_period_ends_with_421_and_nothing_stored(tmp_path, reaper):
+    process, port = start(tmp_path, "1")
+    reaper.append(process)
+    sending = in_data(port)
+    time.sleep(0.2)
+    began = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    reply = sending.reply()  # the client never finishes its message
+    waited = time.monotonic() - began
+    assert reply.code == 421
+    assert 0.8 < waited < 8
+    with pytest.raises((ConnectionClosed, OSError)):
+        sending.cmd("NOOP")
+    assert process.wait(timeout=10) in (0, -signal.SIGTERM)  # twistd re-raises the signal
+    assert os.listdir(tmp_path / "maildir" / "new") == []

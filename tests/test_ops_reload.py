@@ -1,0 +1,109 @@
+"""SIGHUP reloads the config directory of a running ``twistd qpconn``."""
+
+from __future__ import annotations
+
+import smtplib
+import urllib.request
+
+import pytest
+
+from qpconn.pytest_plugin import qpconn_start  # noqa: F401 - the fixture
+from tests.support.process import free_port
+
+
+def write(directory, **files: str) -> None:
+    for name, text in files.items():
+        (directory / name).write_text(text)
+
+
+@pytest.fixture
+def config(tmp_path):
+    directory = tmp_path / "config"
+    directory.mkdir()
+    write(
+        directory,
+        me="mx.test\n",
+        rcpthosts="mx.test\n",
+        smtpgreeting="first set\n",
+        badmailfrom="spam@example.org\n",
+        plugins="rcpt_ok\nqueue/maildir ./store\n",
+    )
+    return directory
+
+
+def connect(address: tuple[str, int]) -> tuple[smtplib.SMTP, bytes]:
+    smtp = smtplib.SMTP(timeout=10)
+    code, text = smtp.connect(*address)
+    assert code == 220
+    smtp.ehlo("client.test")
+    return smtp, text
+
+
+def test_sighup_new_sessions_get_the_new_set_sessions_in_flight_keep_theirs(
+    qpconn_start, config, tmp_path  # noqa: F811
+):
+    metrics_port = free_port()
+    server = qpconn_start(config, "--metrics", f"tcp:{metrics_port}:interface=127.0.0.1")
+    old, banner = connect(server.address)
+    assert banner.startswith(b"first set")
+
+    plugins = "badmailfrom\nrcpt_ok\nqueue/maildir ./store\n"
+    write(config, smtpgreeting="second set\n", plugins=plugins)
+    server.reload()
+    log = server.wait_for_log("reloaded ")
+    assert f"reloaded {config}: 3 plugins (badmailfrom rcpt_ok queue/maildir)" in log
+
+    new, banner = connect(server.address)
+    assert banner.startswith(b"second set")
+    assert new.mail("spam@example.org")[0] == 550
+    new.quit()
+
+    # The session that started before the reload finishes with the plugins it started with.
+    assert old.mail("spam@example.org")[0] == 250
+    assert old.rcpt("user@mx.test")[0] == 250
+    assert old.data(b"Subject: in flight\r\n\r\nbody\r\n")[0] == 250
+    old.quit()
+    assert len(list((tmp_path / "store" / "new").iterdir())) == 1
+
+    # The metrics carry on across the reload and see the new plugin.
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as page:
+        text = page.read().decode()
+    assert 'qpconn_hook_results_total{hook="mail",plugin="badmailfrom",result="DENY"} 1.0' in text
+    # the start-up probe and the two sessions (at least: one probe per start attempt)
+    (total,) = [line for line in text.splitlines() if line.startswith("qpconn_connections_total")]
+    assert float(total.split()[1]) >= 3
+
+
+@pytest.mark.parametrize(
+    ("files", "reason"),
+    [
+        pytest.param(
+            {"plugins": "no_such_plugin\n"}, "plugin no_such_plugin: no such plugin", id="plugin"
+        ),
+        pytest.param({"databytes": "huge\n"}, "databytes: 'huge' is not a whole number", id="int"),
+    ],
+)
+def test_a_bad_config_is_refused_with_its_reason_and_the_old_one_stays(
+    qpconn_start, config, files, reason  # noqa: F811
+):
+    write(config, plugins="badmailfrom\nrcpt_ok\nqueue/maildir ./store\n")
+    server = qpconn_start(config)
+    write(config, smtpgreeting="never used\n", **files)
+    server.reload()
+    log = server.wait_for_log("reload refused")
+    assert f"reload refused, keeping the running configuration: {reason}" in log
+    assert server.process.poll() is None
+
+    smtp, banner = connect(server.address)
+    assert banner.startswith(b"first set")  # the running config, not the half-edited one
+    assert smtp.mail("spam@example.org")[0] == 550
+    smtp.quit()
+
+    # Once the directory is fixed, the next SIGHUP takes it.
+    write(config, plugins="rcpt_ok\nqueue/maildir ./store\n", databytes="1000\n")
+    server.reload()
+    server.wait_for_log("reloaded ")
+    smtp, banner = connect(server.address)
+    assert banner.startswith(b"never used")
+    assert smtp.mail("spam@example.org")[0] == 250
+    smtp.quit()

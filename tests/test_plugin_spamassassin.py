@@ -1,0 +1,150 @@
+"""spamassassin end to end: a real qpconn talking the spamd protocol to Debian's real spamd
+(when installed) and to a small spamd-protocol server on loopback (TCP and unix socket)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+import pytest_twisted
+
+from qpconn.config import Config
+from qpconn.plugins import PluginLoadError, load_plugin
+from tests.e2e_client import watch_errors
+from tests.support.mail import header_fields
+from tests.support.policy import send_message, sessions_plugin
+from tests.support.scanners import GTUBE, SpamdTestServer, start_real_spamd
+from tests.support.server import in_thread
+
+HAM = b"From: a@example.org\r\nSubject: lunch\r\n\r\nSee you at noon.\r\n"
+SPAM = b"From: a@example.org\r\nSubject: offer\r\n\r\ncheap pills, act now\r\n"
+GTUBE_MAIL = b"From: a@example.org\r\nSubject: test\r\n\r\n" + GTUBE + b"\r\n"
+
+
+@pytest.fixture(autouse=True)
+def errors() -> Iterator[list[dict[str, Any]]]:
+    yield from watch_errors()
+
+
+@pytest_twisted.async_yield_fixture
+async def spamd() -> AsyncIterator[SpamdTestServer]:
+    server = SpamdTestServer()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture(scope="module")
+def real_spamd(tmp_path_factory: Any) -> Iterator[str]:
+    started = start_real_spamd(str(tmp_path_factory.mktemp("spamd")))
+    if started is None:
+        pytest.skip("Debian's spamd is not installed (apt-get install spamd)")
+    process, address = started
+    yield address
+    process.terminate()
+    process.wait(10)
+
+
+def start(qpconn_server: Any, line: str) -> Any:
+    recorder = sessions_plugin()
+    server = qpconn_server(plugins=["rcpt_ok", line, "queue/maildir maildir", recorder])
+    server.extra["sessions"] = recorder
+    return server
+
+
+async def deliver(server: Any, text: bytes) -> Any:
+    replies = await in_thread(
+        send_message, server.address, "127.0.0.2", "a@example.org", "u@mx.test", text
+    )
+    await server.wait_sessions_closed()
+    return replies[-1]
+
+
+def spam_fields(message: bytes) -> list[bytes]:
+    return [f for f in header_fields(message) if f.startswith(b"X-Spam-")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_scores_land_in_x_spam_headers(qpconn_server, spamd):
+    server = start(qpconn_server, f"spamassassin spamd_socket {spamd.address} spamd_user mail")
+    forged = b"X-Spam-Status: No, score=-100\r\nX-Spam-Flag: NO\r\n" + SPAM
+    for text in (HAM, forged):
+        assert (await deliver(server, text)).code == 250
+    ham, spam = server.messages()
+    assert spam_fields(ham) == [b"X-Spam-Status: No, score=0.0 required=5.0 tests=none",
+                                b"X-Spam-Level: "]  # fmt: skip
+    assert spam_fields(spam) == [
+        b"X-Spam-Flag: YES",
+        b"X-Spam-Status: Yes, score=5.5 required=5.0 tests=DRUGS_CHEAP,URGENT",
+        b"X-Spam-Level: *****",
+    ]
+    command, headers, body = spamd.received[1]
+    assert command == "SYMBOLS SPAMC/1.5" and headers["user"] == "mail"
+    assert body.startswith(b"Received: from ") and b"\r\n\r\ncheap pills, act now\r\n" in body
+    assert b"score=-100" not in body  # the forged field was removed before the scan
+    verdicts = [server.extra["sessions"].of("spamassassin", n)[0] for n in (0, 1)]
+    assert [(v["result"], v["reason"]) for v in verdicts] == [
+        ("ham", "score 0 required 5"), ("spam", "score 5.5 required 5")]  # fmt: skip
+
+
+@pytest_twisted.ensureDeferred
+async def test_reject_threshold(qpconn_server, spamd):
+    server = start(qpconn_server, f"spamassassin spamd_socket {spamd.address} reject_threshold 5")
+    reply = await deliver(server, SPAM)
+    assert (reply.code, reply.text) == (550, "5.7.1 Spam score 5.5 exceeds the threshold")
+    assert (await deliver(server, HAM)).code == 250
+    assert len(server.messages()) == 1
+
+
+@pytest.mark.parametrize("mode", ["hang", "error", "garbage", "down"])
+@pytest_twisted.ensureDeferred
+async def test_a_failing_spamd_gives_the_configured_action(qpconn_server, spamd, mode):
+    spamd.mode = mode
+    address = spamd.address
+    if mode == "down":
+        await spamd.stop()
+    line = f"spamassassin spamd_socket {address} timeout 0.5"
+    began = time.monotonic()
+    server = start(qpconn_server, line)
+    assert (await deliver(server, SPAM)).code == 250
+    (message,) = server.messages()
+    assert spam_fields(message) == []
+    server = start(qpconn_server, line + " on_error tempfail")
+    reply = await deliver(server, SPAM)
+    assert (reply.code, reply.text) == (451, "4.7.1 Spam scanner unavailable; try again later")
+    assert time.monotonic() - began < 8  # without the 0.5 s timeout: 2 x 10.5 s (the hook limit)
+    (verdict,) = server.extra["sessions"].of("spamassassin")
+    assert (verdict["result"], verdict["action"]) == ("temperror", "tempfail")
+
+
+@pytest_twisted.ensureDeferred
+async def test_unix_socket_and_max_size(qpconn_server, tmp_path):
+    spamd = SpamdTestServer(str(tmp_path / "spamd.sock"))
+    try:
+        server = start(qpconn_server, f"spamassassin spamd_socket {spamd.address}")
+        assert (await deliver(server, SPAM)).code == 250
+        assert b"X-Spam-Flag: YES" in header_fields(server.messages()[0])
+        server = start(qpconn_server, f"spamassassin spamd_socket {spamd.address} max_size 100")
+        assert (await deliver(server, SPAM + b"x" * 100)).code == 250
+        assert len(spamd.received) == 1
+    finally:
+        await spamd.stop()
+
+
+def test_arguments():
+    for args in (("spamd_socket", "nowhere"), ("on_error", "maybe"), ("timeout", "x"),
+                 ("spamd_user", "a b;c")):  # fmt: skip
+        with pytest.raises(PluginLoadError):
+            load_plugin(Config(None), "spamassassin", *args)
+
+
+@pytest_twisted.ensureDeferred
+async def test_debians_spamd_flags_gtube(qpconn_server, real_spamd):
+    server = start(qpconn_server, f"spamassassin spamd_socket {real_spamd} reject_threshold 100")
+    reply = await deliver(server, GTUBE_MAIL)
+    assert reply.code == 550 and reply.text.startswith("5.7.1 Spam score 10")
+    assert (await deliver(server, HAM)).code == 250
+    (message,) = server.messages()
+    status = next(f for f in spam_fields(message) if f.startswith(b"X-Spam-Status"))
+    assert b"required=5.0" in status and b"GTUBE" not in status
