@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = [
     "DSNError",
@@ -29,6 +30,7 @@ __all__ = [
     "mail_dsn",
     "rcpt_dsn",
     "NOTIFY_VALUES",
+    "wants_failure_notice",
 ]
 
 NOTIFY_VALUES = frozenset({"SUCCESS", "FAILURE", "DELAY"})
@@ -193,3 +195,13 @@ def forward_mail_params(params: dict[str, str | None]) -> list[str]:
 def forward_rcpt_params(params: dict[str, str | None]) -> list[str]:
     """NOTIFY and ORCPT as the client sent them, for a next hop that offers DSN."""
     return [f"{key}={params[key]}" for key in ("NOTIFY", "ORCPT") if params.get(key)]
+
+
+def wants_failure_notice(transaction: Any, path: str) -> bool:
+    """Whether the recipient written ``path`` (``<addr>`` as sent on) wants a failure DSN:
+    yes unless its NOTIFY was given without FAILURE (NEVER, or SUCCESS/DELAY only)."""
+    for rcpt in transaction.recipients:
+        if rcpt.format() == path or rcpt.address == path.strip("<>"):
+            notify = rcpt_dsn(rcpt.params).notify
+            return notify is None or "FAILURE" in notify
+    return True

@@ -33,13 +33,13 @@ def set_recipient_reply(transaction: Any, recipient: Any, reply: str) -> None:
 def recipient_replies(transaction: Any, overall: Reply) -> list[Reply]:
     """One reply per recipient, in RCPT order: its own if a plugin set one, else ``overall``.
 
-    A reply a plugin set is only honoured when the message itself was accepted: a
-    refusal of the whole message (``data_post``, a size limit) applies to everyone.
+    Replies are normally set by the queue hook, the last to run; a message refused
+    before it (size, ``data_post``) leaves none, so that refusal goes to everyone.
     """
     own: dict[str, str] = transaction.notes.get(NOTE) or {}
     replies = []
     for rcpt in transaction.recipients:
-        text = own.get(rcpt.address) if overall.code < 300 else None
+        text = own.get(rcpt.address)
         if text is None:
             replies.append(overall)
             continue

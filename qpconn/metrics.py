@@ -189,6 +189,22 @@ class ServerMetrics:
             self.rejections.labels(str(event.get("hook")), reply_class(code)).inc()
 
 
+class _MetricsService(StreamServerEndpointService):
+    """Collects while it runs: observers are attached on start and removed on stop, so a
+    stopped server (or a finished test) leaves nothing behind in the log publisher."""
+
+    metrics: ServerMetrics
+
+    def startService(self) -> None:
+        if self.metrics._publisher is None:
+            self.metrics.attach()
+        super().startService()
+
+    def stopService(self) -> Any:
+        self.metrics.detach()
+        return super().stopService()
+
+
 class MetricsResource(Resource):
     """``GET`` anything: the Prometheus text exposition (rendered in the reactor: cheap)."""
 
@@ -213,10 +229,11 @@ def metrics_service(
     """
     from twisted.internet import reactor
 
-    metrics = getattr(factory, "metrics", None) or ServerMetrics(factory).attach()
+    metrics = getattr(factory, "metrics", None) or ServerMetrics(factory)
     site = Site(MetricsResource(metrics))
     site.noisy = False
-    service = StreamServerEndpointService(serverFromString(reactor, endpoint), site)
+    service = _MetricsService(serverFromString(reactor, endpoint), site)
+    service.metrics = metrics
     service._raiseSynchronously = True
     service.setName("qpconn-metrics")
     if parent is not None:

@@ -59,7 +59,7 @@ class QpconnProcess:
         """Everything the server has logged so far."""
         return self.log_path.read_text(encoding="utf-8", errors="replace")
 
-    def wait_for_log(self, text: str, timeout: float = 10.0) -> str:
+    def wait_for_log(self, text: str, timeout: float = 30.0) -> str:
         """Block until ``text`` appears in the log (or fail after ``timeout`` seconds)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

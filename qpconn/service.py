@@ -17,6 +17,7 @@ from qpconn.config import Config
 from qpconn.loglevel import parse_level, set_level
 from qpconn.plugins import Plugin
 from qpconn.server.factory import SMTPFactory
+from qpconn.server.lmtp import LMTP_PREFIX, LMTPListenerFactory
 from qpconn.server.peerinfo import LookupSettings
 from qpconn.server.protocol import SMTPServerProtocol
 from qpconn.server.proxy import ProxySettings
@@ -80,12 +81,18 @@ def make_service(
 
     Endpoint strings are Twisted's (``tcp:25``, ``tcp6:2525:interface=\\:\\:1``,
     ``unix:/run/qpconn.sock``, ``ssl:465:privateKey=...``, ``systemd:domain=INET:index=0``).
+    Prefixed with ``lmtp:`` (``lmtp:tcp:2424``) a listener speaks LMTP (RFC 2033).
     Every listener shares the factory, so a ``proxy`` policy applies to all of them.
     A malformed endpoint string raises ValueError before anything else is set up.
     """
     from twisted.internet import reactor
 
-    endpoints = [serverFromString(reactor, description) for description in listen]
+    # "lmtp:ENDPOINT" speaks LMTP on that endpoint (qpconn.server.lmtp).
+    endpoints = [
+        (serverFromString(reactor, description.removeprefix(LMTP_PREFIX)),
+         description.startswith(LMTP_PREFIX))
+        for description in listen
+    ]  # fmt: skip
     factory = make_factory(
         config_dir,
         hostname=hostname,
@@ -103,8 +110,9 @@ def make_service(
     top.setName("qpconn")
     # Stops with the listeners: lets messages in flight finish, then 421 (shutdown.py).
     GracefulShutdown(factory).setServiceParent(top)
-    for endpoint in endpoints:
-        listener = StreamServerEndpointService(endpoint, factory)
+    for endpoint, lmtp in endpoints:
+        serving = LMTPListenerFactory(factory) if lmtp else factory
+        listener = StreamServerEndpointService(endpoint, serving)
         # Fail start-up loudly (as strports.service does) when a port cannot be bound.
         listener._raiseSynchronously = True
         listener.setServiceParent(top)

@@ -419,7 +419,7 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
             214,
             [
                 f"2.0.0 This is {SOFTWARE}",
-                "Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP",
+                "Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP",
             ],
         )
 

@@ -18,7 +18,7 @@ class Options(usage.Options):
     """Options of ``twistd qpconn``."""
 
     synopsis = (
-        "[--listen ENDPOINT ...] [--config DIR] [--hostname NAME] "
+        "[--listen ENDPOINT ...] [--lmtp ENDPOINT ...] [--config DIR] [--hostname NAME] "
         "[--proxy-protocol [--proxy-from CIDR ...]]"
     )
     longdesc = (
@@ -68,6 +68,10 @@ class Options(usage.Options):
     def opt_listen(self, endpoint: str) -> None:
         """Twisted server endpoint string, repeatable [default: tcp:2525:interface=127.0.0.1]"""
         self["listen"].append(endpoint)
+
+    def opt_lmtp(self, endpoint: str) -> None:
+        """endpoint that speaks LMTP (RFC 2033), repeatable; same as --listen lmtp:ENDPOINT"""
+        self["listen"].append("lmtp:" + endpoint)
 
     def postOptions(self) -> None:
         """Build the service now, so that a bad config is a usage error, not a traceback.

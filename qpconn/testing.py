@@ -184,7 +184,12 @@ def _parse_replies(data: bytes) -> list[Reply]:
             continue
         lines.append(raw[4:].decode("utf-8", "replace"))
         if raw[3:4] != b"-":
-            replies.append(Reply(int(raw[:3]), lines if len(lines) > 1 else lines[0]))
+            reply = Reply(int(raw[:3]), lines)
+            if reply.enhanced:  # the wire repeats the enhanced code on every line
+                prefix = reply.enhanced + " "
+                rest = [line.removeprefix(prefix) for line in reply.lines[1:]]
+                reply = Reply(reply.code, [reply.lines[0], *rest], reply.enhanced)
+            replies.append(reply)
             lines = []
     return replies
 

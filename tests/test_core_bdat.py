@@ -190,3 +190,10 @@ def test_intermediate_replies_only_at_message_end() -> None:
     d = Driver()
     with pytest.raises(SessionError):
         d.session.send_intermediate(Reply(250, "x"))
+
+
+def test_more_octets_than_announced_are_read_as_the_next_command() -> None:
+    d = Driver()
+    events = d.feed(ENVELOPE + b"BDAT 3 LAST\r\nabcNOOP\r\n")
+    assert d.text() == b"abc"
+    assert isinstance(events[-2], ChunkEnd) and events[-1] == Command("NOOP")

@@ -8,6 +8,7 @@ import re
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from qpconn.core.bdat import ChunkEnd
 from qpconn.core.events import Command, MessageData, MessageEnd, ProtocolError
 from qpconn.core.reply import Reply
 from qpconn.core.session import NEED_DATA, PAUSED, Limits, ServerSession
@@ -30,6 +31,8 @@ COMMANDS = [
     b"VRFY postmaster",
     b"HELP",
     b"BDAT 10 LAST",
+    b"BDAT 3",
+    b"BDAT 0 LAST",
 ]
 PIECES = [
     b"\r\n",
@@ -74,7 +77,7 @@ streams = st.tuples(
 
 
 def answer(event, kind):
-    if isinstance(event, MessageEnd):
+    if isinstance(event, MessageEnd | ChunkEnd):
         stock = Reply(250, "2.0.0 queued")
     elif event.verb == "DATA":
         stock = Reply(354, "go ahead")
@@ -111,7 +114,7 @@ class Run:
                 self.events.append(event)
                 if isinstance(event, ProtocolError):
                     self.errors += 1
-                elif isinstance(event, Command | MessageEnd):
+                elif isinstance(event, Command | MessageEnd | ChunkEnd):
                     kind = answers[self.answered % len(answers)]
                     reply, close = answer(event, kind)
                     session.send(reply, close=close)
@@ -129,7 +132,7 @@ class Run:
                 continue
             if isinstance(event, ProtocolError):
                 out.append(("error", event.reply.code))
-            elif isinstance(event, MessageEnd):
+            elif isinstance(event, MessageEnd | ChunkEnd):
                 out.append((event, None if event.oversized else bytes(text)))
                 text.clear()
             else:

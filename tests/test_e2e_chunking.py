@@ -179,7 +179,8 @@ async def test_data_and_bdat_do_not_mix(qpconn_server):
     chunk, data, rcpt, rset, binary_data = await in_thread(client)
     assert chunk.code == 250
     assert (data.code, rcpt.code, rset.code) == (503, 503, 250)
-    assert (binary_data.code, binary_data.last) == (503, "5.5.1 Error: BODY=BINARYMIME requires BDAT")
+    assert binary_data.code == 503
+    assert binary_data.last == "5.5.1 Error: BODY=BINARYMIME requires BDAT"
 
 
 @pytest_twisted.ensureDeferred

@@ -62,10 +62,11 @@ async def test_utf8_message_with_smtplib(qpconn_server, tmp_path):
     received = next(f for f in fields if f.startswith(b"Received:"))
     assert b" with UTF8SMTP id " in received
     assert "Subject: Grüße".encode() in fields
-    assert body == "Hallo, Welt!\r\n".encode()
+    assert body == b"Hallo, Welt!\r\n"
     first = plugin_of(server, Seen).rcpts[0]
     # Both forms kept: as the client wrote it, and in A-labels for DNS and next hops.
-    assert (first.user, first.host, first.host_ascii) == ("用户", "bücher.test", "xn--bcher-kva.test")
+    assert (first.user, first.host) == ("用户", "bücher.test")
+    assert first.host_ascii == "xn--bcher-kva.test"
 
 
 @pytest_twisted.ensureDeferred
@@ -128,3 +129,22 @@ def test_received_words_for_every_combination() -> None:
     assert words == ["ESMTP", "UTF8SMTP", "UTF8SMTPS", "UTF8SMTPSA", "ESMTPSA", "LMTP",
                      "UTF8LMTPS"]
     txn.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_received_says_utf8smtps_after_starttls(qpconn_server, tmp_path):
+    from tests.support.tlscerts import make_pki
+
+    pki = make_pki(str(tmp_path / "pki"))
+    server = qpconn_server(files={"tls_cert": pki.cert, "tls_key": pki.key})
+
+    def client():
+        with smtplib.SMTP(*server.address, timeout=5) as smtp:
+            smtp.starttls(context=pki.client_context())
+            smtp.ehlo("client.test")
+            smtp.sendmail("jörg@example.org", ["ü@mx.test"], MESSAGE.encode(),
+                          mail_options=["SMTPUTF8"])  # fmt: skip
+
+    await in_thread(client)
+    (message,) = server.messages()
+    assert b" with UTF8SMTPS (" in message.replace(b"\r\n\t", b" ")

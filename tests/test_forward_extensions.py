@@ -14,7 +14,7 @@ import pytest_twisted
 
 from qpconn.plugins import Plugin
 from tests.e2e_client import Client
-from tests.support.nexthop import aiosmtpd_next_hop
+from tests.support.nexthop import Recorder, aiosmtpd_next_hop
 from tests.support.server import in_thread, start_server
 
 TEXT = b"Subject: on\r\n\r\nbody"
@@ -163,3 +163,28 @@ async def test_binarymime_goes_on_with_bdat_or_fails(qpconn_server, tmp_path):
         )
         assert (reply.code, reply.last[:5]) == (554, "5.6.3")
         assert recorder.messages == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_bounce_for_refused_recipients_honours_notify(qpconn_server):
+    refusal = "550 5.1.1 No such user"
+    recorder = Recorder(rcpt_replies={"gone@mx.test": refusal, "never@mx.test": refusal,
+                                      "quiet@mx.test": refusal})  # fmt: skip
+    with aiosmtpd_next_hop(recorder) as (hop, controller):
+        server = front(qpconn_server, controller.port)
+        rcpts = ["<user@mx.test>", "<gone@mx.test> NOTIFY=FAILURE", "<never@mx.test> NOTIFY=NEVER",
+                 "<quiet@mx.test> NOTIFY=SUCCESS,DELAY"]  # fmt: skip
+        reply = await in_thread(deliver, server.address, "<a@example.org>", rcpts)
+        assert reply.code == 250, reply
+        message, bounce = hop.messages
+        assert message.recipients == ["user@mx.test"]
+        assert b"Final-Recipient: rfc822; gone@mx.test" in bounce.content
+        assert b"never@mx.test" not in bounce.content
+        assert b"quiet@mx.test" not in bounce.content
+        # Nobody who failed wants to hear of it: no bounce at all.
+        reply = await in_thread(
+            deliver, server.address, "<a@example.org>",
+            ["<user@mx.test>", "<never@mx.test> NOTIFY=NEVER"],
+        )
+        assert reply.code == 250, reply
+        assert len(hop.messages) == 3

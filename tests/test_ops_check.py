@@ -125,3 +125,23 @@ def test_unknown_command_prints_usage_with_status_2(tmp_path):
     result = check(tmp_path, "frobnicate")
     assert result.returncode == 2
     assert "check" in result.stderr
+
+
+def test_the_example_in_running_md_is_what_check_prints(tmp_path):
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "running.md").read_text()
+    section = text[text.index("### Checking a config directory") :]
+    example = section.split("```\n", 3)[2].split("```")[0].splitlines()
+    config = tmp_path / "config"
+    config.mkdir()
+    plugins = [line.split(". ", 1)[1] for line in example if line.startswith("  ") and ". " in line]
+    maildir = str(tmp_path / "mail")
+    plugins = [line.replace("/var/mail/qpconn", maildir) for line in plugins]
+    (config / "plugins").write_text("\n".join(plugins) + "\n")
+    (config / "me").write_text("mx.example.com\n")
+    result = check(tmp_path, "check", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    expected = [line.replace("/etc/qpconn", str(config)).replace("/var/mail/qpconn", maildir)
+                for line in example]  # fmt: skip
+    assert result.stdout.splitlines() == expected

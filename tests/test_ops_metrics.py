@@ -65,7 +65,11 @@ async def test_scrape_during_and_after_a_session_counts_what_happened(qpconn_ser
     during, _ = await in_thread(client)
     await server.wait_sessions_closed()
     after = await in_thread(scrape, url)
+    assert server.factory.runner.observer is not None
     await service.stopService()
+    # a stopped metrics service leaves no observer behind
+    assert server.factory.runner.observer is None
+    assert server.factory.peer_info.observer is None
 
     assert value(during, "qpconn_connections_open") == 1
     assert value(during, "qpconn_connections_total") == 1
@@ -149,13 +153,15 @@ async def test_lookup_latency_and_timeouts_are_measured(qpconn_server):
     hanging_ident = start_ident_server("hang")
     try:
         urls, services = [], []
-        for dns_server, ident_server in ((dns, ident), (hanging_dns, hanging_ident)):
+        # generous timeouts where answers come, short ones where they never do
+        setups = ((dns, ident, 10.0), (hanging_dns, hanging_ident, 0.3))
+        for dns_server, ident_server, timeout in setups:
             lookups = LookupSettings(
                 dns_servers=[dns_server.address],
-                dns_timeout=0.3,
+                dns_timeout=timeout,
                 ident=True,
                 ident_port=ident_server.port,
-                ident_timeout=0.3,
+                ident_timeout=timeout,
             )
             server = qpconn_server(lookups=lookups)
             url, service = start_metrics(server)
@@ -174,7 +180,7 @@ async def test_lookup_latency_and_timeouts_are_measured(qpconn_server):
     assert value(fast, "qpconn_lookups_total", kind="rdns", outcome="ok") == 1
     assert value(fast, "qpconn_lookups_total", kind="ident", outcome="ok") == 1
     assert value(fast, "qpconn_lookup_duration_seconds_count", kind="rdns") == 1
-    assert value(fast, "qpconn_lookup_duration_seconds_sum", kind="rdns") < 0.3
+    assert 0 < value(fast, "qpconn_lookup_duration_seconds_sum", kind="rdns") < 10
     assert value(late, "qpconn_lookups_total", kind="rdns", outcome="timeout") == 1
     assert value(late, "qpconn_lookups_total", kind="ident", outcome="timeout") == 1
     assert value(late, "qpconn_lookup_duration_seconds_sum", kind="ident") >= 0.3

@@ -6,6 +6,7 @@ import smtplib
 import urllib.request
 
 import pytest
+import pytest_twisted
 
 from qpconn.pytest_plugin import qpconn_start  # noqa: F401 - the fixture
 from tests.support.process import free_port
@@ -107,3 +108,52 @@ def test_a_bad_config_is_refused_with_its_reason_and_the_old_one_stays(
     assert banner.startswith(b"never used")
     assert smtp.mail("spam@example.org")[0] == 250
     smtp.quit()
+
+
+def test_a_frozen_config_ignores_later_edits_and_new_files(tmp_path):
+    from qpconn.config import Config
+
+    (tmp_path / "timeout").write_text("60\n")
+    (tmp_path / "blob").write_bytes(b"\xff\xfe not text")
+    config = Config(tmp_path)
+    config.freeze()
+    (tmp_path / "timeout").write_text("5\n")
+    (tmp_path / "smtpgreeting").write_text("new file\n")
+    assert config.get("timeout") == "60"
+    assert config.get("smtpgreeting") is None
+    assert Config(tmp_path).get("smtpgreeting") == "new file"  # an unfrozen one reads it
+    with pytest.raises(UnicodeDecodeError):  # not text: read (and refused) when asked for
+        config.lines("blob")
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_tac_recipe_reloads_on_sighup_in_process(tmp_path, config):
+    """docs/running.md's .tac lines: ReloadOnSignal and metrics_service on make_service."""
+    import os
+    import signal
+
+    from twisted.internet import reactor, task
+
+    from qpconn.metrics import metrics_service
+    from qpconn.reload import ReloadOnSignal
+    from qpconn.service import make_service
+
+    top = make_service(["tcp:0:interface=127.0.0.1"], str(config))
+    top.factory.config.freeze()
+    ReloadOnSignal(top.factory).setServiceParent(top)
+    metrics_service("tcp:0:interface=127.0.0.1", top.factory, top)
+    before = signal.getsignal(signal.SIGHUP)
+    top.startService()
+    try:
+        old_runner = top.factory.runner
+        write(config, plugins="badmailfrom\nrcpt_ok\nqueue/maildir ./store\n")
+        os.kill(os.getpid(), signal.SIGHUP)
+        for _ in range(200):  # the handler hands the reload to the reactor
+            if top.factory.runner is not old_runner:
+                break
+            await task.deferLater(reactor, 0.01, lambda: None)
+        assert [p.name for p in top.factory.plugins] == ["badmailfrom", "rcpt_ok", "queue/maildir"]
+        assert top.factory.runner.observer is not None  # metrics carried over
+    finally:
+        await top.stopService()
+    assert signal.getsignal(signal.SIGHUP) is before

@@ -145,3 +145,16 @@ async def test_naughty_stages(qpconn_server, stage, expected):
     refusal = next(r for r in replies if r.code >= 550)
     assert refusal.text == "5.7.1 HELO name bad.test is not accepted here"
     assert server.messages() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_greylisting_deferrals_are_not_held_against_a_new_sender(qpconn_server):
+    rcpts = [f"RCPT TO:<u{n}@mx.test>" for n in range(3)]
+    commands = ["EHLO c.test", "MAIL FROM:<a@example.org>", *rcpts]
+    server = start(qpconn_server, "karma", "greylisting")
+    assert codes(await run(server, "127.0.0.2", commands)) == [220, 250, 250, 450, 450, 450]
+    assert history(server, "127.0.0.2") is None  # nothing scored
+    assert codes(await run(server, "127.0.0.2", [])) == [220]
+    server = start(qpconn_server, "karma ignore none", "greylisting")
+    await run(server, "127.0.0.3", commands)
+    assert history(server, "127.0.0.3") == (0, 3, 1)

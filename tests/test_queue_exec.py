@@ -222,3 +222,14 @@ def test_command_is_found_on_the_path():
     assert os.path.isabs(plugin.command[0]) and plugin.command[1:] == ["-c", "cat"]
 
 
+
+
+def test_placeholders_are_filled_in_one_pass():
+    from qpconn.address import Address
+    from qpconn.transaction import Transaction
+
+    plugin = load_plugin(Config(None), "queue/exec", "sh", "-f%s", "%i", "--", "%r")
+    txn = Transaction(None, id="Q1")
+    txn.sender = Address.parse("<x%i@example.org>")
+    txn.recipients = [Address.parse("<a@mx.test>"), Address.parse("<b@mx.test>")]
+    assert plugin.argv(txn)[1:] == ["-fx%i@example.org", "Q1", "--", "a@mx.test", "b@mx.test"]

@@ -8,6 +8,7 @@ or drop the connection in the middle of DATA.
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -106,7 +107,12 @@ async def test_sequential_messages_share_one_connection(qpconn_server):
         assert len(hop.messages) == 5
         assert len(hop.hellos) == 1
         assert hop.commands.count("RSET") == 4
-        assert server.factory.plugins[-1].pool.opened == 1
+        pool = server.factory.plugins[-1].pool
+        assert pool.opened == 1
+        # Small command writes must not wait for delayed ACKs (Nagle): ~40 ms a message.
+        ((client, _),) = pool._idle
+        handle = client.protocol.transport.getHandle()
+        assert handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
 
 
 @pytest_twisted.ensureDeferred

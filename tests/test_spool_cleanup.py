@@ -127,3 +127,23 @@ async def test_stale_spool_files_of_dead_processes_are_removed_at_start(qpconn_s
     assert code == 221
     assert clean_stale_spool(str(spool)) == []
     assert clean_stale_spool(str(tmp_path / "missing")) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_spool_removed_by_rset_between_bdat_chunks(qpconn_server, tmp_path):
+    server = spool_server(qpconn_server, tmp_path)
+
+    def session() -> None:
+        with Client(server.address) as client:
+            assert "CHUNKING" in client.cmd("EHLO client.test").lines
+            assert client.cmd("MAIL FROM:<a@example.org>").code == 250
+            assert client.cmd("RCPT TO:<user@mx.test>").code == 250
+            client.send(b"BDAT %d\r\n" % len(BIG) + BIG)
+            assert client.reply().code == 250
+            assert wait_for(lambda: len(spooled(tmp_path)) == 1)
+            assert client.cmd("RSET").code == 250
+            assert spooled(tmp_path) == []
+            client.cmd("QUIT")
+
+    await in_thread(session)
+    assert spooled(tmp_path) == [] and server.messages() == []

@@ -41,6 +41,7 @@ from qpconn.client.extensions import (
 )
 from qpconn.client.pool import STARTTLS_MODES, ConnectionPool, Destination
 from qpconn.client.smtp import ClientReply, NextHopError, SMTPClient
+from qpconn.lmtp import set_recipient_reply
 from qpconn.plugins import Plugin
 from qpconn.results import DONE, OK, Result
 
@@ -217,7 +218,13 @@ class ForwardingQueue(Plugin):
         return " ".join(params)
 
     def lmtp_verdict(self, txn: Any, results: list[tuple[str, ClientReply]]) -> Verdict:
-        """Rule 6 for LMTP's one reply per recipient."""
+        """Rule 6 for LMTP's one reply per recipient.
+
+        Each recipient's own reply is also kept (qpconn.lmtp), so when our client speaks
+        LMTP to us it learns exactly who got the message: no duplicate on its retry.
+        """
+        for rcpt, reply in results:
+            set_recipient_reply(txn, rcpt.strip("<>"), _reply_line(reply))
         delivered = [rcpt for rcpt, reply in results if reply.positive]
         temporary = [(rcpt, reply) for rcpt, reply in results if reply.temporary]
         permanent = [(rcpt, reply) for rcpt, reply in results if reply.permanent]
@@ -226,7 +233,8 @@ class ForwardingQueue(Plugin):
             texts = "; ".join(sorted({reply.text for _, reply in results}))
             return OK, f"2.0.0 Queued as {txn.id} ({self.destination.label} said: {texts})"
         if temporary:
-            if delivered:
+            lmtp_client = txn.connection is not None and txn.connection.notes.get("lmtp")
+            if delivered and not lmtp_client:  # over LMTP each recipient hears its own
                 self.log.error(
                     "{queue_id} LMTP {count}; the client is told to retry, so {rcpts} "
                     "will receive a duplicate",

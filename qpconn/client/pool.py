@@ -116,6 +116,11 @@ class ConnectionPool:
             raise NextHopError(f"cannot connect to {dest.label}: {_describe(exc)}") from exc
         self.opened += 1
         self._watch_shutdown()
+        # Commands and the final dot are small writes after larger ones: with Nagle's
+        # algorithm each waits for the peer's delayed ACK (~40 ms a message).
+        set_nodelay = getattr(protocol.transport, "setTcpNoDelay", None)
+        if set_nodelay is not None:
+            set_nodelay(True)
         client = SMTPClient(protocol, lmtp=dest.lmtp, label=dest.label)
         try:
             await client.greet(self.helo)

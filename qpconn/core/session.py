@@ -134,7 +134,8 @@ def _error(code: int, text: str) -> Reply:
 class ServerSession(TLSAuthRules, ChunkingRules):
     """The server side of one SMTP session, fed with bytes, answered with replies.
 
-    STARTTLS and the SASL exchange of AUTH follow the rules in :mod:`qpconn.core.tls_auth`.
+    STARTTLS and the SASL exchange of AUTH follow the rules in :mod:`qpconn.core.tls_auth`;
+    BDAT chunks (CHUNKING) and LMTP's LHLO those in :mod:`qpconn.core.bdat`.
     """
 
     def __init__(self, limits: Limits | None = None) -> None:

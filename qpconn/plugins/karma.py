@@ -16,7 +16,12 @@ connection and written once per connection that scored, each time in the reactor
 thread pool with a fresh SQLite connection, so several server processes may share it.
 If the file cannot be used the plugin logs a warning and judges nobody.
 
-Arguments: ``db PATH``, ``negative N``, ``penalty_days N``, ``reject 1|0|naughty``.
+Refusals by the plugins named in ``ignore`` (comma-separated, default ``greylisting``) do
+not count either: a deferral every new sender gets says nothing bad about it, and
+counting one per greylisted recipient would keep out the very retry greylisting asks for.
+
+Arguments: ``db PATH``, ``negative N``, ``penalty_days N``, ``reject 1|0|naughty``,
+``ignore NAME,...``.
 """
 
 from __future__ import annotations
@@ -73,7 +78,8 @@ class Karma(Plugin):
         options = parse_options(
             self.name,
             args,
-            {"db": "", "negative": "3", "penalty_days": "1", "reject": "1"},
+            {"db": "", "negative": "3", "penalty_days": "1", "reject": "1",
+             "ignore": "greylisting"},
             {"reject": ("0", "1", "naughty")},
             numbers=["negative", "penalty_days"],
         )
@@ -82,6 +88,7 @@ class Karma(Plugin):
         self.negative = float(options["negative"])
         self.penalty = float(options["penalty_days"]) * DAY
         self.policy = RejectPolicy(reject=options["reject"], reject_type="temp")
+        self.ignore = frozenset(name for name in options["ignore"].split(",") if name)
 
     def _now(self) -> float:
         return float(self.server.clock.seconds())
@@ -115,7 +122,7 @@ class Karma(Plugin):
     def hook_deny(
         self, transaction: Any, plugin: Any, hook: Any, result: Any, message: Any
     ) -> None:
-        if plugin == self.name or self._own_mark(transaction, message):
+        if plugin == self.name or plugin in self.ignore or self._own_mark(transaction, message):
             return
         self._score(transaction, "bad")
 

@@ -25,6 +25,7 @@ from typing import Any
 import spf
 
 from qpconn import authresults
+from qpconn.address import Address
 from qpconn.checks import parse_options
 from qpconn.dns import TYPES
 from qpconn.plugins import Plugin
@@ -124,7 +125,10 @@ class SenderPermittedFrom(Plugin):
         if sender.is_null:
             identity, domain, address = "helo", helo, helo
         else:
-            identity, domain, address = "mailfrom", sender.domain or "", sender.address
+            # SMTPUTF8: SPF works on the A-label domain (what DNS holds).
+            ascii_host = (sender.host_ascii or "").lower()
+            address = Address(sender.user, ascii_host).address if ascii_host else sender.address
+            identity, domain = "mailfrom", ascii_host
         bridge = dns_bridge(self.server)
         result, explanation = await run_in_pool(
             "auth", self.check, bridge, conn.remote_ip, "" if sender.is_null else address, helo

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from qpconn.core.bdat import ChunkEnd
 from qpconn.core.events import MessageEnd
 from qpconn.core.reply import Reply
 from qpconn.core.session import State
@@ -120,11 +121,14 @@ class SessionGuard:
             )
             self.session.send_unsolicited(Reply(421, f"4.7.0 {self.me} Too many errors"))
 
-    def after_reply(self, answered: Command | MessageEnd | None, reply: Reply) -> None:
+    def after_reply(self, answered: Command | MessageEnd | ChunkEnd | None, reply: Reply) -> None:
         """Book-keeping once a reply went out: the error count and the phase's timeout."""
         if self.session.closed:
             return
-        if isinstance(answered, MessageEnd) and 200 <= reply.code < 300:
+        delivered = isinstance(answered, MessageEnd) or (
+            isinstance(answered, ChunkEnd) and answered.last  # BDAT ... LAST
+        )
+        if delivered and 200 <= reply.code < 300:
             self.errors = 0
         elif 500 <= reply.code < 600:
             self.count_error()

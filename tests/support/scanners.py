@@ -195,8 +195,8 @@ def start_real_spamd(directory: str) -> tuple[subprocess.Popen[bytes], str] | No
                f"--pidfile={directory}/spamd.pid"]  # fmt: skip
     if os.geteuid() == 0:
         command.append("--username=nobody")
-    log = open(os.path.join(directory, "spamd.log"), "wb")  # noqa: SIM115 - kept by the process
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    with open(os.path.join(directory, "spamd.log"), "wb") as log:  # the child keeps its copy
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -30,6 +30,7 @@ The process runs under the reactor (``spawnProcess``): other sessions go on mean
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from typing import Any
 
@@ -46,6 +47,7 @@ __all__ = ["Exec"]
 #: how much of the command's output is kept for the log
 MAX_OUTPUT = 4096
 OPTIONS = ("timeout", "tempfail", "crlf")
+_PLACEHOLDER = re.compile(r"%[si]")
 
 
 class _Child(ProcessProtocol):
@@ -103,12 +105,13 @@ class Exec(Plugin):
         """The command line for one message, placeholders filled in."""
         sender = transaction.sender.address if transaction.sender is not None else ""
         rcpts = [rcpt.address for rcpt in transaction.recipients]
+        values = {"%s": sender, "%i": transaction.id}
         out: list[str] = []
         for arg in self.command:
             if arg == "%r":
                 out.extend(rcpts)
-            else:
-                out.append(arg.replace("%s", sender).replace("%i", transaction.id))
+            else:  # one pass: a sender containing "%i" stays as it is
+                out.append(_PLACEHOLDER.sub(lambda match: values[match.group(0)], arg))
         return out
 
     async def hook_queue(self, transaction: Any) -> tuple[Result, str]:

@@ -20,6 +20,7 @@ from typing import Any
 from qpconn.client.dsn import build_dsn
 from qpconn.client.forward import ForwardingQueue, Verdict
 from qpconn.client.smtp import ClientReply, NextHopError, SMTPClient
+from qpconn.dsn import wants_failure_notice
 from qpconn.results import DONE
 
 __all__ = ["SMTPForward"]
@@ -42,6 +43,9 @@ class SMTPForward(ForwardingQueue):
         not deliver to the sender either) is a double bounce, logged as an error, as any
         MTA drops a bounce that cannot be returned.
         """
+        refused = [(rcpt, reply) for rcpt, reply in refused if wants_failure_notice(txn, rcpt)]
+        if not refused:
+            return None  # every one of them asked for no failure DSN (NOTIFY, RFC 3461)
         names = ", ".join(rcpt for rcpt, _ in refused)
         if txn.sender is None or txn.sender.is_null:
             self.log.warn(
