@@ -5,7 +5,9 @@ as in qpsmtpd) the greeting does not wait for the answers: they are awaited at t
 ``RCPT``, which is then refused, so the client learns why, and mail to ``postmaster``
 and ``abuse`` still gets through (RFC 5321 §4.5.1, and a listed sender must be able to
 reach us about the listing). With ``stage connect`` the client is refused before the
-greeting. Relay clients and addresses in ``dnsbl_allow`` are never looked up.
+greeting. Relay clients and addresses in ``dnsbl_allow`` are never looked up, and a
+client that authenticated (AUTH) before ``RCPT`` is not refused: a user sending from a
+listed dynamic address is who submission is for.
 
 Arguments (qpsmtpd's): ``reject 1|0|naughty``, ``reject_type perm|temp|disconnect``,
 ``stage rcpt|connect``, ``dns_error tempfail|ignore``. Every zone answering with an error
@@ -85,8 +87,8 @@ class Dnsbl(Plugin):
             outcome = await lookup
             self._replies[connection] = self._judge(transaction, outcome, "rcpt")
         reply = self._replies.get(connection)
-        if reply is None or connection.relay_client:
-            return None
+        if reply is None or connection.relay_client or connection.auth_user:
+            return None  # an authenticated user on a listed (dynamic) address may send
         if (recipient.user or "").lower() in EXEMPT:
             return None
         return reply

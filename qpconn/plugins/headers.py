@@ -9,7 +9,8 @@ Checked at ``data_post`` (the whole header is there), in this order:
 * ``Date`` parses, and is at most ``future`` days ahead of our clock (default 2) and
   ``past`` days behind it (default 15); ``0`` turns that check off.
 
-A refusal is ``552 5.6.0`` (at ``data_post`` a DENY is 552). Relay clients are not
+A refusal is ``552 5.6.0`` (at ``data_post`` a DENY is 552). Relay clients and
+authenticated users are not
 checked: their messages are still being composed (RFC 6409 lets a submission server
 add a missing ``Date``).
 
@@ -60,8 +61,9 @@ class Headers(Plugin):
             raise ValueError("future and past must not be negative")
 
     def hook_data_post(self, transaction: Any) -> Any:
-        if transaction.connection.relay_client:
-            record(transaction, self.name, "skip", "relay client", stage="data_post")
+        if transaction.connection.relay_client or transaction.connection.auth_user:
+            record(transaction, self.name, "skip", "relay client or authenticated user",
+                   stage="data_post")  # fmt: skip
             return None
         problem = self._problem(transaction.header)
         if problem is None:

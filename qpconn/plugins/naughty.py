@@ -58,8 +58,8 @@ class Naughty(Plugin):
         if STAGES.index(stage) < self.stage:
             return None
         mark = naughty_mark(transaction)
-        if mark is None:
-            return None
+        if mark is None or transaction.connection.auth_user:
+            return None  # a client that authenticated is not judged by its address
         temporary = bool(mark.get("temporary"))
         if mark.get("disconnect"):
             kind = DENYSOFT_DISCONNECT if temporary else DENY_DISCONNECT

@@ -46,8 +46,8 @@ class ResolvableFromhost(Plugin):
             skip = "null sender"
         elif sender.is_ip_literal:
             skip = "address literal"
-        elif transaction.connection.relay_client:
-            skip = "relay client"
+        elif transaction.connection.relay_client or transaction.connection.auth_user:
+            skip = "relay client or authenticated user"
         domain = ""
         if skip is None:
             try:

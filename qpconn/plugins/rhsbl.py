@@ -72,6 +72,6 @@ class Rhsbl(Plugin):
             return "null sender"
         if sender.is_ip_literal:
             return "address literal"
-        if transaction.connection.relay_client:
-            return "relay client"
+        if transaction.connection.relay_client or transaction.connection.auth_user:
+            return "relay client or authenticated user"
         return None
