@@ -18,7 +18,7 @@ from tests.e2e_client import watch_errors
 from tests.support.dkimkey import key_record
 from tests.support.dnsserver import DNSTestServer, start_dns_server
 from tests.support.mail import auth_results, header_fields
-from tests.support.policy import lookups, send_message, sessions_plugin
+from tests.support.policy import lookups, script, send_message, sessions_plugin
 from tests.support.server import in_thread
 
 
@@ -192,3 +192,28 @@ async def test_mail_from_relay_clients_is_signed_with_the_domains_key(
     assert (await deliver(server, other, source="127.0.0.3")).code == 250
     assert not header_fields(server.messages()[2])[0].startswith(b"DKIM-Signature")
     assert server.extra["sessions"].of("dkim")[0]["reason"] == "no key for elsewhere.example"
+
+
+@pytest_twisted.ensureDeferred
+async def test_mail_from_authenticated_users_is_signed(qpconn_server, dns, keys, tmp_path):
+    from qpconn.plugins.auth.flat_file import hash_password
+
+    recorder = sessions_plugin()
+    server = qpconn_server(
+        plugins=["auth/flat_file", "rcpt_ok", "dkim", "queue/maildir maildir", recorder],
+        lookups=lookups(dns),
+        files={"tls_before_auth": "0",
+               "flat_auth_pw": [f"alice:{hash_password('secret', log2n=4)}"]},
+    )  # fmt: skip
+    folder = tmp_path / "config" / "dkim" / "example.org"
+    os.makedirs(folder)
+    (folder / "private").write_bytes(keys["good"][0])
+    (folder / "selector").write_text("sel\n")
+    plain = base64.b64encode(b"\0alice\0secret").decode("ascii")
+    commands = ["EHLO c.test", f"AUTH PLAIN {plain}", "MAIL FROM:<alice@example.org>",
+                "RCPT TO:<bob@elsewhere.example>", "DATA", BODY]  # fmt: skip
+    replies = await in_thread(script, server.address, "127.0.0.2", commands)
+    assert [r.code for r in replies] == [220, 250, 235, 250, 250, 354, 250]
+    (message,) = server.messages()
+    assert header_fields(message)[0].startswith(b"DKIM-Signature: ")
+    assert verify(message, keys["good"][1])
