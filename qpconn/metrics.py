@@ -25,6 +25,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
@@ -77,11 +78,29 @@ class ServerMetrics:
     over, so the figures continue across reloads.
     """
 
-    def __init__(self, factory: SMTPFactory, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        factory: SMTPFactory,
+        registry: CollectorRegistry | None = None,
+        multiprocess: bool = False,
+    ) -> None:
         self.factory = factory
         self.registry = registry or CollectorRegistry()
-        self.registry.register(_FactoryCollector(factory))
         r = self.registry
+        #: a worker of ``--workers`` (qpconn.server.prefork): its figures go to
+        #: prometheus-client's multiprocess files and another process serves them, so the
+        #: connection figures are counted as they change instead of read at scrape time
+        self.multiprocess = multiprocess
+        if multiprocess:
+            self.connections = Counter(
+                "qpconn_connections", "Connections accepted since start-up", registry=r
+            )
+            self.connections_open = Gauge(
+                "qpconn_connections_open", "Connections open now", registry=r,
+                multiprocess_mode="livesum",
+            )  # fmt: skip
+        else:
+            self.registry.register(_FactoryCollector(factory))
         self.hook_seconds = Histogram(
             "qpconn_hook_duration_seconds",
             "Time a plugin took to answer a hook",
@@ -162,6 +181,16 @@ class ServerMetrics:
         self.hook_seconds.labels(hook, plugin).observe(seconds)
         result = "error" if outcome.error else outcome.result.name
         self.hook_results.labels(hook, plugin, result).inc()
+
+    def session_changed(self, opened: bool) -> None:
+        """A session started (True) or ended (False): counted here in multiprocess mode."""
+        if not self.multiprocess:
+            return
+        if opened:
+            self.connections.inc()
+            self.connections_open.inc()
+        else:
+            self.connections_open.dec()
 
     def observe_lookup(self, kind: str, seconds: float, outcome: str) -> None:
         self.lookup_seconds.labels(kind).observe(seconds)

@@ -16,12 +16,39 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from qpconn.address import Address, AddressError
+from qpconn.config import Config, ConfigError
 
 if TYPE_CHECKING:
     from qpconn.connection import Connection
     from qpconn.transaction import Transaction
 
-__all__ = ["a_label", "address_a_label", "needs_smtputf8", "received_protocol", "is_smtputf8"]
+__all__ = [
+    "a_label",
+    "address_a_label",
+    "needs_smtputf8",
+    "received_protocol",
+    "is_smtputf8",
+    "smtputf8_offered",
+]
+
+_ON = frozenset({"1", "yes", "true", "on"})
+_OFF = frozenset({"0", "no", "false", "off"})
+
+
+def smtputf8_offered(config: Config) -> bool:
+    """The ``smtputf8`` setting (default on): whether SMTPUTF8 is offered at all.
+
+    Off is for a server whose mail goes on to systems that cannot take UTF-8 addresses
+    and that wants clients to hear so at MAIL (``555``) rather than after the message.
+    A value that is not a yes/no word stops the server (ConfigError), as a typo must not
+    silently change what is offered.
+    """
+    value = config.get("smtputf8")
+    if value is None or value.lower() in _ON:
+        return True
+    if value.lower() in _OFF:
+        return False
+    raise ConfigError(f"smtputf8: {value!r} is not yes or no (1/0)")
 
 
 def a_label(domain: str) -> str:

@@ -32,6 +32,14 @@ class Options(usage.Options):
         ["metrics", None, None, "endpoint serving Prometheus metrics (tcp:9125:interface=...)"],
         ["tls-cert", None, None, "PEM certificate (and chain) for STARTTLS (config tls_cert)"],
         ["tls-key", None, None, "PEM private key for --tls-cert if not in it (config tls_key)"],
+        [
+            "workers",
+            None,
+            None,
+            "N worker processes sharing the listeners, supervised by this one "
+            "(qpconn.server.prefork); default: this process serves",
+            int,
+        ],
     ]
     optFlags = [
         ["no-rdns", None, "do not look up the peer's name (remote_host stays None)"],
@@ -91,7 +99,10 @@ class Options(usage.Options):
                 tls_cert=self["tls-cert"],
                 tls_key=self["tls-key"],
             )
-            add_operations(self["service"], self["metrics"])
+            if self["workers"] is not None:
+                self["service"] = prefork_service(self)
+            else:
+                add_operations(self["service"], self["metrics"])
         except (ConfigError, PluginLoadError, ValueError) as exc:
             raise usage.UsageError(str(exc)) from exc
 
@@ -107,6 +118,32 @@ def add_operations(top: IService, metrics: str | None) -> None:
         from qpconn.metrics import metrics_service
 
         metrics_service(metrics, factory, top)
+
+
+def prefork_service(options: Options) -> IService:
+    """``--workers N``: the parent of N worker processes (qpconn.server.prefork).
+
+    The single-process service was built first only to validate the config and the
+    endpoints (a mistake is a usage error here, not N crashing workers); it is dropped.
+    """
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import serverFromString
+
+    from qpconn.server.prefork import PreforkService, worker_spec
+
+    if options["workers"] < 1:
+        raise ValueError("--workers must be at least 1")
+    spec = worker_spec(
+        options["config"],
+        options["hostname"],
+        lookup_settings(options),
+        proxy_settings(options),
+        options["tls-cert"],
+        options["tls-key"],
+    )
+    if options["metrics"]:
+        serverFromString(reactor, options["metrics"])  # malformed: ValueError now
+    return PreforkService(options["listen"], spec, options["workers"], options["metrics"])
 
 
 def parse_host_port(text: str, default_port: int) -> tuple[str, int]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import email.utils
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from qpconn.client.smtp import ClientReply
 
@@ -37,6 +37,21 @@ def _clean(text: str) -> str:
     return "".join(ch if ch >= " " and ch != "\x7f" else " " for ch in text).strip()
 
 
+def _original_recipient(kind: str, address: str) -> str:
+    """``addr-type;address`` for an Original-Recipient field (RFC 3464 §2.3.1).
+
+    The ORCPT address is given decoded from xtext, as the client meant it. This part is
+    ``message/delivery-status``, which is ASCII, so a ``utf-8`` address (RFC 6533) keeps
+    its non-ASCII characters as ``\\x{HEX}`` escapes (utf-8-addr-xtext).
+    """
+    utf8 = kind.lower() == "utf-8"
+    text = "".join(
+        ch if ch.isascii() and not (utf8 and ch == "\\") else f"\\x{{{ord(ch):X}}}"
+        for ch in address
+    )
+    return f"{_clean(kind)};{_clean(text)}"
+
+
 def build_dsn(
     *,
     reporting_mta: str,
@@ -45,15 +60,24 @@ def build_dsn(
     remote: str,
     failures: Sequence[tuple[str, ClientReply]],
     original_header: bytes,
+    envid: str | None = None,
+    original_recipients: Mapping[str, tuple[str, str]] | None = None,
 ) -> bytes:
     """The bounce message (CRLF line endings) telling ``sender`` which recipients failed.
 
     ``failures`` pairs each refused recipient (as ``<addr>`` or ``addr``) with the next
     hop's reply; ``original_header`` is the message's header, returned as the
     ``text/rfc822-headers`` part so the sender can tell which message it was.
+
+    ``envid`` (the decoded ENVID of MAIL) and ``original_recipients`` (a failure's
+    recipient string -> its decoded ORCPT ``(addr-type, address)``) are what the client
+    asked to get back (RFC 3461 §4): they become ``Original-Envelope-Id`` and
+    ``Original-Recipient`` (RFC 3464), so the sender's software can match the bounce to
+    its own message and to the address it originally wrote, whatever was rewritten since.
     """
+    orcpts = original_recipients or {}
     boundary = f"{queue_id}.{int(time.time())}.{os.getpid()}/{reporting_mta}"
-    bare = [(rcpt.strip("<>"), reply) for rcpt, reply in failures]
+    bare = [(rcpt.strip("<>"), reply, orcpts.get(rcpt)) for rcpt, reply in failures]
     lines = [
         f"From: Mail Delivery System <MAILER-DAEMON@{reporting_mta}>",
         f"To: <{sender}>",
@@ -75,20 +99,26 @@ def build_dsn(
         "server refused them permanently. It was delivered to the other recipients.",
         "",
     ]
-    for rcpt, reply in bare:
+    for rcpt, reply, _ in bare:
         lines.append(f"<{_clean(rcpt)}>: {remote} said: {_clean(str(reply))}")
     lines += [
         "",
         f"--{boundary}",
         "Content-Type: message/delivery-status",
         "",
+    ]
+    if envid:
+        lines.append(f"Original-Envelope-Id: {_clean(envid)}")
+    lines += [
         f"Reporting-MTA: dns; {reporting_mta}",
         f"X-Queue-ID: {queue_id}",
         f"Arrival-Date: {email.utils.formatdate(localtime=True)}",
     ]
-    for rcpt, reply in bare:
+    for rcpt, reply, orcpt in bare:
+        lines.append("")
+        if orcpt is not None:
+            lines.append(f"Original-Recipient: {_original_recipient(*orcpt)}")
         lines += [
-            "",
             f"Final-Recipient: rfc822; {_clean(rcpt)}",
             "Action: failed",
             f"Status: {_status(reply)}",

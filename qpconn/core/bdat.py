@@ -110,6 +110,13 @@ class ChunkingRules:
     bdat_total: int = 0
     _bdat_oversized: bool = False
 
+    @property
+    def reading_chunk(self) -> bool:
+        """The octets of an accepted BDAT chunk are being read: message text, not a pause
+        between commands (the adapter runs ``data_timeout`` then, as after ``354``)."""
+        chunk = self._chunk
+        return chunk is not None and chunk.refusal is None and chunk.remaining > 0
+
     def _protocol_error(self, code: int, text: str, line: bytes) -> ProtocolError:
         raise NotImplementedError  # ServerSession's
 

@@ -26,6 +26,7 @@ from qpconn.server.protocol import SMTPServerProtocol
 from qpconn.server.proxy import ProxySettings
 from qpconn.server.tls import tls_from_config
 from qpconn.smtp_security import read_security_settings
+from qpconn.smtputf8 import smtputf8_offered
 from qpconn.spool import clean_stale_spool
 
 __all__ = ["SMTPFactory", "address_parts"]
@@ -101,7 +102,9 @@ class SMTPFactory(ServerFactory):
         self.security = read_security_settings(self.config, tls_from_config(self.config))
         self.limits = Limits(
             message_size=self.databytes,
-            utf8=True,  # SMTPUTF8 is offered; addresses hold UTF-8 only after MAIL ... SMTPUTF8
+            # SMTPUTF8 is offered unless `smtputf8 no`; addresses hold UTF-8 only after
+            # MAIL ... SMTPUTF8 (smtp_extensions.py)
+            utf8=smtputf8_offered(self.config),
             normalize_newlines=self.session_limits.normalize_newlines,
         )
         if protocol is not None:
@@ -142,8 +145,12 @@ class SMTPFactory(ServerFactory):
     def session_started(self, session: SMTPServerProtocol) -> None:
         self.sessions.add(session)
         self.connections_total += 1
+        if getattr(self, "metrics", None) is not None:  # qpconn.metrics, --workers mode
+            self.metrics.session_changed(True)
 
     def session_ended(self, session: SMTPServerProtocol) -> None:
+        if session in self.sessions and getattr(self, "metrics", None) is not None:
+            self.metrics.session_changed(False)
         self.sessions.discard(session)
 
     def describe(self) -> dict[str, Any]:

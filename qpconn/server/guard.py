@@ -13,8 +13,9 @@ adapter stays about moving bytes. The limits themselves are read by
   ``max_errors`` the client gets ``421 4.7.0`` after the reply that reached it and is
   disconnected. A message accepted for delivery resets the count: a client that delivers
   mail is not an attacker, even if some of its recipients were unknown.
-* **DATA timeout.** After ``354`` the idle timer runs with ``data_timeout`` instead of
-  ``timeout``, and returns to ``timeout`` with the reply to the message.
+* **DATA timeout.** After ``354``, and while the octets of a BDAT chunk are read, the
+  idle timer runs with ``data_timeout`` instead of ``timeout``, and returns to ``timeout``
+  with the reply to the message (or to the chunk).
 * **Early talk.** The transport keeps being read while the greeting is prepared (lookups
   and ``connect`` hooks), unlike while any other hook runs: bytes that arrive then set
   ``connection.notes["early_talker"]`` (the ``earlytalker`` plugin's evidence). They stay
@@ -136,12 +137,16 @@ class SessionGuard:
                 return
         self.phase_timeout()
 
+    def _chunk_started(self, _result: object) -> None:
+        """A BDAT chunk's octets follow: they are message text (``data_timeout``)."""
+        self.phase_timeout()
+
     def phase_timeout(self) -> None:
         """``data_timeout`` while message text is read, ``timeout`` otherwise."""
         if self._lost:
             return
         idle = self.factory.timeout
-        if self.session.state is State.DATA:
+        if self.session.state is State.DATA or self.session.reading_chunk:
             want = self.factory.session_limits.data_timeout_or(idle)
         else:
             want = idle

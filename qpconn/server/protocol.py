@@ -195,7 +195,8 @@ class SMTPServerProtocol(SessionGuard, TLSAdapter, SMTPCommands, Protocol, Timeo
                 if isinstance(event, MessageData):
                     self._run(self.message_data(event.data), None)
                 elif isinstance(event, ChunkStart):
-                    self._run(self.chunk_start(event), None)  # BDAT: smtp_extensions
+                    # BDAT: smtp_extensions; then the chunk is read under data_timeout
+                    self._run(self.chunk_start(event), self._chunk_started)
                 elif isinstance(event, ProtocolError):
                     self.protocol_error(event)
                 else:

@@ -64,6 +64,11 @@ class SMTPForward(ForwardingQueue):
             remote=self.destination.label,
             failures=refused,
             original_header=txn.header.as_bytes() if txn.header is not None else b"",
+            # What the client asked to get back (RFC 3461 ENVID/ORCPT, RFC 3464 fields)
+            envid=txn.dsn.envid,
+            original_recipients={
+                rcpt.format(): rcpt.dsn.orcpt for rcpt in txn.recipients if rcpt.dsn.orcpt
+            },
         )
         mail, replies = await client.envelope("<>", [txn.sender.format()])
         reply = mail if not mail.positive else replies[0]
