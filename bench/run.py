@@ -567,6 +567,8 @@ def build_specs(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the servers started so far are stopped (finally:).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     # Children inherit this: the servers need it for the idle-session figure.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = max(soft, min(hard, args.idle_sessions * 2 + 1000))

@@ -98,6 +98,22 @@ class Header:
         else:
             self._fields.insert(index, entry)
 
+    def prefix(self, name: str, text: str) -> bool:
+        """Put ``text`` and a space before the value of the first field ``name`` (a Subject
+        tag), keeping the rest of that field, folds and encoded words, as it came; False
+        when there is no such field."""
+        if "\r" in text or "\n" in text:
+            raise ValueError("a prefix with a line break")
+        wanted = name.lower()
+        for index, (key, raw) in enumerate(self._fields):
+            if key.lower() == wanted:
+                head, _, rest = raw.partition(b":")
+                rest = rest.lstrip(b" \t")
+                tail = b" " + rest if rest.strip() else b"\r\n"
+                self._fields[index] = (key, head + b": " + text.encode("utf-8") + tail)
+                return True
+        return False
+
     def delete(self, name: str) -> int:
         """Remove every field of this name; return how many were removed."""
         wanted = name.lower()

@@ -90,6 +90,10 @@ class Options(usage.Options):
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         try:
+            if self["workers"] is not None:  # before make_service parses the endpoints
+                from qpconn.server.prefork import check_shareable
+
+                check_shareable(self["listen"])
             self["service"] = make_service(
                 self["listen"],
                 self["config"],

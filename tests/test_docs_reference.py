@@ -91,7 +91,7 @@ def settings_table() -> dict[str, str]:
 
 
 def settings_read_by_code() -> set[str]:
-    pattern = re.compile(r"config\.(?:get|lines|get_int|get_float)\(\s*\"([a-z_]+)\"")
+    pattern = re.compile(r"config\.(?:get|lines|get_int|get_float)\(\s*\"([a-z0-9_]+)\"")
     names = {"plugins", "me"}  # read through Config.plugin_lines() and Config.me
     for path in (REPO / "qpconn").rglob("*.py"):
         names.update(pattern.findall(path.read_text(encoding="utf-8")))

@@ -140,7 +140,8 @@ async def test_only_an_accepted_last_chunk_resets_the_error_count(qpconn_server)
         with ehlo(server) as smtp:
             codes = [smtp.code("BOGUS")]
             envelope(smtp)
-            smtp.send(b"BDAT 30 LAST\r\n" + b"s: x\r\n\r\n" + b"y" * 21)
+            text = b"s: x\r\n\r\n" + b"y" * 21
+            smtp.send(b"BDAT %d LAST\r\n" % len(text) + text)
             codes.append(smtp.reply().code)  # 552: the second error
             smtp.send(b"BOGUS\r\n")
             codes.append(smtp.reply().code)
@@ -155,6 +156,32 @@ async def test_only_an_accepted_last_chunk_resets_the_error_count(qpconn_server)
     assert server.messages() == []
 
 
+# -- a wrong size: more octets than announced ---------------------------------------------
+@pytest_twisted.ensureDeferred
+async def test_octets_past_the_announced_size_are_read_as_commands(qpconn_server):
+    # smtplib's raw send(): exactly the announced octets are the message; what follows
+    # is a command line (refused here), never message text.
+    server = qpconn_server()
+    text = b"Subject: sized\r\n\r\nexactly this"
+
+    def client() -> tuple[Any, Any, Any]:
+        with smtplib.SMTP(*server.address, timeout=10) as smtp:
+            smtp.ehlo("client.test")
+            assert smtp.mail("a@example.org")[0] == 250
+            assert smtp.rcpt("user@mx.test")[0] == 250
+            smtp.send(b"BDAT %d LAST\r\n" % len(text) + text + b"MAIL FROM:<x@evil.test>\r\n")
+            return smtp.getreply(), smtp.getreply(), smtp.noop()
+
+    stored, extra, noop = await in_thread(client)
+    assert stored[0] == 250, stored
+    # A MAIL command, read as one: a new transaction may begin (250), nothing smuggled.
+    assert extra[0] == 250, extra
+    assert noop[0] == 250
+    (message,) = server.messages()
+    assert message.endswith(b"\r\n\r\nexactly this")
+    assert b"evil" not in message
+
+
 # -- smtputf8 no ---------------------------------------------------------------------------
 @pytest_twisted.ensureDeferred
 async def test_smtputf8_off_is_not_offered_and_its_parameter_is_555(qpconn_server):
@@ -165,6 +192,7 @@ async def test_smtputf8_off_is_not_offered_and_its_parameter_is_555(qpconn_serve
             smtp.ehlo("client.test")
             offered = smtp.has_extn("smtputf8"), smtp.has_extn("chunking")
             mail = smtp.docmd("MAIL", "FROM:<a@example.org> SMTPUTF8")
+            smtp.command_encoding = "utf-8"  # send the raw UTF-8 line anyway
             utf8_address = smtp.docmd("MAIL", "FROM:<jörg@example.org>")
             # smtplib itself refuses to send SMTPUTF8 mail to a server that lacks it
             try:
@@ -195,6 +223,7 @@ async def test_smtputf8_on_by_default_and_with_yes(qpconn_server):
         def client(server: Any = server) -> tuple[bool, Any]:
             with smtplib.SMTP(*server.address, timeout=10) as smtp:
                 smtp.ehlo("client.test")
+                smtp.command_encoding = "utf-8"
                 return smtp.has_extn("smtputf8"), smtp.docmd("MAIL", "FROM:<jörg@x.test> SMTPUTF8")
 
         offered, mail = await in_thread(client)

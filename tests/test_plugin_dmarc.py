@@ -11,6 +11,7 @@ import pytest
 import pytest_twisted
 
 from qpconn import psl
+from qpconn.plugins.dmarc import aligned, ascii_domain
 from tests.e2e_client import watch_errors
 from tests.support.dkimkey import PRIVATE_KEY, key_record
 from tests.support.dnsserver import DNSTestServer, start_dns_server
@@ -37,6 +38,10 @@ ZONE: dict[str, list[tuple[Any, ...]]] = {
     "_dmarc.org.co.test": [("TXT", "v=DMARC1; p=none; sp=reject")],
     "_dmarc.twice.test": [("TXT", "v=DMARC1; p=reject"), ("TXT", "v=DMARC1; p=none")],
     "_dmarc.broken.test": [("TXT", "v=DMARC1; p=whatever")],
+    # bücher.test, as DNS knows it
+    "xn--bcher-kva.test": [SPF_PASS],
+    "_dmarc.xn--bcher-kva.test": [("TXT", "v=DMARC1; p=reject")],
+    "sel._domainkey.xn--bcher-kva.test": [("TXT", key_record())],
 }
 #: a small Public Suffix List: co.test is a public suffix, as co.uk is
 SUFFIXES = ["// test list", "test", "co.test", "*.wild.test", "!www.wild.test"]
@@ -151,6 +156,42 @@ async def test_reject_0_records_only_and_relay_clients_are_skipped(qpconn_server
     server = start(qpconn_server, dns, tmp_path)
     assert (await deliver(server, "b@other.test", text("reject.test"), "127.0.0.9")).code == 250
     assert server.extra["sessions"].of("dmarc")[0]["result"] == "skip"
+
+
+IDN = "xn--bcher-kva.test"
+
+
+@pytest.mark.parametrize(
+    ("sender", "signer", "code"),
+    [(f"a@{IDN}", None, 250), ("a@other.test", IDN, 250), ("a@other.test", None, 550),
+     ("a@other.test", "other.test", 550)],
+)  # fmt: skip
+@pytest_twisted.ensureDeferred
+async def test_internationalized_from_domain_through_its_a_label(
+    qpconn_server, dns, tmp_path, sender, signer, code
+):
+    server = start(qpconn_server, dns, tmp_path)
+    reply = await deliver(server, sender, text("Bücher.test", signer))
+    assert reply.code == code, reply
+    (verdict,) = server.extra["sessions"].of("dmarc")
+    assert verdict["result"] == ("pass" if code == 250 else "fail")
+    assert dns.count(f"_dmarc.{IDN}") == 1
+    if code == 550:
+        assert reply.text == f"5.7.1 Unauthenticated mail from {IDN} refused by its DMARC policy"
+        return
+    (message,) = server.messages()
+    assert b"From: <a@B\xc3\xbccher.test>" in message  # the message itself is not rewritten
+    assert f"dmarc=pass reason=\"p=reject\" header.from={IDN}".encode() in auth_results(message)
+
+
+def test_alignment_compares_a_labels():
+    suffixes = psl.SuffixList(None)
+    assert aligned("mail.bücher.test", IDN, "r", suffixes)
+    assert aligned(IDN, "BÜCHER.test", "s", suffixes)
+    assert not aligned("buecher.test", "bücher.test", "r", suffixes)
+    fullwidth = "".join(chr(ord(c) - ord("A") + 0xFF21) for c in "EXAMPLE")
+    assert ascii_domain(fullwidth + ".test") is None  # nameprep would make it example.test
+    assert ascii_domain("bad..test") is None and ascii_domain("[127.0.0.1]") is None
 
 
 @pytest.mark.parametrize(

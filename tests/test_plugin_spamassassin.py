@@ -148,3 +148,33 @@ async def test_debians_spamd_flags_gtube(qpconn_server, real_spamd):
     (message,) = server.messages()
     status = next(f for f in spam_fields(message) if f.startswith(b"X-Spam-Status"))
     assert b"required=5.0" in status and b"GTUBE" not in status
+
+
+@pytest_twisted.ensureDeferred
+async def test_subject_tagged_above_munge_subject_threshold(qpconn_server, spamd):
+    line = f"spamassassin spamd_socket {spamd.address} munge_subject_threshold 5"
+    server = start(qpconn_server, line + " subject_prefix [SPAM]")
+    body = b"\r\n\r\ncheap pills, act now\r\n"
+    texts = [
+        HAM,
+        SPAM,
+        b"From: a@example.org\r\nSubject: =?utf-8?q?caf=C3=A9?=\r\n deals" + body,  # folded
+        b"From: a@example.org\r\nSubject: [SPAM] offer" + body,  # tagged already
+        b"From: a@example.org" + body,  # no Subject at all
+    ]
+    for text in texts:
+        assert (await deliver(server, text)).code == 250
+    subjects = [
+        [f for f in header_fields(m) if f.lower().startswith(b"subject:")]
+        for m in server.messages()
+    ]
+    assert subjects == [[b"Subject: lunch"], [b"Subject: [SPAM] offer"],
+                        [b"Subject: [SPAM] =?utf-8?q?caf=C3=A9?= deals"],
+                        [b"Subject: [SPAM] offer"], [b"Subject: [SPAM]"]]  # fmt: skip
+    assert b"Subject: [SPAM] =?utf-8?q?caf=C3=A9?=\r\n deals\r\n" in server.messages()[2]
+    server = start(qpconn_server, line)  # the default prefix, qpsmtpd's
+    assert (await deliver(server, SPAM)).code == 250
+    assert b"\r\nSubject: *** SPAM *** offer\r\n" in server.messages()[-1]
+    server = start(qpconn_server, f"spamassassin spamd_socket {spamd.address}")
+    assert (await deliver(server, SPAM)).code == 250  # without the option: untouched
+    assert b"\r\nSubject: offer\r\n" in server.messages()[-1]

@@ -25,27 +25,60 @@ record without a valid ``p=`` mean no DMARC policy (``dmarc=none``). Every outco
 into ``Authentication-Results`` (``dmarc=fail header.from=example.org``) and is recorded
 as a verdict. Relay clients and authenticated users are not checked.
 
+An internationalized From domain (``a@bücher.example``, RFC 6532) is checked in its
+A-label form (``xn--bcher-kva.example``), as DNS knows it (RFC 8616 §5); SPF and DKIM
+domains are compared in that form too, and replies and ``Authentication-Results`` name
+the A-label form, which any client can read.
+
 Arguments: ``reject 1|0``.
 """
 
 from __future__ import annotations
 
 import random
+import re
+from email.utils import getaddresses
 from typing import Any
 
 from qpconn import authresults, psl
+from qpconn.address import Address, AddressError
 from qpconn.checks import ask, parse_options
 from qpconn.plugins import Plugin
-from qpconn.plugins.dkim import from_domain
 from qpconn.results import DECLINED, DENYSOFT, DONE
 from qpconn.verdicts import record
 
-__all__ = ["Dmarc", "NOTE", "parse_record", "aligned"]
+__all__ = ["Dmarc", "NOTE", "parse_record", "aligned", "ascii_domain", "author_domain"]
 
 #: transaction.notes key: {"result", "domain", "policy", "disposition", "reason"}
 NOTE = "dmarc"
 QUARANTINE_FIELD = "X-Quarantine"
 _POLICIES = ("none", "quarantine", "reject")
+_DOMAIN = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,62}\.)*[a-z0-9-]{1,63}\Z")
+
+
+def ascii_domain(domain: str) -> str | None:
+    """``domain`` lower-cased, with U-labels turned into A-labels; None if it is no
+    valid domain name. DNS, and the SPF and DKIM results, only know the A-label form."""
+    domain = domain.strip().rstrip(".")
+    try:
+        converted = Address("x", domain).host_ascii if domain else None
+    except AddressError:
+        return None
+    if converted is None:
+        return None
+    converted = converted.lower()
+    labels_ok = all(converted.split("."))
+    return converted if labels_ok and _DOMAIN.match(converted) else None
+
+
+def author_domain(transaction: Any) -> str | None:
+    """The domain of the single address in the single ``From`` field, in A-label form."""
+    header = transaction.header
+    values = header.get_all("From") if header is not None else []
+    addresses = [addr for _, addr in getaddresses(values) if addr]
+    if len(values) != 1 or len(addresses) != 1 or "@" not in addresses[0]:
+        return None
+    return ascii_domain(addresses[0].rsplit("@", 1)[1])
 
 
 def parse_record(text: str) -> dict[str, str] | None:
@@ -64,8 +97,8 @@ def parse_record(text: str) -> dict[str, str] | None:
 
 def aligned(domain: str, author: str, mode: str, suffixes: psl.SuffixList) -> bool:
     """Whether an authenticated ``domain`` aligns with the From ``author`` domain."""
-    domain, author = domain.lower().rstrip("."), author.lower().rstrip(".")
-    if not domain:
+    domain, author = ascii_domain(domain) or "", ascii_domain(author) or ""
+    if not domain or not author:
         return False
     if mode == "s":
         return domain == author
@@ -113,7 +146,7 @@ class Dmarc(Plugin):
         if conn.relay_client or conn.auth_user:
             record(transaction, self.name, "skip", "relay client or authenticated user")
             return DECLINED
-        author = from_domain(transaction)
+        author = author_domain(transaction)
         if author is None:
             record(transaction, self.name, "skip", "no single From domain")
             return DECLINED

@@ -18,13 +18,16 @@ would have happened (a verdict) without deferring anyone.
 
 State lives in an SQLite file (``db PATH``, default ``./greylist.db``), embedded, read and
 written in the bounded ``greylist`` worker pool so the reactor never waits on the disk;
-several processes of one server may share it (SQLite locks the file). Redis is not
-supported: several servers behind one name each keep their own file, so a sender that
-alternates between them is deferred once per server. A database that cannot be used lets
-mail through (logged, verdict ``temperror``): greylisting is a filter, not a gate.
+several processes of one server may share it (SQLite locks the file). With
+``redis URL`` the triplets live in Redis instead (:mod:`qpconn.greyredis`), so that
+several servers behind one name share them; Redis forgets them by itself (TTLs), and a
+failed Redis is left alone for a few seconds before it is asked again. A
+database or Redis that cannot be used lets mail through (logged as a warning, verdict
+``temperror``): greylisting is a filter, not a gate, and deferring every sender while
+the store is down would hold up all mail, good and bad alike.
 
-Arguments: ``db PATH``, ``black_timeout N``, ``grey_timeout N``, ``white_timeout N``,
-``mode denysoft|testonly``.
+Arguments: ``db PATH``, ``redis URL``, ``redis_timeout N``, ``black_timeout N``,
+``grey_timeout N``, ``white_timeout N``, ``mode denysoft|testonly``.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from typing import Any
 
 from qpconn.address import Address
 from qpconn.checks import parse_ip, parse_options
+from qpconn.greyredis import RedisGreyStore
 from qpconn.plugins import Plugin
 from qpconn.results import DECLINED, DENYSOFT
 from qpconn.verdicts import record
@@ -63,6 +67,9 @@ def triplet_network(ip: str) -> str:
 
 class GreyStore:
     """The SQLite table of triplets; every method blocks (call it from a worker)."""
+
+    #: what ``check`` raises when the file cannot be used
+    errors: tuple[type[BaseException], ...] = (sqlite3.Error,)
 
     def __init__(self, path: str, black: float, grey: float, white: float) -> None:
         self.path, self.black, self.grey, self.white = path, black, grey, white
@@ -124,17 +131,25 @@ class Greylisting(Plugin):
         options = parse_options(
             self.name,
             args,
-            {"db": "./greylist.db", "black_timeout": "3000", "grey_timeout": "12000",
-             "white_timeout": "3110400", "mode": "denysoft"},
+            {"db": "./greylist.db", "redis": "", "redis_timeout": "2",
+             "black_timeout": "3000", "grey_timeout": "12000", "white_timeout": "3110400",
+             "mode": "denysoft"},
             {"mode": ("denysoft", "testonly")},
-            numbers=["black_timeout", "grey_timeout", "white_timeout"],
+            numbers=["black_timeout", "grey_timeout", "white_timeout", "redis_timeout"],
         )  # fmt: skip
         black, grey, white = (
             float(options[name]) for name in ("black_timeout", "grey_timeout", "white_timeout")
         )
         if min(black, grey, white) < 0 or black > grey:
             raise ValueError("timeouts must not be negative, and black_timeout <= grey_timeout")
-        self.store = GreyStore(self.config.path(options["db"]), black, grey, white)
+        self.store: GreyStore | RedisGreyStore
+        if options["redis"]:
+            timeout = float(options["redis_timeout"])
+            if timeout <= 0:
+                raise ValueError("redis_timeout must be positive")
+            self.store = RedisGreyStore(options["redis"], black, grey, white, timeout)
+        else:
+            self.store = GreyStore(self.config.path(options["db"]), black, grey, white)
         self.testonly = options["mode"] == "testonly"
 
     async def hook_rcpt(self, transaction: Any, recipient: Address, params: Any) -> Any:
@@ -152,7 +167,7 @@ class Greylisting(Plugin):
         now = float(self.server.clock.seconds())
         try:
             decision = await run_in_pool("greylist", self.store.check, key, now)
-        except sqlite3.Error as exc:
+        except self.store.errors as exc:
             self.log.warn("greylisting: cannot use {path}: {error}", path=self.store.path,
                           error=exc)  # fmt: skip
             record(transaction, self.name, "temperror", f"database: {exc}", stage="rcpt")

@@ -18,10 +18,18 @@ exceeds the threshold``. When spamd cannot be reached, fails, or does not answer
 not make mail spam) accepts the message unscored, and ``on_error tempfail`` gives
 ``451 4.7.1`` so the sender retries. Messages over ``max_size`` octets (default 500000,
 spamc's limit) are not scanned. The result is in ``transaction.notes["spamassassin"]``
-(``{"spam", "score", "required", "tests"}``) and a verdict.
+(``{"spam", "score", "required", "tests", "subject_tagged"}``) and a verdict.
+
+With ``munge_subject_threshold N`` (qpsmtpd's option) a message scoring N or more that is
+accepted gets its ``Subject`` tagged: ``subject_prefix`` (default ``*** SPAM ***``; one
+word when set, as plugin arguments are split at spaces) and a space go before the value,
+which is otherwise kept as it came. A Subject already tagged is not tagged twice; a
+message without one gets ``Subject: *** SPAM ***``. This changes a field DKIM signs, so
+list the plugin after ``dkim`` and ``dmarc``.
 
 Arguments: ``spamd_socket HOST:PORT|/path``, ``spamd_user NAME``, ``reject_threshold N``,
-``timeout N``, ``on_error accept|tempfail``, ``max_size N``.
+``timeout N``, ``on_error accept|tempfail``, ``max_size N``, ``munge_subject_threshold N``,
+``subject_prefix TEXT``.
 """
 
 from __future__ import annotations
@@ -83,9 +91,10 @@ class SpamAssassin(Plugin):
             self.name,
             args,
             {"spamd_socket": "127.0.0.1:783", "spamd_user": "", "reject_threshold": "",
-             "timeout": "30", "on_error": "accept", "max_size": "500000"},
+             "timeout": "30", "on_error": "accept", "max_size": "500000",
+             "munge_subject_threshold": "", "subject_prefix": "*** SPAM ***"},
             {"on_error": ("accept", "tempfail")},
-            numbers=["timeout", "max_size"],
+            numbers=["timeout", "max_size", "munge_subject_threshold"],
         )  # fmt: skip
         self.address = options["spamd_socket"]
         endpoint(None, self.address, 1.0)  # a bad address stops the start
@@ -94,6 +103,11 @@ class SpamAssassin(Plugin):
             raise ValueError(f"spamd_user {self.user!r} is not a plain user name")
         threshold = options["reject_threshold"]
         self.threshold = float(threshold) if threshold else None
+        munge = options["munge_subject_threshold"]
+        self.munge_threshold = float(munge) if munge else None
+        self.subject_prefix = options["subject_prefix"]
+        if not self.subject_prefix.isprintable():
+            raise ValueError("subject_prefix must be printable text")
         self.scan_timeout = float(options["timeout"])
         self.on_error = options["on_error"]
         self.max_size = int(float(options["max_size"]))
@@ -120,14 +134,27 @@ class SpamAssassin(Plugin):
         except ScanError as exc:
             return self._failed(transaction, str(exc))
         transaction.notes[NOTE] = {"spam": spam, "score": score, "required": required,
-                                   "tests": tests}  # fmt: skip
+                                   "tests": tests, "subject_tagged": False}  # fmt: skip
         self._headers(transaction, spam, score, required, tests)
         reason = f"score {score:g} required {required:g}"
         if self.threshold is not None and score >= self.threshold:
             record(transaction, self.name, "spam", reason, action="reject")
             return DONE, f"550 5.7.1 Spam score {score:g} exceeds the threshold"
+        if self.munge_threshold is not None and score >= self.munge_threshold:
+            transaction.notes[NOTE]["subject_tagged"] = self._tag_subject(transaction)
         record(transaction, self.name, "spam" if spam else "ham", reason, action="accept")
         return DECLINED
+
+    def _tag_subject(self, transaction: Any) -> bool:
+        """Put the prefix before the Subject unless it is there already."""
+        header = transaction.header
+        subject = header.get("Subject")
+        if subject is None:
+            header.add("Subject", self.subject_prefix)
+            return True
+        if subject.strip().startswith(self.subject_prefix):
+            return False
+        return header.prefix("Subject", self.subject_prefix)
 
     def _failed(self, transaction: Any, why: str) -> Any:
         self.log.warn("spamassassin: {address}: {error}", address=self.address, error=why)

@@ -65,7 +65,7 @@ from qpconn.server.lmtp import LMTP_PREFIX
 from qpconn.server.peerinfo import LookupSettings
 from qpconn.server.proxy import ProxySettings
 
-__all__ = ["PreforkService", "SHAREABLE", "worker_spec", "worker_main"]
+__all__ = ["PreforkService", "SHAREABLE", "check_shareable", "worker_spec", "worker_main"]
 
 log = Logger(namespace="qpconn.prefork")
 
@@ -97,6 +97,17 @@ def worker_spec(
     }  # fmt: skip
 
 
+def check_shareable(listen: Sequence[str]) -> None:
+    """ValueError unless a worker can adopt every listener's socket as it is."""
+    for description in listen:
+        kind = description.removeprefix(LMTP_PREFIX).split(":", 1)[0]
+        if kind not in SHAREABLE:
+            raise ValueError(
+                f"--workers shares {', '.join(SHAREABLE)} listeners; not {description!r} "
+                "(offer STARTTLS on a tcp listener instead, or run without --workers)"
+            )
+
+
 class _Unused(protocol.Factory):
     """The parent never reads from its listeners; a connection reaching it is a bug."""
 
@@ -121,12 +132,13 @@ class _WorkerProcess(protocol.ProcessProtocol):
 
     def outReceived(self, data: bytes) -> None:
         self.buffer += data
-        *records, self.buffer = self.buffer.split(b"\x1e")
+        # jsonFileLogObserver writes "\x1e" JSON "\n"; JSON text never holds a raw newline
+        *records, self.buffer = self.buffer.split(b"\n")
         for record in records:
             self.relay(record)
 
     def relay(self, record: bytes) -> None:
-        text = record.decode("utf-8", "replace").strip()
+        text = record.decode("utf-8", "replace").strip("\x1e \r\n")
         if not text:
             return
         try:
@@ -175,13 +187,7 @@ class PreforkService(MultiService):
         from twisted.internet import reactor
 
         self.reactor: Any = reactor
-        for description in self.listen:
-            kind = description.removeprefix(LMTP_PREFIX).split(":", 1)[0]
-            if kind not in SHAREABLE:
-                raise ValueError(
-                    f"--workers shares {', '.join(SHAREABLE)} listeners; not {description!r} "
-                    "(put TLS on the port with STARTTLS, or run without --workers)"
-                )
+        check_shareable(self.listen)
         self._endpoints = [
             (serverFromString(reactor, d.removeprefix(LMTP_PREFIX)), d.startswith(LMTP_PREFIX))
             for d in self.listen

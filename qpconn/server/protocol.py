@@ -35,6 +35,7 @@ from qpconn.core.proxy import ProxyHeaderParser, ProxyProtocolError
 from qpconn.core.reply import Reply
 from qpconn.core.session import NEED_DATA, PAUSED, ServerSession
 from qpconn.loglevel import LevelLogger
+from qpconn.server import eager
 from qpconn.server.guard import SessionGuard
 from qpconn.server.proxy import apply_proxy_info
 from qpconn.server.tls import TLSAdapter
@@ -241,7 +242,10 @@ class SMTPServerProtocol(SessionGuard, TLSAdapter, SMTPCommands, Protocol, Timeo
     ) -> None:
         """Run a handler; while it waits on something, hold the client's further input."""
         self._busy = True
-        deferred = defer.Deferred.fromCoroutine(coro)
+        result, deferred = eager.start(coro)  # most commands never wait: no Deferred
+        if deferred is None:
+            self._finished(result, apply)
+            return
         deferred.addBoth(self._finished, apply)
         if self._busy:
             self._inflight = deferred
