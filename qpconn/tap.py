@@ -107,7 +107,8 @@ class Options(usage.Options):
                 self["service"] = prefork_service(self)
             else:
                 add_operations(self["service"], self["metrics"])
-        except (ConfigError, PluginLoadError, ValueError) as exc:
+        except (ConfigError, PluginLoadError, ValueError, OSError) as exc:
+            # OSError: an endpoint naming a file that cannot be read (ssl:...:privateKey=).
             raise usage.UsageError(str(exc)) from exc
 
 

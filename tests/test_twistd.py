@@ -87,3 +87,20 @@ def test_twistd_qpconn_refuses_a_malformed_listen_endpoint_before_touching_the_d
     assert b"Unknown endpoint type: 'bogus'" in output
     assert b"Traceback" not in output
     assert not (tmp_path / "maildir").exists()
+
+
+def test_twistd_qpconn_refuses_an_ssl_endpoint_whose_key_file_is_missing(tmp_path):
+    import subprocess
+
+    missing = tmp_path / "no-such-key.pem"
+    result = subprocess.run(
+        twistd_command("qpconn", "--listen", f"ssl:0:interface=127.0.0.1:privateKey={missing}"),
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=60,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert b"No such file or directory" in output and str(missing).encode() in output
+    assert b"Traceback" not in output
+    assert not (tmp_path / "maildir").exists()
