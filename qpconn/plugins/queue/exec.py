@@ -1,8 +1,9 @@
 """queue/exec [option=value ...] COMMAND [ARG ...]: pipe each message to a local command.
 
-For handing mail to an MTA's own injector (``sendmail -i -f %s -- %r``, ``qmail-queue``,
-``exim -bm``) or to a delivery script. The command is run directly, never through a
-shell, so an address can never become shell syntax. In its arguments:
+For handing mail to an MTA's own injector (``sendmail -i -f %s -- %r``, ``exim -bm``) or
+to a delivery script (not ``qmail-queue`` itself: it wants the envelope on descriptor 1,
+which this plugin does not provide; use qmail's ``sendmail`` wrapper). The command is
+run directly, never through a shell, so an address can never become shell syntax. In its arguments:
 
 * ``%s`` is replaced by the envelope sender's address (empty for the null sender);
 * ``%i`` by our queue id;
