@@ -58,6 +58,7 @@ __all__ = [
     "TransactionRecord",
     "DNSTable",
     "RecordingQueue",
+    "load_listed_plugins",
 ]
 
 #: How many timer jumps one step may take before the helper gives up (a hook in a loop).
@@ -194,7 +195,11 @@ def _parse_replies(data: bytes) -> list[Reply]:
     return replies
 
 
-def _plugins(config: Config, items: Iterable[Plugin | type[Plugin] | str]) -> list[Plugin]:
+def load_listed_plugins(
+    config: Config, items: Iterable[Plugin | type[Plugin] | str]
+) -> list[Plugin]:
+    """Plugins from a test's list: instances as they are, classes made under their class
+    name, strings loaded like lines of the ``plugins`` file (``"name arg..."``)."""
     loaded: list[Plugin] = []
     for item in items:
         if isinstance(item, Plugin):
@@ -272,7 +277,7 @@ def _run(
     )
     factory.resolver = table
     factory.peer_info = PeerInfo(settings, clock, table)
-    loaded = _plugins(config, plugins) if plugins is not None else None
+    loaded = load_listed_plugins(config, plugins) if plugins is not None else None
     if loaded is None:
         from qpconn.plugins import load_plugins
 

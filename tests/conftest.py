@@ -9,6 +9,7 @@ import pytest
 import pytest_twisted
 
 from tests.support.server import RunningServer, start_server
+from tests.support.tlscerts import TlsFiles, make_pki
 
 
 @pytest.fixture(autouse=True)
@@ -37,3 +38,9 @@ def qpconn_server(tmp_path: Any) -> Iterator[Callable[..., RunningServer]]:
 def server(qpconn_server: Callable[..., RunningServer]) -> RunningServer:
     """A server with the default test config: relay, rcpt_ok (mx.test, localhost), maildir."""
     return qpconn_server()
+
+
+@pytest.fixture
+def pki(tmp_path: Any) -> TlsFiles:
+    """A test CA and a localhost/127.0.0.1 server certificate it signed (see tlscerts)."""
+    return make_pki(str(tmp_path / "pki"))

@@ -9,7 +9,6 @@ and qpsmtpd's textual prefixes, for IPv4 and IPv6. The relay cases run through t
 from __future__ import annotations
 
 import smtplib
-import socket
 from typing import Any
 
 import pytest
@@ -19,6 +18,7 @@ from qpconn.config import Config, ConfigError
 from qpconn.connection import Connection
 from qpconn.plugins import PluginLoadError, load_plugin
 from qpconn.transaction import Transaction
+from tests.support.process import ipv6_loopback
 from tests.support.server import in_thread
 
 
@@ -112,15 +112,6 @@ def test_morerelayclients_adds_to_relayclients(tmp_path):
     assert relay_verdict(tmp_path, ["198.51.100.0/24"], "192.0.2.1", more=True)
 
 
-def _ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
-            sock.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
 @pytest.mark.parametrize(
     ("interface", "entries"),
     [
@@ -131,7 +122,7 @@ def _ipv6_loopback() -> bool:
 )
 @pytest_twisted.ensureDeferred
 async def test_relay_client_may_send_anywhere_over_both_families(qpconn_server, interface, entries):
-    if ":" in interface and not _ipv6_loopback():
+    if ":" in interface and not ipv6_loopback():
         pytest.skip("no IPv6 loopback here")
     relaying = qpconn_server(files={"relayclients": entries}, interface=interface)
 

@@ -11,17 +11,15 @@ one.
 from __future__ import annotations
 
 import os
-import signal
 import smtplib
 import socket
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from qpconn.service import DEFAULT_LISTEN
 from qpconn.tap import Options
-from tests.support.process import free_port, twistd_command, wait_for_port
+from tests.support.process import free_port, logged_process, twistd_command, wait_for_port
 
 
 def test_default_listen_is_loopback_port_2525():
@@ -71,31 +69,19 @@ def test_twistd_serves_on_tcp6_and_an_inherited_systemd_socket(tmp_path: Path):
     def hand_over() -> None:
         os.dup2(fd, 3)
 
-    log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - closed below
-    process = subprocess.Popen(
+    with logged_process(
         shell,
-        cwd=tmp_path,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "LISTEN_FDS": "1", "LISTEN_FDNAMES": "smtp"},
+        str(tmp_path),
+        {"LISTEN_FDS": "1", "LISTEN_FDNAMES": "smtp"},
         # Python's descriptors are not inheritable; the dup2 copy at 3 is, and must stay.
         close_fds=False,
         preexec_fn=hand_over,
-    )
-    activated.close()
-    try:
+    ) as process:
+        activated.close()
         wait_for_port(tcp_port, process)
         assert _send("127.0.0.1", systemd_port, "via systemd") == {}
         if v6_port is not None:
             assert _send("::1", v6_port, "via tcp6") == {}
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
-        log.close()
     new = tmp_path / "maildir" / "new"
     subjects = sorted(
         line

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import itertools
-import re
-
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from qpconn.core.bdat import ChunkEnd
 from qpconn.core.events import Command, MessageData, MessageEnd, ProtocolError
 from qpconn.core.reply import Reply
 from qpconn.core.session import NEED_DATA, PAUSED, Limits, ServerSession
+from tests.support.fuzz import FUZZ_SETTINGS, check_replies, split, stream_tokens
 
-REPLY_LINE = re.compile(rb"^[2-5][0-9][0-9][ -][^\r\n]*$")
 KEEP = 65536  # the most message text the core holds back when a line never ends
 
 COMMANDS = [
@@ -65,12 +62,7 @@ LIMITS = [
 # How the responder answers, in turn: mostly the stock answer, sometimes a refusal or a close.
 ANSWERS = ["ok"] * 12 + ["refuse", "tempfail", "close"]
 
-tokens = st.one_of(
-    st.sampled_from(COMMANDS).map(lambda line: line + b"\r\n"),
-    st.sampled_from(COMMANDS),
-    st.sampled_from(PIECES),
-    st.binary(max_size=6),
-)
+tokens = stream_tokens(COMMANDS, PIECES)
 streams = st.tuples(
     st.sampled_from([b"", PROLOGUE]), st.lists(tokens, max_size=40).map(b"".join)
 ).map(b"".join)
@@ -140,18 +132,7 @@ class Run:
         return out
 
 
-@st.composite
-def split(draw, data):
-    cuts = draw(st.lists(st.integers(0, max(len(data), 1)), max_size=12))
-    bounds = [0, *sorted(cuts), len(data)]
-    return [data[a:b] for a, b in itertools.pairwise(bounds)]
-
-
-@settings(
-    max_examples=200,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+@FUZZ_SETTINGS
 @given(
     data=st.data(),
     stream=streams,
@@ -163,13 +144,7 @@ def test_random_streams_keep_replies_well_formed_counted_and_memory_bounded(
 ):
     chunks = data.draw(split(stream))
     run = Run(limits, answers, chunks)
-    out = bytes(run.out)
-    assert out.endswith(b"\r\n")
-    lines = out.split(b"\r\n")[:-1]
-    for line in lines:
-        assert REPLY_LINE.match(line), line
-    finals = [line for line in lines if line[3:4] == b" "]
-    assert len(finals) == 1 + run.answered + run.errors
+    check_replies(bytes(run.out), run.answered, run.errors)
     if run.session.closed:
         assert run.session.buffered == 0
 

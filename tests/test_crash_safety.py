@@ -25,6 +25,7 @@ from pathlib import Path
 from tests.e2e_client import Client
 from tests.support.nexthop import aiosmtpd_next_hop
 from tests.support.process import free_port, twistd_command, wait_for_port
+from tests.support.process import stop as stop_process
 
 KILLS = 5
 SENDERS = 2
@@ -138,13 +139,7 @@ def crash_loop(tmp_path: Path, queue_line: str, check: Callable[[], object]) -> 
             assert not sender.is_alive()
     finally:
         stop.set()
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
+        stop_process(process)
         log.close()
     # Stale spool files of the killed processes went at the next start, the last
     # process's own with their transactions.

@@ -28,7 +28,7 @@ from qpconn.plugins.auth.flat_file import hash_password
 from qpconn.results import DECLINED, OK
 from tests.e2e_client import Client, ehlo, split_message, watch_errors
 from tests.support.server import in_thread
-from tests.support.tlscerts import TlsFiles, make_pki
+from tests.support.tlscerts import TlsFiles
 
 ALICE_PW = "correct horse battery"
 BOB_PW = "b0b-s3cret!"
@@ -44,11 +44,6 @@ def b64(text: str) -> str:
 @pytest.fixture(autouse=True)
 def errors() -> Iterator[list[dict[str, Any]]]:
     yield from watch_errors()
-
-
-@pytest.fixture
-def pki(tmp_path: Any) -> TlsFiles:
-    return make_pki(str(tmp_path / "pki"))
 
 
 @pytest.fixture

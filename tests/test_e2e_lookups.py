@@ -25,6 +25,7 @@ from qpconn.tap import Options, lookup_settings, makeService
 from tests.e2e_client import Client
 from tests.support.dnsserver import DNSTestServer, start_dns_server
 from tests.support.identserver import IdentTestServer, start_ident_server, unused_port
+from tests.support.process import ipv6_loopback
 from tests.support.server import RunningServer, in_thread
 
 DNS_TIMEOUT = 0.5
@@ -287,16 +288,7 @@ async def test_ident_errors_leave_remote_info_none_within_ident_timeout(
     )
 
 
-def _ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
-            sock.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this machine")
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback on this machine")
 @pytest_twisted.ensureDeferred
 async def test_ipv6_peer_gets_ip6_arpa_name_confirmed_by_aaaa(qpconn_server, tmp_path, dns):
     server, rec = start(qpconn_server, tmp_path, dns, interface="::1")

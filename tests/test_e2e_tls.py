@@ -36,11 +36,6 @@ def errors() -> Iterator[list[dict[str, Any]]]:
 
 
 @pytest.fixture
-def pki(tmp_path: Any) -> TlsFiles:
-    return make_pki(str(tmp_path / "pki"))
-
-
-@pytest.fixture
 def tls_server(qpconn_server: Any, pki: TlsFiles) -> Any:
     return qpconn_server(files={"tls_cert": pki.cert, "tls_key": pki.key})
 

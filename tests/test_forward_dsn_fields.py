@@ -9,41 +9,30 @@ recipient's ORCPT, both decoded from xtext; a recipient without ORCPT has none.
 
 from __future__ import annotations
 
-import contextlib
 import email
 import email.message
-from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import pytest_twisted
 
 from qpconn.plugins import Plugin
 from qpconn.results import DENY
-from tests.e2e_client import Client
+from tests.support import forwarding
 from tests.support.nexthop import Recorder, aiosmtpd_next_hop
-from tests.support.server import in_thread, start_server
+from tests.support.server import in_thread
 
 TEXT = b"Subject: for you\r\nMessage-ID: <m1@example.org>\r\n\r\nbody"
 REFUSAL = "550 5.1.1 No such user"
+DOMAINS = ["mx.test"]
 
 
 def deliver(address: Any, mail: str, rcpts: list[str], body: bytes = TEXT) -> Any:
-    with Client(address, timeout=15) as smtp:
-        assert smtp.cmd("EHLO client.test").code == 250
-        reply = smtp.cmd(f"MAIL FROM:{mail}".encode())
-        assert reply.code == 250, reply
-        for rcpt in rcpts:
-            reply = smtp.cmd(f"RCPT TO:{rcpt}".encode())
-            assert reply.code == 250, reply
-        assert smtp.code("DATA") == 354
-        return smtp.message(body)
+    return forwarding.deliver(address, mail, rcpts, body)
 
 
 def front(qpconn_server: Any, port: int) -> Any:
-    return qpconn_server(
-        plugins=["relay", "rcpt_ok", f"queue/smtp-forward 127.0.0.1 {port} idle=0.1"],
-        files={"rcpthosts": ["mx.test"]},
-    )
+    return forwarding.front(qpconn_server, port, DOMAINS)
 
 
 def status_blocks(bounce: bytes) -> tuple[email.message.Message, list[email.message.Message]]:
@@ -114,18 +103,8 @@ class RefuseGone(Plugin):
         return None
 
 
-@contextlib.asynccontextmanager
-async def next_hop_qpconn(tmp_path: Any) -> AsyncIterator[Any]:
-    hop = start_server(
-        tmp_path / "hop",
-        plugins=[RefuseGone, "relay", "rcpt_ok", f"queue/maildir {tmp_path / 'hop' / 'maildir'}"],
-        files={"rcpthosts": ["mx.test"]},
-    )
-    try:
-        yield hop
-    finally:
-        await hop.stop()
-        await hop.wait_sessions_closed()
+def next_hop_qpconn(tmp_path: Any) -> AbstractAsyncContextManager[Any]:
+    return forwarding.next_hop_qpconn(tmp_path, RefuseGone, DOMAINS)
 
 
 @pytest_twisted.ensureDeferred

@@ -6,18 +6,18 @@ BINARYMIME) and aiosmtpd (offers none of them).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import pytest_twisted
 
 from qpconn.plugins import Plugin
-from tests.e2e_client import Client
+from tests.support import forwarding
 from tests.support.nexthop import Recorder, aiosmtpd_next_hop
-from tests.support.server import in_thread, start_server
+from tests.support.server import in_thread
 
 TEXT = b"Subject: on\r\n\r\nbody"
+DOMAINS = ["mx.test", "bücher.test"]
 
 
 class Keep(Plugin):
@@ -36,41 +36,17 @@ class Keep(Plugin):
         )
 
 
-@contextlib.asynccontextmanager
-async def next_hop_qpconn(tmp_path: Any) -> AsyncIterator[Any]:
-    hop = start_server(
-        tmp_path / "hop",
-        plugins=[Keep, "relay", "rcpt_ok", f"queue/maildir {tmp_path / 'hop' / 'maildir'}"],
-        files={"rcpthosts": ["mx.test", "bücher.test"]},
-    )
-    try:
-        yield hop
-    finally:
-        await hop.stop()
-        await hop.wait_sessions_closed()
+def next_hop_qpconn(tmp_path: Any) -> AbstractAsyncContextManager[Any]:
+    return forwarding.next_hop_qpconn(tmp_path, Keep, DOMAINS)
 
 
 def front(qpconn_server: Any, port: int) -> Any:
-    return qpconn_server(
-        plugins=["relay", "rcpt_ok", f"queue/smtp-forward 127.0.0.1 {port} idle=0.1"],
-        files={"rcpthosts": ["mx.test", "bücher.test"]},
-    )
+    return forwarding.front(qpconn_server, port, DOMAINS)
 
 
 def deliver(address: Any, mail: str, rcpts: list[str], body: bytes = TEXT,
             bdat: bool = False) -> Any:  # fmt: skip
-    with Client(address, timeout=15) as smtp:
-        assert smtp.cmd("EHLO client.test").code == 250
-        reply = smtp.cmd(f"MAIL FROM:{mail}".encode())
-        assert reply.code == 250, reply
-        for rcpt in rcpts:
-            reply = smtp.cmd(f"RCPT TO:{rcpt}".encode())
-            assert reply.code == 250, reply
-        if bdat:
-            smtp.send(b"BDAT %d LAST\r\n" % len(body) + body)
-            return smtp.reply()
-        assert smtp.code("DATA") == 354
-        return smtp.message(body)
+    return forwarding.deliver(address, mail, rcpts, body, bdat)
 
 
 @pytest_twisted.ensureDeferred

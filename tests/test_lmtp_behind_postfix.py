@@ -10,9 +10,6 @@ to qpconn as well. Skips without the package, root, or the ``postfix`` user.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,54 +23,19 @@ from qpconn.results import OK
 from qpconn.server.lmtp import LMTPListenerFactory
 from tests.e2e_client import Client
 from tests.support.nexthop import wait_until
-from tests.support.process import free_port, wait_for_port
+from tests.support.postfix import private_postfix
+from tests.support.postfix import read as _read
+from tests.support.process import free_port
 from tests.support.server import in_thread
-from tests.test_queue_postfix import _Alive, _postfix_usable, _read, postfix
 
 MASTER_CF = """\
-127.0.0.1:{port} inet n - n - - smtpd
-pickup    unix  n - n 60 1 pickup
-cleanup   unix  n - n - 0 cleanup
-qmgr      unix  n - n 300 1 qmgr
-rewrite   unix  - - n - - trivial-rewrite
-bounce    unix  - - n - 0 bounce
-defer     unix  - - n - 0 bounce
-trace     unix  - - n - 0 bounce
-verify    unix  - - n - 1 verify
-flush     unix  n - n 1000? 0 flush
-proxymap  unix  - - n - - proxymap
 lmtp      unix  - - n - - lmtp
-error     unix  - - n - - error
-retry     unix  - - n - - error
-discard   unix  - - n - - discard
-anvil     unix  - - n - 1 anvil
-scache    unix  - - n - 1 scache
-postlog   unix-dgram n - n - 1 postlogd
 """
 
 MAIN_CF = """\
-compatibility_level = 3.6
-queue_directory = {root}/spool
-data_directory = {root}/data
-mail_owner = postfix
-setgid_group = postdrop
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
-myhostname = postfix.test
-mydestination =
-mynetworks = 127.0.0.0/8
 relayhost =
-relay_domains = mx.test example.org
 relay_transport = lmtp:inet:127.0.0.1:{lmtp}
 default_transport = lmtp:inet:127.0.0.1:{lmtp}
-smtpd_relay_restrictions = permit_mynetworks, reject
-maillog_file = {root}/maillog
-maillog_file_prefixes = {root}
-alias_maps =
-alias_database =
-local_recipient_maps =
-smtputf8_enable = no
-biff = no
 """
 
 
@@ -96,29 +58,9 @@ class Mailboxes(Plugin):
 @pytest.fixture
 def postfix_in_front() -> Iterator[tuple[int, int, str]]:
     """(Postfix's SMTP port, the port it delivers to over LMTP, Postfix's log path)."""
-    reason = _postfix_usable()
-    if reason:
-        pytest.skip(reason)
-    root = tempfile.mkdtemp(prefix="qpconn-postfix-lmtp-")
-    os.chmod(root, 0o755)  # Postfix's processes run as the postfix user
-    config = os.path.join(root, "etc")
-    for name in ("etc", "spool", "data"):
-        os.makedirs(os.path.join(root, name))
-    shutil.chown(os.path.join(root, "data"), "postfix")
-    port, lmtp_port = free_port(), free_port()
-    with open(os.path.join(config, "main.cf"), "w") as handle:
-        handle.write(MAIN_CF.format(root=root, lmtp=lmtp_port))
-    with open(os.path.join(config, "master.cf"), "w") as handle:
-        handle.write(MASTER_CF.format(port=port))
-    started = postfix(config, "start")
-    try:
-        if started.returncode != 0:
-            pytest.skip(f"postfix did not start: {started.stderr.decode(errors='replace')}")
-        wait_for_port(port, _Alive())
-        yield port, lmtp_port, os.path.join(root, "maillog")
-    finally:
-        postfix(config, "stop")
-        shutil.rmtree(root, ignore_errors=True)
+    lmtp_port = free_port()
+    with private_postfix(MAIN_CF, MASTER_CF, lmtp=lmtp_port) as instance:
+        yield instance.port, lmtp_port, instance.maillog
 
 
 def send(port: int) -> tuple[int, str]:

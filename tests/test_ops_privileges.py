@@ -8,7 +8,6 @@ import shlex
 import shutil
 import smtplib
 import socket
-import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -17,7 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.process import running, twistd_command, wait_for_port
+from tests.support.process import (
+    free_port,
+    logged_process,
+    running,
+    twistd_command,
+    wait_for_port,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "docs" / "examples"
@@ -136,10 +141,7 @@ def test_socket_activation_with_the_example_unit(tmp_path):
     config.mkdir()
     (config / "plugins").write_text(f"rcpt_ok\nqueue/maildir {tmp_path / 'maildir'}\n")
     (config / "rcpthosts").write_text("mx.test\n")
-    metrics = socket.socket()
-    metrics.bind(("127.0.0.1", 0))
-    metrics_port = metrics.getsockname()[1]
-    metrics.close()
+    metrics_port = free_port()
     options[options.index("--config") + 1] = str(config)
     options[options.index("--metrics") + 1] = f"tcp:{metrics_port}:interface=127.0.0.1"
 
@@ -157,31 +159,15 @@ def test_socket_activation_with_the_example_unit(tmp_path):
         "os.execvp(sys.argv[1], sys.argv[1:])"
     )
     command = [sys.executable, "-c", activate, *twistd_command("qpconn", *options, "--no-rdns")]
-    log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - closed below
-    process = subprocess.Popen(
-        command,
-        cwd=tmp_path,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        pass_fds=(listener.fileno(),),
-        env={**os.environ, "QPCONN_FD": str(listener.fileno())},
-    )
-    listener.close()  # the server owns it now
-    try:
+    fd = listener.fileno()
+    with logged_process(command, str(tmp_path), {"QPCONN_FD": str(fd)}, pass_fds=(fd,)) as process:
+        listener.close()  # the server owns it now
         wait_for_port(metrics_port, process)
         for host in ("127.0.0.1", "::1"):
             with smtplib.SMTP(host, port, timeout=10) as smtp:
                 smtp.ehlo("client.test")
                 refused = smtp.sendmail("a@example.org", ["u@mx.test"], b"Subject: s\r\n\r\nx\r\n")
                 assert refused == {}
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
-        log.close()
     assert len(list((tmp_path / "maildir" / "new").iterdir())) == 2
     text = (tmp_path / "server.log").read_text()
     assert "connect from 127.0.0.1:" in text  # IPv4-mapped clients are logged as IPv4

@@ -16,9 +16,8 @@ from qpconn.plugins.virus.clamdscan import CHUNK, instream, parse_answer
 from qpconn.scanclient import ScanError
 from tests.e2e_client import watch_errors
 from tests.support.mail import header_fields
-from tests.support.policy import send_message, sessions_plugin
-from tests.support.scanners import EICAR, ClamdTestServer
-from tests.support.server import in_thread
+from tests.support.scanners import EICAR, ClamdTestServer, deliver
+from tests.support.scanners import scanning_server as start
 
 CLEAN = b"From: a@example.org\r\nSubject: report\r\n\r\nThe figures are attached.\r\n"
 INFECTED = (
@@ -37,21 +36,6 @@ async def clamd() -> AsyncIterator[ClamdTestServer]:
     server = ClamdTestServer()
     yield server
     await server.stop()
-
-
-def start(qpconn_server: Any, line: str) -> Any:
-    recorder = sessions_plugin()
-    server = qpconn_server(plugins=["rcpt_ok", line, "queue/maildir maildir", recorder])
-    server.extra["sessions"] = recorder
-    return server
-
-
-async def deliver(server: Any, text: bytes) -> Any:
-    replies = await in_thread(
-        send_message, server.address, "127.0.0.2", "a@example.org", "u@mx.test", text
-    )
-    await server.wait_sessions_closed()
-    return replies[-1]
 
 
 @pytest_twisted.ensureDeferred

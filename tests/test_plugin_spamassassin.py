@@ -14,9 +14,8 @@ from qpconn.config import Config
 from qpconn.plugins import PluginLoadError, load_plugin
 from tests.e2e_client import watch_errors
 from tests.support.mail import header_fields
-from tests.support.policy import send_message, sessions_plugin
-from tests.support.scanners import GTUBE, SpamdTestServer, start_real_spamd
-from tests.support.server import in_thread
+from tests.support.scanners import GTUBE, SpamdTestServer, deliver, start_real_spamd
+from tests.support.scanners import scanning_server as start
 
 HAM = b"From: a@example.org\r\nSubject: lunch\r\n\r\nSee you at noon.\r\n"
 SPAM = b"From: a@example.org\r\nSubject: offer\r\n\r\ncheap pills, act now\r\n"
@@ -44,21 +43,6 @@ def real_spamd(tmp_path_factory: Any) -> Iterator[str]:
     yield address
     process.terminate()
     process.wait(10)
-
-
-def start(qpconn_server: Any, line: str) -> Any:
-    recorder = sessions_plugin()
-    server = qpconn_server(plugins=["rcpt_ok", line, "queue/maildir maildir", recorder])
-    server.extra["sessions"] = recorder
-    return server
-
-
-async def deliver(server: Any, text: bytes) -> Any:
-    replies = await in_thread(
-        send_message, server.address, "127.0.0.2", "a@example.org", "u@mx.test", text
-    )
-    await server.wait_sessions_closed()
-    return replies[-1]
 
 
 def spam_fields(message: bytes) -> list[bytes]:

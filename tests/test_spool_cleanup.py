@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from qpconn.plugins import Plugin
 from qpconn.results import DENY
 from qpconn.spool import clean_stale_spool
 from tests.e2e_client import Client
+from tests.support.nexthop import wait_until
 from tests.support.server import in_thread
 
 BIG = b"Subject: spooled\r\n\r\n" + b"\r\n".join([b"s" * 500] * 40)  # ~20 KB
@@ -34,15 +34,6 @@ def spool_server(qpconn_server: Any, tmp_path: Path, plugins: list[Any] | None =
     spool.mkdir(exist_ok=True)
     files = {"spool_dir": str(spool), "size_threshold": "1024"}
     return qpconn_server(files=files, plugins=plugins)
-
-
-def wait_for(predicate: Any, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 def spooled(tmp_path: Path) -> list[str]:
@@ -64,7 +55,7 @@ async def test_spool_removed_after_an_accepted_message(qpconn_server, tmp_path):
     def session() -> None:
         with Client(server.address) as client:
             begin_data(client)
-            assert wait_for(lambda: len(spooled(tmp_path)) == 1)  # it did spool
+            assert wait_until(lambda: len(spooled(tmp_path)) == 1)  # it did spool
             assert client.message(b"last line").code == 250
             assert spooled(tmp_path) == []
             client.cmd("QUIT")
@@ -87,7 +78,7 @@ async def test_spool_removed_however_the_transaction_ends(qpconn_server, tmp_pat
     def session() -> None:
         client = Client(server.address)
         begin_data(client)
-        assert wait_for(lambda: len(spooled(tmp_path)) == 1)
+        assert wait_until(lambda: len(spooled(tmp_path)) == 1)
         if ending == "disconnect":
             client.close()
         else:
@@ -97,7 +88,7 @@ async def test_spool_removed_however_the_transaction_ends(qpconn_server, tmp_pat
             assert client.cmd("RSET").code == 250
             client.cmd("QUIT")
             client.close()
-        assert wait_for(lambda: spooled(tmp_path) == [])
+        assert wait_until(lambda: spooled(tmp_path) == [])
 
     await in_thread(session)
     await server.wait_sessions_closed()
@@ -140,7 +131,7 @@ async def test_spool_removed_by_rset_between_bdat_chunks(qpconn_server, tmp_path
             assert client.cmd("RCPT TO:<user@mx.test>").code == 250
             client.send(b"BDAT %d\r\n" % len(BIG) + BIG)
             assert client.reply().code == 250
-            assert wait_for(lambda: len(spooled(tmp_path)) == 1)
+            assert wait_until(lambda: len(spooled(tmp_path)) == 1)
             assert client.cmd("RSET").code == 250
             assert spooled(tmp_path) == []
             client.cmd("QUIT")

@@ -1,15 +1,25 @@
-"""A throwaway self-signed certificate for TLS peers in tests (127.0.0.1 and localhost)."""
+"""A throwaway self-signed certificate for TLS peers in tests (127.0.0.1 and localhost).
+
+Built with :mod:`tests.support.tlscerts`, which also makes a CA-signed pair
+(:func:`~tests.support.tlscerts.make_pki`) for tests that need a separate trust anchor.
+"""
 
 from __future__ import annotations
 
 import datetime
-import ipaddress
 import os
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+
+from tests.support.tlscerts import (
+    cert_pem,
+    certificate,
+    common_name,
+    host_names,
+    key_pem,
+    new_key,
+    write_files,
+)
 
 
 def self_signed(directory: str, name: str = "localhost") -> tuple[str, str]:
@@ -18,36 +28,17 @@ def self_signed(directory: str, name: str = "localhost") -> tuple[str, str]:
     The certificate names ``name`` and 127.0.0.1 (SAN) and is its own CA, so a client can
     verify it by trusting the same file.
     """
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    key = new_key()
     now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName(name), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
+    cert = certificate(
+        name,
+        common_name(name),
+        key.public_key(),
+        key,
+        (now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=1)),
+        [(host_names(name), False), (x509.BasicConstraints(ca=True, path_length=None), True)],
     )
     cert_path = os.path.join(directory, "cert.pem")
     key_path = os.path.join(directory, "key.pem")
-    with open(cert_path, "wb") as handle:
-        handle.write(cert.public_bytes(serialization.Encoding.PEM))
-    with open(key_path, "wb") as handle:
-        handle.write(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
+    write_files((cert_path, cert_pem(cert)), (key_path, key_pem(key)))
     return cert_path, key_path

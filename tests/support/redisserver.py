@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from tests.support.process import free_port, wait_for_port
+from tests.support.process import free_port, stop, wait_for_port
 
 
 def redis_binary() -> str | None:
@@ -40,11 +39,5 @@ def redis_server(directory: str, port: int | None = None) -> Iterator[str]:
         wait_for_port(port, process, timeout=10.0)
         yield f"redis://127.0.0.1:{port}/0"
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
+        stop(process, grace=5.0)
         log.close()

@@ -25,7 +25,18 @@ from typing import Any
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import Factory, Protocol
 
-__all__ = ["EICAR", "GTUBE", "SpamdTestServer", "ClamdTestServer", "start_real_spamd"]
+from tests.support.policy import Reply, send_message, sessions_plugin
+from tests.support.server import in_thread
+
+__all__ = [
+    "EICAR",
+    "GTUBE",
+    "SpamdTestServer",
+    "ClamdTestServer",
+    "start_real_spamd",
+    "scanning_server",
+    "deliver",
+]
 
 # Built from pieces so that no file of the repository is itself flagged by a scanner.
 EICAR = b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$" + b"EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
@@ -209,3 +220,24 @@ def start_real_spamd(directory: str) -> tuple[subprocess.Popen[bytes], str] | No
     process.terminate()
     process.wait(5)
     return None
+
+
+def scanning_server(qpconn_server: Any, line: str) -> Any:
+    """A qpconn with the scanner plugin ``line`` before a maildir queue.
+
+    ``server.extra["sessions"]`` keeps each session's verdicts, so a test can read what
+    the scanner decided as well as the reply.
+    """
+    recorder = sessions_plugin()
+    server = qpconn_server(plugins=["rcpt_ok", line, "queue/maildir maildir", recorder])
+    server.extra["sessions"] = recorder
+    return server
+
+
+async def deliver(server: Any, text: bytes) -> Reply:
+    """Send ``text`` from 127.0.0.2 and return the last reply, once the session is closed."""
+    replies = await in_thread(
+        send_message, server.address, "127.0.0.2", "a@example.org", "u@mx.test", text
+    )
+    await server.wait_sessions_closed()
+    return replies[-1]

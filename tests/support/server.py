@@ -18,10 +18,11 @@ from twisted.internet import reactor, threads
 from twisted.internet.defer import Deferred
 
 from qpconn.config import Config
-from qpconn.plugins import Plugin, load_plugin
+from qpconn.plugins import Plugin
 from qpconn.server.factory import SMTPFactory
 from qpconn.server.peerinfo import LookupSettings
 from qpconn.server.protocol import SMTPServerProtocol
+from qpconn.testing import load_listed_plugins
 
 T = TypeVar("T")
 
@@ -113,17 +114,7 @@ def start_server(
     contents.update(files or {})
     write_config(config_dir, contents)
     config = Config(config_dir)
-    loaded: list[Plugin] | None = None
-    if plugins is not None:
-        loaded = []
-        for item in plugins:
-            if isinstance(item, Plugin):
-                loaded.append(item)
-            elif isinstance(item, type):
-                loaded.append(item(config, item.__name__))
-            else:
-                words = item.split()
-                loaded.append(load_plugin(config, words[0], *words[1:]))
+    loaded = load_listed_plugins(config, plugins) if plugins is not None else None
     factory = factory_class(
         config, loaded, protocol=protocol, lookups=lookups or LookupSettings(rdns=False)
     )

@@ -35,74 +35,108 @@ class TlsFiles:
         return ssl.create_default_context(cafile=self.ca_cert)
 
 
-def _name(common: str) -> x509.Name:
+def common_name(common: str) -> x509.Name:
+    """A subject or issuer with just a common name."""
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+
+def new_key() -> ec.EllipticCurvePrivateKey:
+    """A P-256 key: generated in milliseconds, accepted by every TLS stack we test with."""
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def host_names(name: str = "localhost") -> x509.SubjectAlternativeName:
+    """The SAN a loopback server needs: ``name`` and 127.0.0.1."""
+    return x509.SubjectAlternativeName(
+        [x509.DNSName(name), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    )
+
+
+def certificate(
+    subject: str,
+    issuer: x509.Name,
+    public_key: ec.EllipticCurvePublicKey,
+    signer: ec.EllipticCurvePrivateKey,
+    valid: tuple[datetime.datetime, datetime.datetime],
+    extensions: list[tuple[x509.ExtensionType, bool]],
+) -> x509.Certificate:
+    """A certificate for ``subject`` signed by ``signer``; ``extensions`` are (value, critical)."""
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(common_name(subject))
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(valid[0])
+        .not_valid_after(valid[1])
+    )
+    for extension, critical in extensions:
+        builder = builder.add_extension(extension, critical=critical)
+    return builder.sign(signer, hashes.SHA256())
+
+
+def cert_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """The key unencrypted, as qpconn's ``tls_key`` and ssl.load_cert_chain read it."""
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def write_files(*files: tuple[str, bytes]) -> None:
+    """Write each (path, data)."""
+    for path, data in files:
+        with open(path, "wb") as handle:
+            handle.write(data)
 
 
 def make_pki(directory: str) -> TlsFiles:
     """Write a CA and a server certificate for localhost/127.0.0.1 into ``directory``."""
     os.makedirs(directory, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
-    start, end = now - datetime.timedelta(hours=1), now + datetime.timedelta(days=1)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name("qpconn test CA"))
-        .issuer_name(_name("qpconn test CA"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
+    valid = (now - datetime.timedelta(hours=1), now + datetime.timedelta(days=1))
+    ca_key = new_key()
+    ca_usage = x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=True,
+        crl_sign=True,
+        encipher_only=False,
+        decipher_only=False,
     )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name("localhost"))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
-        )
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
+    ca_cert = certificate(
+        "qpconn test CA",
+        common_name("qpconn test CA"),
+        ca_key.public_key(),
+        ca_key,
+        valid,
+        [
+            (x509.BasicConstraints(ca=True, path_length=None), True),
+            (ca_usage, True),
+            (x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False),
+        ],
     )
-    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
+    key = new_key()
+    cert = certificate(
+        "localhost",
+        ca_cert.subject,
+        key.public_key(),
+        ca_key,
+        valid,
+        [
+            (host_names("localhost"), False),
+            (x509.BasicConstraints(ca=False, path_length=None), True),
+            (x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), False),
+            (x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False),
+        ],
     )
     paths = TlsFiles(
         ca_cert=os.path.join(directory, "ca.pem"),
@@ -110,12 +144,10 @@ def make_pki(directory: str) -> TlsFiles:
         key=os.path.join(directory, "key.pem"),
         combined=os.path.join(directory, "combined.pem"),
     )
-    for path, data in (
-        (paths.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM)),
-        (paths.cert, cert_pem),
-        (paths.key, key_pem),
-        (paths.combined, cert_pem + key_pem),
-    ):
-        with open(path, "wb") as handle:
-            handle.write(data)
+    write_files(
+        (paths.ca_cert, cert_pem(ca_cert)),
+        (paths.cert, cert_pem(cert)),
+        (paths.key, key_pem(key)),
+        (paths.combined, cert_pem(cert) + key_pem(key)),
+    )
     return paths
