@@ -21,7 +21,8 @@ running server would cut it off; test such plugins against a real server with th
 The DNS table maps ``(name, type)`` to answers: a list of values (``"192.0.2.1"``,
 ``"mx.example"``, ``"10 mx.example"`` for MX, a string for TXT) or one of ``"nxdomain"``,
 ``"servfail"``, ``"timeout"``. A PTR key may be written with the IP address itself:
-``("192.0.2.1", "PTR")``. Anything not in the table is NXDOMAIN.
+``("192.0.2.1", "PTR")``. A name not in the table is NXDOMAIN; a name in the table
+asked for another type has no records of it (NODATA), as a real server answers.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from twisted.names import error as dns_error
 from twisted.names.common import ResolverBase
 from twisted.python.failure import Failure
 
+from qpconn import workers
 from qpconn.config import Config
 from qpconn.core.reply import Reply
 from qpconn.hooks import HookRunner
@@ -54,6 +56,8 @@ from qpconn.server.peerinfo import _SHARED_CACHE, LookupSettings, PeerInfo
 __all__ = [
     "run_session",
     "send_message",
+    "Harness",
+    "INLINE_POOLS",
     "SessionResult",
     "TransactionRecord",
     "DNSTable",
@@ -116,6 +120,8 @@ class DNSTable(ResolverBase):
         self.questions.append((text, rtype))
         answer = self.table.get((text, rtype))
         if answer is None:
+            if any(known == text for known, _ in self.table):
+                return defer.succeed(([], [], []))  # the name exists: NODATA, not NXDOMAIN
             return defer.fail(dns_error.DNSNameError(text))
         if isinstance(answer, str) and answer in _SPECIAL:
             return defer.fail(_SPECIAL[answer](text))
@@ -212,17 +218,114 @@ def load_listed_plugins(
     return loaded
 
 
+#: worker pools (:mod:`qpconn.workers`) whose work runs inline during a session: their
+#: stores (SQLite, Redis) need no reactor, so greylisting and karma run on the fake clock
+INLINE_POOLS = ("greylist", "karma")
+
+ConfigSpec = Mapping[str, str | Sequence[str]] | str | os.PathLike[str] | None
+PluginList = Iterable[Plugin | type[Plugin] | str] | None
+
+
+class Harness:
+    """One in-process server (config, plugins, clock, DNS table) for several sessions.
+
+    A running server keeps its plugins from one client to the next; so does a harness:
+    what a plugin remembers (greylisting's triplets, karma's scores, a connection count)
+    carries over from one :meth:`run` to the next, and the test moves time on in between
+    with ``harness.clock.advance(seconds)``. :func:`run_session` is one harness, one run.
+
+    Use it as a context manager (or call :meth:`close`): a ``config`` mapping lives in a
+    temporary directory until then. Arguments are those of :func:`run_session`.
+    """
+
+    def __init__(
+        self,
+        plugins: PluginList = None,
+        *,
+        config: ConfigSpec = None,
+        dns_answers: Mapping[tuple[str, str], Any] | None = None,
+        rdns: bool = True,
+        queue: bool = True,
+        clock: Clock | None = None,
+        inline_pools: Iterable[str] = INLINE_POOLS,
+    ) -> None:
+        self._scratch: tempfile.TemporaryDirectory[str] | None = None
+        if isinstance(config, str | os.PathLike):
+            config_dir = os.fspath(config)
+        else:
+            self._scratch = tempfile.TemporaryDirectory(prefix="qpconn-testing-")
+            config_dir = self._scratch.name
+            files: dict[str, str | Sequence[str]] = {"me": "mx.test", **(config or {})}
+            for name, value in files.items():
+                text = value if isinstance(value, str) else "\n".join(value) + "\n"
+                with open(os.path.join(config_dir, name), "w", encoding="utf-8") as handle:
+                    handle.write(text)
+        self.config = Config(config_dir)
+        self.clock = clock or Clock()
+        #: the DNS table every session asks (its ``questions`` add up over the runs)
+        self.dns = DNSTable(dns_answers)
+        self.inline_pools = tuple(inline_pools)
+        try:
+            self.factory, self._marker = _build(self.config, plugins, self.dns, rdns, queue,
+                                                self.clock)  # fmt: skip
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def plugins(self) -> list[Plugin]:
+        """The loaded plugins, in order (with the recording queue last, if asked for)."""
+        return list(self.factory.plugins)
+
+    def plugin(self, name: str) -> Plugin:
+        """The first loaded plugin called ``name`` (as in the list: ``"greylisting"``)."""
+        for plugin in self.factory.plugins:
+            if plugin.name == name:
+                return plugin
+        raise KeyError(name)
+
+    def run(
+        self,
+        script: Sequence[str | bytes],
+        *,
+        remote_ip: str = "192.0.2.1",
+        remote_port: int = 50000,
+        early: bytes = b"",
+    ) -> SessionResult:
+        """One client session from ``remote_ip``; see :func:`run_session`."""
+        with workers.inline_pools(*self.inline_pools):
+            return _drive(
+                self.factory, script, self.dns, remote_ip, remote_port, self.clock, early
+            )
+
+    def close(self) -> None:
+        """Forget the cached lookups and remove the temporary config directory."""
+        if getattr(self, "_marker", None) is not None:
+            _SHARED_CACHE.pop((id(self.clock), (self._marker,)), None)
+        if self._scratch is not None:
+            self._scratch.cleanup()
+            self._scratch = None
+
+    def __enter__(self) -> Harness:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def run_session(
-    plugins: Iterable[Plugin | type[Plugin] | str] | None,
+    plugins: PluginList,
     script: Sequence[str | bytes],
     *,
-    config: Mapping[str, str | Sequence[str]] | str | None = None,
+    config: ConfigSpec = None,
     dns_answers: Mapping[tuple[str, str], Any] | None = None,
     remote_ip: str = "192.0.2.1",
     remote_port: int = 50000,
     rdns: bool = True,
     queue: bool = True,
     clock: Clock | None = None,
+    early: bytes = b"",
+    inline_pools: Iterable[str] = INLINE_POOLS,
 ) -> SessionResult:
     """Run ``script`` (commands as text, CRLF added; ``bytes`` sent as they are, e.g. a
     message ending in ``.\\r\\n``) against ``plugins`` (config lines, classes or
@@ -231,41 +334,30 @@ def run_session(
     ``config`` is a directory path or a mapping of file name to contents (written to a
     temporary directory; ``me`` defaults to ``mx.test``). ``dns_answers`` is the DNS
     table; reverse DNS of ``remote_ip`` runs through it unless ``rdns`` is False.
+    ``early`` is sent as soon as the client connects, before the greeting (a client
+    that does not wait for it). The work of the worker pools named in ``inline_pools``
+    is done in place (see :data:`INLINE_POOLS`).
     """
-    with tempfile.TemporaryDirectory(prefix="qpconn-testing-") as scratch:
-        if isinstance(config, str):
-            config_dir = config
-        else:
-            config_dir = scratch
-            files: dict[str, str | Sequence[str]] = {"me": "mx.test", **(config or {})}
-            for name, value in files.items():
-                text = value if isinstance(value, str) else "\n".join(value) + "\n"
-                with open(os.path.join(scratch, name), "w", encoding="utf-8") as handle:
-                    handle.write(text)
-        return _run(
-            Config(config_dir),
-            plugins,
-            script,
-            DNSTable(dns_answers),
-            remote_ip,
-            remote_port,
-            rdns,
-            queue,
-            clock or Clock(),
-        )
+    with Harness(
+        plugins,
+        config=config,
+        dns_answers=dns_answers,
+        rdns=rdns,
+        queue=queue,
+        clock=clock,
+        inline_pools=inline_pools,
+    ) as harness:
+        return harness.run(script, remote_ip=remote_ip, remote_port=remote_port, early=early)
 
 
-def _run(
+def _build(
     config: Config,
-    plugins: Iterable[Plugin | type[Plugin] | str] | None,
-    script: Sequence[str | bytes],
+    plugins: PluginList,
     table: DNSTable,
-    remote_ip: str,
-    remote_port: int,
     rdns: bool,
     queue: bool,
     clock: Clock,
-) -> SessionResult:
+) -> tuple[SMTPFactory, tuple[str, int]]:
     # A named (never asked) server: a resolv.conf resolver would start a real timer.
     quiet = LookupSettings(rdns=False, dns_servers=[("127.0.0.1", 53)])
     factory = SMTPFactory(config, [], clock=clock, lookups=quiet)
@@ -288,10 +380,7 @@ def _run(
     factory.runner = HookRunner(loaded, clock, factory.runner.timeout)
     for plugin in loaded:
         plugin.attach(factory)
-    try:
-        return _drive(factory, script, table, remote_ip, remote_port, clock)
-    finally:
-        _SHARED_CACHE.pop((id(clock), (marker,)), None)
+    return factory, marker
 
 
 def _drive(
@@ -301,6 +390,7 @@ def _drive(
     remote_ip: str,
     remote_port: int,
     clock: Clock,
+    early: bytes = b"",
 ) -> SessionResult:
     family = IPv6Address if ":" in remote_ip else IPv4Address
     local = "::1" if family is IPv6Address else "127.0.0.1"
@@ -319,6 +409,8 @@ def _drive(
 
     proto.new_transaction = recording  # type: ignore[method-assign]
     proto.makeConnection(transport)
+    if early and not transport.disconnecting:
+        proto.dataReceived(early)  # while the connect hooks still hold the greeting back
     _settle(proto, clock)
     for item in script:
         if transport.disconnecting:

@@ -16,7 +16,8 @@ started on first use and stopped when the reactor shuts down.
 from __future__ import annotations
 
 import queue
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from twisted.internet import defer, threads
@@ -25,12 +26,22 @@ from twisted.python.threadpool import ThreadPool
 
 from qpconn.dns import Answer, query
 
-__all__ = ["worker_pool", "run_in_pool", "call_in_reactor", "dns_bridge", "DNSFunction"]
+__all__ = [
+    "worker_pool",
+    "run_in_pool",
+    "inline_pools",
+    "call_in_reactor",
+    "dns_bridge",
+    "DNSFunction",
+]
 
 T = TypeVar("T")
 
 #: name -> pool; one per name for the whole process
 _POOLS: dict[str, ThreadPool] = {}
+
+#: name -> how many ``inline_pools`` blocks currently ask for it
+_INLINE: dict[str, int] = {}
 
 #: ``lookup(name, rtype) -> Answer``, callable from a worker thread
 DNSFunction = Callable[[str, str], Answer]
@@ -62,7 +73,30 @@ def _stop(name: str) -> None:
 
 def run_in_pool(pool: str, function: Callable[..., T], *args: Any, **kwargs: Any) -> Any:
     """``function(*args)`` in the named pool; a Deferred with its result."""
+    if _INLINE.get(pool):
+        return defer.maybeDeferred(function, *args, **kwargs)
     return threads.deferToThreadPool(_reactor(), worker_pool(pool), function, *args, **kwargs)
+
+
+@contextmanager
+def inline_pools(*names: str) -> Iterator[None]:
+    """While the block runs, work for the named pools runs inline, in the caller's thread.
+
+    For :mod:`qpconn.testing`: a scripted session on a fake clock has no running reactor
+    to hand a thread's result back, and a store (SQLite, Redis) needs none, so its work
+    can simply be done in place. Not for pools whose work calls back into the reactor
+    (``auth``: SPF and DKIM ask DNS through :func:`dns_bridge`): inline, that work would
+    wait for the very thread it runs in.
+    """
+    for name in names:
+        _INLINE[name] = _INLINE.get(name, 0) + 1
+    try:
+        yield
+    finally:
+        for name in names:
+            _INLINE[name] -= 1
+            if not _INLINE[name]:
+                del _INLINE[name]
 
 
 def call_in_reactor(function: Callable[[], Any], timeout: float) -> Any:

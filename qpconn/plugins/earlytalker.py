@@ -31,6 +31,7 @@ from twisted.internet.defer import Deferred
 
 from qpconn.plugins import Plugin
 from qpconn.results import DECLINED, DENY, DENYSOFT, Result
+from qpconn.verdicts import with_class
 
 __all__ = ["EarlyTalker"]
 
@@ -76,7 +77,10 @@ class EarlyTalker(Plugin):
 
     def _refusal(self) -> tuple[Result, str] | None:
         result = _ACTIONS[self.action]
-        return None if result is None else (result, _MESSAGE)
+        if result is None:
+            return None
+        # a 450 carries 4.7.1, not "450 4.7.1 5.7.1 ..." (RFC 3463: the classes agree)
+        return result, with_class(_MESSAGE, "4" if result is DENYSOFT else "5")
 
     def hook_connect(self, transaction: Any) -> Deferred[Any] | Result:
         connection = transaction.connection

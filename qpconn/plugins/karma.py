@@ -12,8 +12,10 @@ from the penalty box would never leave it. Relay clients are neither judged nor 
 
 The database (``db PATH``, else the setting ``karma_db``, else ``./karma.db``) holds one
 row per address (good, bad, connections, last seen, last bad). It is read once per
-connection and written once per connection that scored, each time in the reactor's
-thread pool with a fresh SQLite connection, so several server processes may share it.
+connection and written once per connection that scored, each time in the bounded ``karma``
+worker pool (:mod:`qpconn.workers`) with a fresh SQLite connection, so several server
+processes may share it. Time (the age of the last bad point) is the server's clock
+(``self.server.clock``: the reactor, or the fake clock of :mod:`qpconn.testing`).
 If the file cannot be used the plugin logs a warning and judges nobody.
 
 Refusals by the plugins named in ``ignore`` (comma-separated, default ``greylisting``) do
@@ -30,12 +32,11 @@ import sqlite3
 from contextlib import closing
 from typing import Any
 
-from twisted.internet import threads
-
 from qpconn.checks import parse_options
 from qpconn.plugins import Plugin
 from qpconn.results import DONE, OK
 from qpconn.verdicts import RejectPolicy, naughty_mark, record
+from qpconn.workers import run_in_pool
 
 NOTE = "karma"
 DAY = 86400.0
@@ -100,7 +101,7 @@ class Karma(Plugin):
             record(transaction, self.name, "skip", "relay client or no IP", stage="connect")
             return None
         try:
-            good, bad, last_bad = await threads.deferToThread(self.store.read, ip)
+            good, bad, last_bad = await run_in_pool("karma", self.store.read, ip)
         except sqlite3.Error as exc:
             self.log.warn("karma: cannot read {path}: {error}", path=self.store.path, error=exc)
             record(transaction, self.name, "temperror", f"database: {exc}", stage="connect")
@@ -149,8 +150,9 @@ class Karma(Plugin):
         if not scores or connection.remote_ip is None or not (scores["good"] or scores["bad"]):
             return
         try:
-            await threads.deferToThread(
-                self.store.add, connection.remote_ip, scores["good"], scores["bad"], self._now()
+            good, bad = scores["good"], scores["bad"]
+            await run_in_pool(
+                "karma", self.store.add, connection.remote_ip, good, bad, self._now()
             )
         except sqlite3.Error as exc:
             self.log.warn("karma: cannot write {path}: {error}", path=self.store.path, error=exc)
