@@ -8,6 +8,7 @@ optionally pinned to one CPU with ``taskset``. Its CPU time and memory are read 
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -46,6 +47,9 @@ class Launch:
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
     #: called between measured runs (e.g. to empty a Maildir); not timed
     between_runs: Callable[[], None] | None = None
+    #: called first when the server is stopped, for servers whose processes leave the
+    #: launched process group (Postfix's master makes a session of its own)
+    stop: Callable[[], None] | None = None
 
 
 @dataclass
@@ -132,6 +136,156 @@ def qpconn_maildir(workdir: Path, port: int) -> Launch:
                     os.unlink(entry.path)
 
     return Launch(argv, workdir, between_runs=empty_maildir)
+
+
+def qpconn_maildir_from(source: Path) -> Callable[[Path, int], Launch]:
+    """The Maildir configuration run from another copy of the code (``--baseline``)."""
+
+    def prepare(workdir: Path, port: int) -> Launch:
+        launch = qpconn_maildir(workdir, port)
+        path = [str(source), launch.env.get("PYTHONPATH", "")]
+        launch.env["PYTHONPATH"] = os.pathsep.join(p for p in path if p)
+        return launch
+
+    return prepare
+
+
+# -- Postfix's own smtpd delivering into a Maildir ----------------------------------------
+#: smtpd on the bench port plus the daemons a local delivery needs; ``virtual`` writes
+#: each message into one Maildir (Postfix's virtual(8) agent fsyncs before renaming)
+POSTFIX_MASTER_CF = """\
+127.0.0.1:{port} inet n - n - - smtpd
+pickup    unix  n - n 60 1 pickup
+cleanup   unix  n - n - 0 cleanup
+qmgr      unix  n - n 300 1 qmgr
+rewrite   unix  - - n - - trivial-rewrite
+bounce    unix  - - n - 0 bounce
+defer     unix  - - n - 0 bounce
+trace     unix  - - n - 0 bounce
+verify    unix  - - n - 1 verify
+flush     unix  n - n 1000? 0 flush
+proxymap  unix  - - n - - proxymap
+error     unix  - - n - - error
+retry     unix  - - n - - error
+discard   unix  - - n - - discard
+anvil     unix  - - n - 1 anvil
+scache    unix  - - n - 1 scache
+postlog   unix-dgram n - n - 1 postlogd
+virtual   unix  - n n - - virtual
+"""
+
+#: loopback only; bench.test is a virtual mailbox domain whose every address lands in
+#: {root}/mail/Maildir/, owned by the postfix user; no rDNS-dependent restrictions
+POSTFIX_MAIN_CF = """\
+compatibility_level = 3.6
+queue_directory = {root}/spool
+data_directory = {root}/data
+mail_owner = postfix
+setgid_group = postdrop
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+myhostname = {hostname}
+mydestination =
+mynetworks = 127.0.0.0/8
+smtpd_relay_restrictions = permit_mynetworks, reject
+virtual_mailbox_domains = {hostname}
+virtual_mailbox_base = {root}/mail
+virtual_mailbox_maps = static:Maildir/
+virtual_uid_maps = static:{uid}
+virtual_gid_maps = static:{gid}
+maillog_file = {root}/maillog
+maillog_file_prefixes = {root}
+alias_maps =
+alias_database =
+smtputf8_enable = no
+smtpd_peername_lookup = no
+biff = no
+"""
+
+
+def postfix_unusable() -> str | None:
+    """Why a private Postfix instance cannot run here, or None when it can."""
+    if shutil.which("postfix") is None:
+        return "the postfix package is not installed"
+    if os.geteuid() != 0:
+        return "Postfix's master must be started as root"
+    try:
+        pwd.getpwnam("postfix")
+    except KeyError:
+        return "there is no postfix user"
+    return None
+
+
+def postfix_maildir(workdir: Path, port: int) -> Launch:
+    """A private Postfix (``postfix start-fg``, its master a child of the launched process,
+    stopped with ``postfix stop``) whose smtpd accepts for bench.test and delivers to a
+    Maildir.
+
+    Its 250 means the message is fsynced into Postfix's queue; the virtual agent delivers
+    it to the Maildir (fsync, rename) afterwards. Between runs the queue is drained (until
+    empty, bounded) and the Maildir emptied, untimed.
+    """
+    postfix_user = pwd.getpwnam("postfix")
+    # Its processes run as the postfix user: the work dir must be reachable by it.
+    for folder in (workdir.parent, workdir):
+        os.chmod(folder, 0o755)
+    config = workdir / "etc"
+    for name in ("etc", "spool", "data", "mail"):
+        (workdir / name).mkdir(exist_ok=True)
+    for name in ("data", "mail"):
+        os.chown(workdir / name, postfix_user.pw_uid, postfix_user.pw_gid)
+    values = {
+        "root": workdir, "port": port, "hostname": HOSTNAME,
+        "uid": postfix_user.pw_uid, "gid": postfix_user.pw_gid,
+    }  # fmt: skip
+    _write(config / "main.cf", POSTFIX_MAIN_CF.format(**values))
+    _write(config / "master.cf", POSTFIX_MASTER_CF.format(**values))
+    argv = ["postfix", "-c", str(config), "start-fg"]
+
+    def drain() -> None:
+        spool = workdir / "spool"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            queued = sum(
+                len(files)
+                for sub in ("incoming", "active", "deferred", "maildrop")
+                for _, _, files in os.walk(spool / sub)
+            )
+            if not queued:
+                break
+            time.sleep(0.2)
+        for sub in ("new", "tmp", "cur"):
+            folder = workdir / "mail" / "Maildir" / sub
+            if folder.is_dir():
+                for entry in os.scandir(folder):
+                    os.unlink(entry.path)
+
+    def stop() -> None:
+        # master -s calls setsid(): the process group kill would miss it and its children.
+        try:
+            subprocess.run(
+                ["postfix", "-c", str(config), "stop"], capture_output=True, timeout=30,
+                check=False,
+            )  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        try:
+            master = int((workdir / "spool" / "pid" / "master.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                os.kill(master, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+        try:
+            os.kill(master, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    return Launch(argv, workdir, between_runs=drain, stop=stop)
 
 
 def twisted_sink(workdir: Path, port: int) -> Launch:
@@ -251,10 +405,12 @@ class Running:
         return found
 
     def cpu_seconds(self, user_only: bool = False) -> float:
-        """utime + stime (or utime only) of the server, all threads and worker processes.
+        """utime + stime (or utime only) of the server, all threads and worker processes,
+        plus what their exited children used (cutime + cstime, once reaped).
 
-        A worker that exited in the meantime is not counted: runs are short and workers
-        are not expected to die during one.
+        The children's part matters for servers whose processes come and go during a run
+        (Postfix's smtpd, cleanup, virtual... are reaped by its master); a worker that
+        exited unreaped, or whose parent exited, is not counted.
         """
         ticks = 0
         for pid in self.pids():
@@ -264,7 +420,10 @@ class Running:
             except OSError:
                 continue
             # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
-            ticks += int(fields[11]) + (0 if user_only else int(fields[12]))
+            # cutime and cstime (fields 16 and 17): children exited and waited for.
+            ticks += int(fields[11]) + int(fields[13])
+            if not user_only:
+                ticks += int(fields[12]) + int(fields[14])
         return ticks / CLOCK_TICKS
 
     def status_kib(self, key: str) -> int:
@@ -285,6 +444,8 @@ class Running:
             self.launch.between_runs()
 
     def stop(self) -> None:
+        if self.launch.stop is not None:
+            self.launch.stop()
         if self.proc.poll() is None:
             try:
                 os.killpg(self.pid, signal.SIGTERM)
