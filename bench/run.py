@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import fastlog_server
 import profiling
 import servers
 import tools
@@ -395,16 +396,17 @@ def render(report: dict[str, Any]) -> str:
 
 def render_targets(report: dict[str, Any]) -> str:
     results = report["results"]
-    base = results.get("qpconn-sink", {})
     out = []
-    for key, peer, wanted in TARGETS:
-        mine = base.get(key, {}).get("median")
-        theirs = results.get(peer, {}).get(key, {}).get("median")
-        if not mine or not theirs:
-            continue
-        ratio = mine / theirs
-        verdict = "met" if ratio >= wanted else "NOT met"
-        out.append(f"- {key}: qpconn-sink ≥ {wanted}x {peer}: {ratio:.2f}x ({verdict})")
+    for name in ("qpconn-sink", "qpconn-sink-fastlog"):
+        base = results.get(name, {})
+        for key, peer, wanted in TARGETS:
+            mine = base.get(key, {}).get("median")
+            theirs = results.get(peer, {}).get(key, {}).get("median")
+            if not mine or not theirs:
+                continue
+            ratio = mine / theirs
+            verdict = "met" if ratio >= wanted else "NOT met"
+            out.append(f"- {key}: {name} ≥ {wanted}x {peer}: {ratio:.2f}x ({verdict})")
     idle = report.get("idle", {}).get("qpconn-sink", {})
     if "per_session_kib" in idle:
         value = idle["per_session_kib"]
@@ -461,7 +463,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=3, help="measured runs per cell [3]")
     parser.add_argument(
         "--servers",
-        default="qpconn-sink,qpconn-maildir,twisted.mail,aiosmtpd,haraka,smtp-sink,qpconn-sink-2w",
+        default=(
+            "qpconn-sink,qpconn-sink-fastlog,qpconn-maildir,postfix-maildir,twisted.mail,"
+            "aiosmtpd,haraka,smtp-sink,qpconn-sink-2w"
+        ),
         help="comma-separated servers to run [all that are available]",
     )
     parser.add_argument("--workloads", default="i,ii,iii,iv", help="comma-separated [i,ii,iii,iv]")
@@ -526,6 +531,11 @@ def build_specs(
 ) -> dict[str, ServerSpec]:
     specs = {
         "qpconn-sink": ServerSpec("qpconn-sink", "qpconn sink", servers.qpconn_sink),
+        "qpconn-sink-fastlog": ServerSpec(
+            "qpconn-sink-fastlog",
+            "qpconn sink, --logger=qpconn.logs.fast_text",
+            fastlog_server.qpconn_sink_fastlog,
+        ),
         "qpconn-maildir": ServerSpec(
             "qpconn-maildir", "qpconn Maildir (default)", servers.qpconn_maildir
         ),
@@ -548,6 +558,16 @@ def build_specs(
             "qpconn-base",
             f"qpconn sink from {args.baseline}",
             servers.qpconn_sink_from(Path(args.baseline).resolve()),
+        )
+    if args.baseline:
+        specs["qpconn-maildir-base"] = ServerSpec(
+            "qpconn-maildir-base",
+            f"qpconn Maildir from {args.baseline}",
+            servers.qpconn_maildir_from(Path(args.baseline).resolve()),
+        )
+    if "postfix-maildir" in wanted and not servers.postfix_unusable():
+        specs["postfix-maildir"] = ServerSpec(
+            "postfix-maildir", "Postfix smtpd to Maildir", servers.postfix_maildir
         )
     if servers.qpconn_supports_workers():
         specs["qpconn-sink-2w"] = ServerSpec(
@@ -581,6 +601,8 @@ def main(argv: list[str] | None = None) -> int:
     wanted = args.servers.split(",")
     if args.baseline and "qpconn-base" not in wanted:
         wanted.insert(1, "qpconn-base")
+    if args.baseline and "qpconn-maildir" in wanted and "qpconn-maildir-base" not in wanted:
+        wanted.insert(wanted.index("qpconn-maildir"), "qpconn-maildir-base")
     haraka = tools.get_haraka(install=not args.no_install) if "haraka" in wanted else None
     specs = build_specs(args, postfix, haraka, wanted)
     names = [n for n in wanted if n in specs]
@@ -588,6 +610,8 @@ def main(argv: list[str] | None = None) -> int:
         "qpconn-sink-2w": "twistd qpconn has no --workers option yet",
         "haraka": "npm could not install Haraka",
         "aiosmtpd": "aiosmtpd is not installed",
+        "postfix-maildir": f"no private Postfix: {servers.postfix_unusable()}",
+        "qpconn-maildir-base": "only with --baseline",
     }
     for n in wanted:
         if n not in specs:

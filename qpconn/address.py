@@ -18,6 +18,12 @@ import unicodedata
 __all__ = ["Address", "AddressError", "parse_params", "split_path_and_params"]
 
 MAX_PATH_OCTETS = 256  # RFC 5321 4.5.3.1.3, counting the brackets
+
+# Paths already parsed (class, text, flags) -> (user, host): senders and recipients repeat
+# on a busy server, and a parse is a dozen regex and string steps. Only valid paths are
+# kept (an invalid one is parsed again to raise its error); bounded, emptied when full.
+_PARSED: dict[tuple[type, str, bool, bool], tuple[str | None, str | None]] = {}
+_PARSED_MAX = 4096
 MAX_LOCAL_OCTETS = 64  # RFC 5321 4.5.3.1.1
 MAX_DOMAIN_OCTETS = 255  # RFC 5321 4.5.3.1.2
 MAX_LABEL_OCTETS = 63  # RFC 1035 2.3.4
@@ -81,12 +87,20 @@ class Address:
         A source route is checked and then dropped (RFC 5321 C: receivers SHOULD ignore it).
         ``require_brackets=False`` also takes a bare ``user@example.com`` for lax clients.
         """
+        key = (cls, text, allow_utf8, require_brackets)
+        known = _PARSED.get(key)
+        if known is not None:
+            return cls(*known)  # a fresh object: callers may change theirs
         if not allow_utf8 and not text.isascii():
             # Parse again with UTF-8 allowed so the caller learns whether non-ASCII text is the
             # only fault; that decides between 553 5.6.7 and 501.
             cls._parse(text, allow_utf8=True, require_brackets=require_brackets)
             raise AddressError("non-ASCII address without SMTPUTF8", utf8=True)
-        return cls._parse(text, allow_utf8=allow_utf8, require_brackets=require_brackets)
+        address = cls._parse(text, allow_utf8=allow_utf8, require_brackets=require_brackets)
+        if len(_PARSED) >= _PARSED_MAX:
+            _PARSED.clear()
+        _PARSED[key] = (address.user, address.host)
+        return address
 
     @classmethod
     def _parse(cls, text: str, *, allow_utf8: bool, require_brackets: bool) -> Address:
@@ -231,6 +245,8 @@ def _parse_params(text: str, *, allow_utf8: bool) -> dict[str, str | None]:
 
 
 def _check_characters(text: str) -> None:
+    if text.isascii() and text.isprintable():
+        return  # the common case, checked in C: no control character at all
     # Surrogates (from surrogateescape decoding) are refused here too: they cannot be encoded,
     # so the octet limits could not be checked.
     for char in text:

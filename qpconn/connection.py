@@ -22,9 +22,22 @@ _PREFIX = secrets.token_hex(3)
 _counter = itertools.count(1)
 
 
+_process_prefix = ""
+
+
+def _set_process_prefix() -> None:
+    """The id prefix of this process (again in a forked child: --workers)."""
+    global _process_prefix
+    _process_prefix = f"{_PREFIX}{os.getpid() & 0xFFFF:04x}"
+
+
+_set_process_prefix()
+os.register_at_fork(after_in_child=_set_process_prefix)
+
+
 def new_id() -> str:
     """A short id, unique across processes, for log lines and queue ids."""
-    return f"{_PREFIX}{os.getpid() & 0xFFFF:04x}{next(_counter):06x}"
+    return f"{_process_prefix}{next(_counter):06x}"
 
 
 class Notes(dict[str, Any]):

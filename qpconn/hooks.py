@@ -28,6 +28,12 @@ log = LevelLogger(namespace="qpconn.hooks")
 
 _OK_LIKE = (Result.OK, Result.DONE)
 
+#: what a synchronous plugin returns; isawaitable() (an ABC check) is skipped for these
+_PLAIN = frozenset({type(None), Result, tuple})
+
+#: log fields for a failing plugin's line, or a callable returning them
+LogContext = dict[str, Any] | Callable[[], dict[str, Any]] | None
+
 
 class HookRunner:
     """Runs hooks for one plugin list; shared by every session that uses that list."""
@@ -45,27 +51,38 @@ class HookRunner:
         for plugin in self.plugins:
             for hook, function in plugin.hooks():
                 self._table[hook].append((plugin, function))
+        #: the hooks some plugin implements (a set lookup per hook run on the hot path)
+        self._used = frozenset(hook for hook, calls in self._table.items() if calls)
 
     def has(self, hook: str) -> bool:
         """True when some plugin implements ``hook`` (callers may skip work otherwise)."""
-        return bool(self._table.get(hook))
+        return hook in self._used
 
     def plugins_for(self, hook: str) -> list[Plugin]:
         """The plugins that run at ``hook``, in order (for ``check`` and the docs)."""
         return [plugin for plugin, _ in self._table.get(hook, [])]
 
     async def run(
-        self, hook: str, transaction: Any, *args: Any, log_context: dict[str, Any] | None = None
+        self,
+        hook: str,
+        transaction: Any,
+        *args: Any,
+        log_context: LogContext = None,
     ) -> HookOutcome:
-        """Run ``hook`` until a plugin decides; DECLINED when none does."""
+        """Run ``hook`` until a plugin decides; DECLINED when none does.
+
+        ``log_context``: fields for the log line of a failing plugin, or a callable that
+        returns them (called only then: the common, successful run builds nothing).
+        """
         for plugin, function in self._table[hook]:
             outcome = await self._call(hook, plugin, function, transaction, args, log_context)
             if outcome.result is Result.DECLINED and not outcome.error:
                 continue
             if hook not in ("deny", "ok"):
                 if outcome.error or outcome.result.is_deny:
-                    await self._notify("deny", transaction, outcome, hook)
-                elif outcome.result in _OK_LIKE:
+                    if "deny" in self._used:
+                        await self._notify("deny", transaction, outcome, hook)
+                elif outcome.result in _OK_LIKE and "ok" in self._used:
                     await self._notify("ok", transaction, outcome, hook)
             return outcome
         return DECLINED_OUTCOME
@@ -88,23 +105,25 @@ class HookRunner:
         function: HookFunction,
         transaction: Any,
         args: tuple[Any, ...],
-        log_context: dict[str, Any] | None,
+        log_context: LogContext,
     ) -> HookOutcome:
         observer = self.observer
         started = time.perf_counter() if observer is not None else 0.0
         try:
             value = function(transaction, *args)
-            if inspect.isawaitable(value):
+            if type(value) not in _PLAIN and inspect.isawaitable(value):
                 value = await self._bounded(value, plugin)
             outcome = normalize(value, plugin.name)
         except Exception:
+            failure = Failure()
+            context = log_context() if callable(log_context) else log_context
             log.failure(
                 "plugin {plugin} failed in hook {hook}",
-                Failure(),
+                failure,
                 plugin=plugin.name,
                 hook=hook,
                 result="error",
-                **(log_context or {}),
+                **(context or {}),
             )
             outcome = HookOutcome(DENYSOFT, None, plugin.name, error=True)
         if observer is not None:

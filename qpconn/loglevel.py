@@ -14,6 +14,7 @@ start-up by :func:`qpconn.service.make_service` from the config directory.
 
 from __future__ import annotations
 
+from time import time
 from typing import Any
 
 from twisted.logger import Logger, LogLevel
@@ -62,6 +63,22 @@ class LevelLogger(Logger):
     """A Twisted Logger that drops events below the process's ``loglevel``."""
 
     def emit(self, level: LogLevel, format: str | None = None, **kwargs: Any) -> None:
-        if _RANK.get(level, 4) < _threshold:
+        rank = _RANK.get(level)
+        if rank is None:
+            super().emit(level, format, **kwargs)  # not a level: Twisted's complaint
             return
-        super().emit(level, format, **kwargs)
+        if rank < _threshold:
+            return
+        # Logger.emit's event, without its check of the level against a freshly sorted
+        # list of every level (done above with one dict lookup)
+        kwargs.update(
+            log_logger=self,
+            log_level=level,
+            log_namespace=self.namespace,
+            log_source=self.source,
+            log_format=format,
+            log_time=time(),
+        )
+        if "log_trace" in kwargs:
+            kwargs["log_trace"].append((self, self.observer))
+        self.observer(kwargs)

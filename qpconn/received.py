@@ -42,8 +42,19 @@ def _date() -> str:
 
 def header_safe(text: str, limit: int = 255) -> str:
     """Printable ASCII without spaces or parentheses, bounded in length."""
-    cleaned = _UNSAFE.sub("?", text)[:limit]
-    return cleaned.replace("(", "?").replace(")", "?")
+    key = (text, limit)
+    safe = _SAFE.get(key)
+    if safe is None:
+        # The same few HELO names and host names recur message after message.
+        cleaned = _UNSAFE.sub("?", text)[:limit]
+        safe = cleaned.replace("(", "?").replace(")", "?")
+        if len(_SAFE) >= 1024:
+            _SAFE.clear()
+        _SAFE[key] = safe
+    return safe
+
+
+_SAFE: dict[tuple[str, int], str] = {}
 
 
 def protocol_word(connection: Connection) -> str:

@@ -24,7 +24,7 @@ from qpconn.core.reply import Reply
 from qpconn.limits import SessionLimits
 from qpconn.loglevel import LevelLogger
 from qpconn.received import received_value
-from qpconn.results import DONE, OK, HookOutcome, reply_for
+from qpconn.results import DECLINED_OUTCOME, DONE, OK, HookOutcome, reply_for
 from qpconn.smtp_extensions import MAIL_EXTENSION_PARAMS, ExtensionCommands
 from qpconn.smtp_security import TLSAuthCommands
 from qpconn.transaction import Transaction
@@ -88,7 +88,10 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
 
     async def run_hook(self, hook: str, *args: Any) -> HookOutcome:
         """Run a hook with the current transaction and these arguments."""
-        return await self.runner.run(hook, self.transaction, *args, log_context=self.log_context())
+        runner = self.runner
+        if not runner.has(hook):
+            return DECLINED_OUTCOME  # most hooks have no plugin: nothing to run or log
+        return await runner.run(hook, self.transaction, *args, log_context=self.log_context)
 
     def new_transaction(self) -> Transaction:
         """A fresh transaction; its id (the queue id) is the connection id plus a counter."""
@@ -107,7 +110,7 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
 
     async def end_transaction(self, old: Transaction) -> None:
         """Run reset_transaction hooks for a transaction that had an envelope; release it."""
-        if old.sender is not None or old.recipients:
+        if (old.sender is not None or old.recipients) and self.runner.has("reset_transaction"):
             await self.runner.run_all("reset_transaction", old)
         old.close()
         self._verdict = None
@@ -394,7 +397,8 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         self._log_transaction(
             "accepted" if reply.code < 300 else "rejected", reply, plugin=outcome.plugin, hook=stage
         )
-        await self.runner.run_all("queue_post", self.transaction)
+        if self.runner.has("queue_post"):
+            await self.runner.run_all("queue_post", self.transaction)
         return decided
 
     # -- small commands -------------------------------------------------------------------

@@ -68,6 +68,16 @@ class Reply:
 
     def to_bytes(self) -> bytes:
         """The reply as it goes on the wire, every line CRLF-terminated."""
+        key = (self.code, self.lines, self.enhanced)
+        wire = _WIRE.get(key)
+        if wire is None:
+            wire = self._wire_bytes()
+            if len(_WIRE) >= _PARSED_MAX:
+                _WIRE.clear()
+            _WIRE[key] = wire
+        return wire
+
+    def _wire_bytes(self) -> bytes:
         prefix = f"{self.enhanced} " if self.enhanced else ""
         last = len(self.lines) - 1
         out = []
@@ -101,6 +111,8 @@ class Reply:
 #: (code, text, enhanced) -> (lines, enhanced) of replies built from a string
 _PARSED: dict[tuple[int, str, str | None], tuple[tuple[str, ...], str | None]] = {}
 _PARSED_MAX = 512
+#: (code, lines, enhanced) -> wire bytes, for the same few replies sent over and over
+_WIRE: dict[tuple[int, tuple[str, ...], str | None], bytes] = {}
 
 
 def _parse(

@@ -42,6 +42,10 @@ def address_parts(address: IAddress) -> tuple[str | None, int | None]:
     port = getattr(address, "port", None)
     if not host:
         return None, None
+    if ":" not in host:
+        # IPv4 as the socket layer writes it (or a name): ip_address() would give it back
+        # unchanged, so skip its cost on every connection.
+        return host, port
     try:
         ip = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:

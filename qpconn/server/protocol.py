@@ -33,9 +33,9 @@ from qpconn.core.bdat import ChunkStart
 from qpconn.core.events import MessageData, ProtocolError
 from qpconn.core.proxy import ProxyHeaderParser, ProxyProtocolError
 from qpconn.core.reply import Reply
-from qpconn.core.session import NEED_DATA, PAUSED, ServerSession
+from qpconn.core.session import NEED_DATA, PAUSED, ServerSession, State
 from qpconn.loglevel import LevelLogger
-from qpconn.server import eager
+from qpconn.server import eager, fastwrite
 from qpconn.server.guard import SessionGuard
 from qpconn.server.proxy import apply_proxy_info
 from qpconn.server.tls import TLSAdapter
@@ -299,8 +299,14 @@ class SMTPServerProtocol(SessionGuard, TLSAdapter, SMTPCommands, Protocol, Timeo
         if self._lost:
             return
         if data:
-            self.transport.write(data)
-            self.tls_after_flush()  # the 220 to STARTTLS is out: handshake now (tls.py)
+            if self.session.closed:
+                # The last reply (221, 421): Twisted sends it and closes in one step, so
+                # the session's end is handled before the client can see that reply.
+                self.transport.write(data)
+            else:
+                fastwrite.write(self.transport, data)  # at once when nothing is queued
+            if self.session.state is State.STARTTLS:
+                self.tls_after_flush()  # the 220 to STARTTLS is out: handshake now (tls.py)
         if self.session.closed:
             self.transport.loseConnection()
 
@@ -334,16 +340,21 @@ class SMTPServerProtocol(SessionGuard, TLSAdapter, SMTPCommands, Protocol, Timeo
             self._start_close()
 
     def _start_close(self) -> None:
-        defer.Deferred.fromCoroutine(self._close()).addErrback(
-            lambda failure: self.log.failure(
-                "{conn_id} cleanup failed", failure, **self.log_context()
-            )
-        )
+        result, deferred = eager.start(self._close())  # no Deferred unless a hook waits
+        if deferred is not None:
+            deferred.addErrback(self._close_failed)
+        elif isinstance(result, Failure):
+            self._close_failed(result)
+
+    def _close_failed(self, failure: Failure) -> None:
+        self.log.failure("{conn_id} cleanup failed", failure, **self.log_context())
 
     async def _close(self) -> None:
         try:
-            await self.runner.run_all("disconnect", self.transaction)
-            await self.runner.run_all("post-connection", self.transaction)
+            runner = self.runner
+            for hook in ("disconnect", "post-connection"):
+                if runner.has(hook):
+                    await runner.run_all(hook, self.transaction)
         finally:
             self.transaction.close()
             self.factory.session_ended(self)

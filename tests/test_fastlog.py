@@ -1,0 +1,206 @@
+"""``twistd --logger=qpconn.logs.fast_text``: the same lines as twistd's text log, every one
+of them, in order, also those written while the server shuts down."""
+
+from __future__ import annotations
+
+import io
+import smtplib
+import threading
+import time
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor, threads
+from twisted.internet.task import deferLater
+from twisted.logger import LogLevel, formatEventAsClassicLogText, formatTime
+from twisted.python.failure import Failure
+
+from qpconn.fastlog import MAX_PENDING, FastTextObserver
+from tests.support.process import free_port, running, twistd_command
+from tests.support.server import write_config
+
+
+class Thing:
+    name = "thing"
+
+    def __repr__(self) -> str:
+        return "<Thing>"
+
+    def call(self) -> str:
+        return "called"
+
+
+def _event(fmt, **fields):
+    return {
+        "log_format": fmt,
+        "log_time": fields.pop("log_time", time.time()),
+        "log_namespace": "qpconn.smtp",
+        "log_level": LogLevel.info,
+        **fields,
+    }
+
+
+def _failure_event():
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        return _event("{conn_id} handler failed", conn_id="c1", log_failure=Failure())
+
+
+EVENTS = [
+    _event(
+        "{conn_id} {queue_id} {verdict} from={sender} to={rcpts} size={size} "
+        "reply={code} elapsed={elapsed:.3f}s",
+        conn_id="abc",
+        queue_id="abc.1",
+        verdict="accepted",
+        sender="<a@example.org>",
+        rcpts="<u@mx.test>,<v@mx.test>",
+        size=1234,
+        code=250,
+        elapsed=0.00123,
+    ),
+    _event("{x!r} and {x!s} and {x!a} {n:>5}", x="é'", n=7),
+    _event("plain text, no fields"),
+    _event("two\nlines {a}", a="and\nthree"),
+    _event("{thing.name} {thing.call()} {thing}", thing=Thing()),  # Twisted's own syntax
+    _event("{missing} field"),  # unformattable: Twisted's message about it
+    _event("{a:{width}}", a="x", width=4),  # nested spec
+    _event("{unclosed", a=1),
+    _event("{d[k]}", d={"k": "v"}),
+    _event("", conn_id="x"),  # empty text: no line
+    _event("with system {a}", a=1, log_system="pool-3"),
+    {"log_time": time.time(), "log_namespace": "n", "log_level": LogLevel.warn},  # no format
+    _event("no time {a}", a=1, log_time=None),
+    _event("{b}", b=b"bytes"),
+    _failure_event(),
+]
+
+
+@pytest.mark.parametrize("event", EVENTS, ids=range(len(EVENTS)))
+def test_each_line_is_what_twistds_text_log_writes(event):
+    out = io.StringIO()
+    observer = FastTextObserver(out)
+    observer(event)
+    observer(dict(event))  # the second time from the cached plan
+    observer.flush()
+    expected = formatEventAsClassicLogText(event, formatTime=formatTime) or ""
+    assert out.getvalue() == expected * 2
+
+
+def test_time_stamps_follow_the_seconds():
+    out = io.StringIO()
+    observer = FastTextObserver(out)
+    base = 1_700_000_000.0
+    for offset in (0.1, 0.9, 1.0, 1.5, 61.2, 3600.7):
+        observer(_event("at {t}", t=offset, log_time=base + offset))
+    observer.flush()
+    expected = "".join(
+        formatEventAsClassicLogText(_event("at {t}", t=o, log_time=base + o), formatTime=formatTime)
+        for o in (0.1, 0.9, 1.0, 1.5, 61.2, 3600.7)
+    )
+    assert out.getvalue() == expected
+
+
+def test_pending_lines_are_bounded():
+    """Past MAX_PENDING lines go out at once; flush() empties whatever waits."""
+    out = io.StringIO()
+    observer = FastTextObserver(out)
+    for n in range(MAX_PENDING + 5):
+        observer(_event("line {n}", n=n))
+    observer.flush()
+    lines = out.getvalue().splitlines()
+    assert [line.rsplit(" ", 1)[1] for line in lines] == [str(n) for n in range(MAX_PENDING + 5)]
+
+
+def test_twistd_writes_every_line_in_order_through_shutdown(tmp_path):
+    port = free_port()
+    log = tmp_path / "qpconn.log"
+    config = write_config(
+        str(tmp_path / "config"),
+        {"plugins": ["rcpt_ok", "queue/discard"], "rcpthosts": "mx.test\n"},
+    )
+    command = twistd_command(
+        "--logger=qpconn.logs.fast_text",
+        "qpconn",
+        "--listen",
+        f"tcp:{port}:interface=127.0.0.1",
+        "--config",
+        config,
+        "--no-rdns",
+    )
+    env = {"QPCONN_TEXT_LOG": str(log)}
+    with running(command, port, str(tmp_path), env):
+        for n in range(3):
+            with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+                smtp.ehlo("client.test")
+                smtp.sendmail("a@example.org", ["u@mx.test"], f"Subject: {n}\r\n\r\nhi\r\n")
+    text = log.read_text()
+    lines = text.splitlines()
+    accepted = [line for line in lines if " accepted from=<a@example.org> " in line]
+    assert len(accepted) == 3
+    for line in accepted:
+        conn_id = line.split("] ", 1)[1].split()[0]
+        at = lines.index(line)
+        assert any(f"] {conn_id} connect from 127.0.0.1:" in x for x in lines[:at])
+        assert f"[qpconn.server.protocol.SMTPServerProtocol#info] {conn_id} disconnect" in [
+            x.split(" ", 1)[1] for x in lines[at + 1 :]
+        ]
+    sent = [line.split("] ", 1)[1].split()[1] for line in accepted]
+    assert sent == sorted(sent, key=lambda queue_id: int(queue_id.split(".")[0], 16))
+    # the lines of the reactor's last turns (SIGTERM, shutdown) are there too, last
+    assert "Received SIGTERM, shutting down." in text
+    assert lines[-1].endswith("Server Shut Down.")
+    # the usual shape: "<RFC 3339 time> [namespace#level] text"
+    assert all(line[:4].isdigit() and " [" in line for line in lines if line[:1] != "\t")
+
+
+@pytest_twisted.ensureDeferred
+async def test_lines_logged_in_the_reactor_and_from_a_thread_arrive_in_order():
+    out = io.StringIO()
+    observer = FastTextObserver(out)
+
+    def from_thread() -> None:
+        for n in range(3):
+            observer(_event("thread {n}", n=n))
+
+    observer(_event("reactor {n}", n=0))
+    assert out.getvalue() == ""  # batched until the end of this reactor turn
+    await threads.deferToThread(from_thread)
+    observer(_event("reactor {n}", n=1))
+    for _ in range(100):  # a few reactor turns at most
+        if out.getvalue().count("\n") == 5:
+            break
+        await deferLater(reactor, 0.01, lambda: None)
+    texts = [line.split("] ", 1)[1] for line in out.getvalue().splitlines()]
+    assert texts == ["reactor 0", "thread 0", "thread 1", "thread 2", "reactor 1"]
+
+
+def test_an_event_logged_from_inside_a_write_is_not_lost_nor_deadlocked():
+    """Twisted logs from signal handlers ("Received SIGTERM, shutting down."), which can
+    run in the middle of the observer's own write: that line must come out too."""
+
+    class Interrupted(io.StringIO):
+        fired = False
+
+        def write(self, text: str) -> int:
+            written = super().write(text)
+            if not self.fired:
+                self.fired = True
+                observer(_event("from a signal handler"))
+                observer.flush()  # as the shutdown trigger may; must not recurse
+            return written
+
+    out = Interrupted()
+    observer = FastTextObserver(out)
+
+    def scenario() -> None:
+        observer(_event("first"))
+        observer.flush()
+
+    worker = threading.Thread(target=scenario, daemon=True)  # a deadlock fails, not hangs
+    worker.start()
+    worker.join(10)
+    assert not worker.is_alive(), "the observer deadlocked on its own lock"
+    texts = [line.split("] ", 1)[1] for line in out.getvalue().splitlines()]
+    assert texts == ["first", "from a signal handler"]
