@@ -20,6 +20,7 @@ from qpconn.core.session import Limits
 from qpconn.hooks import HookRunner
 from qpconn.limits import ConnectionCounter, SessionLimits
 from qpconn.plugins import Plugin, load_plugins
+from qpconn.server.fastwrite import TurnWriter
 from qpconn.server.lookup import make_resolver
 from qpconn.server.peerinfo import LookupSettings, PeerInfo
 from qpconn.server.protocol import SMTPServerProtocol
@@ -130,6 +131,8 @@ class SMTPFactory(ServerFactory):
         )
         #: sessions currently open (for limits, shutdown and metrics)
         self.sessions: set[SMTPServerProtocol] = set()
+        #: replies of one reactor turn, sent together at its end (server/fastwrite.py)
+        self.turn_writer = TurnWriter()
         for plugin in self.plugins:
             plugin.attach(self)
 

@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 __all__ = ["SMTPServerProtocol"]
 
 _INTERNAL_ERROR = Reply(451, "4.3.0 Internal error - try again later")
+#: states whose reply must be on its way before anything else happens (close, TLS)
+_WRITE_AT_ONCE = frozenset({State.CLOSED, State.STARTTLS})
 
 
 @implementer(IHalfCloseableProtocol)
@@ -80,6 +82,9 @@ class SMTPServerProtocol(SessionGuard, TLSAdapter, SMTPCommands, Protocol, Timeo
         self._paused = False
         self._lost = False
         self._read_closed = False
+        #: reply bytes held until the end of this reactor turn (fastwrite.TurnWriter)
+        self._unsent: list[bytes] = []
+        self._turn_writer = factory.turn_writer if fastwrite.batchable(self.transport) else None
         #: the handler that went asynchronous, if any: cleanup waits for it
         self._inflight: defer.Deferred[None] | None = None
         #: the idle timeout set aside while our own hooks run (they are not client idleness)
@@ -207,6 +212,7 @@ class SMTPServerProtocol(SessionGuard, TLSAdapter, SMTPCommands, Protocol, Timeo
         self._flush()
         if self._read_closed and not self._busy and not self._lost:
             # The client half-closed and everything it sent has been answered.
+            self.send_unsent()
             self.transport.loseConnection()
 
     def readConnectionLost(self) -> None:
@@ -222,6 +228,7 @@ class SMTPServerProtocol(SessionGuard, TLSAdapter, SMTPCommands, Protocol, Timeo
         self._drive()
 
     def writeConnectionLost(self) -> None:
+        self._unsent.clear()  # the client reads no more
         self.transport.loseConnection()
 
     def protocol_error(self, event: ProtocolError) -> None:
@@ -298,17 +305,41 @@ class SMTPServerProtocol(SessionGuard, TLSAdapter, SMTPCommands, Protocol, Timeo
         data = self.session.data_to_send()
         if self._lost:
             return
+        session = self.session
         if data:
-            if self.session.closed:
+            writer = self._turn_writer
+            if (
+                writer is not None
+                and session.state not in _WRITE_AT_ONCE
+                and len(self.factory.sessions) > 1
+            ):
+                # Sent with the other sessions' replies at the end of this turn.
+                if not self._unsent:
+                    writer.hold(self)
+                self._unsent.append(data)
+                return
+            self.send_unsent()  # anything held goes first: bytes stay in order
+            if session.closed:
                 # The last reply (221, 421): Twisted sends it and closes in one step, so
                 # the session's end is handled before the client can see that reply.
                 self.transport.write(data)
             else:
                 fastwrite.write(self.transport, data)  # at once when nothing is queued
-            if self.session.state is State.STARTTLS:
+            if session.state is State.STARTTLS:
                 self.tls_after_flush()  # the 220 to STARTTLS is out: handshake now (tls.py)
-        if self.session.closed:
+        if session.closed:
+            self.send_unsent()
             self.transport.loseConnection()
+
+    def send_unsent(self) -> None:
+        """Write the reply bytes held for the end of the turn (see fastwrite.TurnWriter)."""
+        unsent = self._unsent
+        if not unsent:
+            return
+        data = unsent[0] if len(unsent) == 1 else b"".join(unsent)
+        unsent.clear()
+        if not self._lost:
+            fastwrite.write(self.transport, data)
 
     def timeoutConnection(self) -> None:
         """Idle too long: say so (RFC 5321 §4.5.3.2 wants a 421) and close."""
@@ -319,6 +350,7 @@ class SMTPServerProtocol(SessionGuard, TLSAdapter, SMTPCommands, Protocol, Timeo
     # -- end ------------------------------------------------------------------------------
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._lost = True
+        self._unsent.clear()
         self.setTimeout(None)
         self._tls_cancel_timer()
         self.release_slot()  # max_connections* count live connections (guard.py)

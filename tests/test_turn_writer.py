@@ -1,0 +1,173 @@
+"""Replies held to the end of a reactor turn (qpconn.server.fastwrite.TurnWriter).
+
+With more than one session open the server sends the replies of one reactor turn
+together at its end. Whatever a session writes at once -- a closing 221, the 220 before a
+TLS handshake, the replies owed to a client that half-closed -- must not overtake or lose
+replies held earlier in the same turn. Each test keeps a second session open so that the
+held path is the one taken.
+"""
+
+from __future__ import annotations
+
+import smtplib
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor, task
+
+from qpconn.plugins import Plugin
+from qpconn.results import OK
+from qpconn.server.fastwrite import TurnWriter
+from tests.e2e_client import Client, ehlo, maildir_line, watch_errors
+from tests.support.server import in_thread, read_until_quiet, reply_codes
+
+MSG = b"Subject: held\r\n\r\nbody\r\n"
+
+
+@pytest.fixture(autouse=True)
+def errors() -> Iterator[list[dict[str, Any]]]:
+    yield from watch_errors()
+
+
+class _Recorder:
+    def __init__(self, name: str, log: list[str], fail: bool = False) -> None:
+        self.name, self.log, self.fail = name, log, fail
+
+    def send_unsent(self) -> None:
+        self.log.append(self.name)
+        if self.fail:
+            raise RuntimeError("broken sender")
+
+
+def test_held_senders_run_at_the_end_of_the_turn_in_order_despite_a_failure(errors):
+    clock = task.Clock()
+    writer = TurnWriter(clock)
+    log: list[str] = []
+    writer.hold(_Recorder("a", log))
+    writer.hold(_Recorder("b", log, fail=True))
+    writer.hold(_Recorder("c", log))
+    assert log == []  # nothing before the turn ends
+    assert len(clock.getDelayedCalls()) == 1  # one call per turn, not one per sender
+    clock.advance(0)
+    assert log == ["a", "b", "c"]
+    assert [event["log_format"] for event in errors] == ["sending held replies failed"]
+    errors.clear()
+    writer.hold(_Recorder("d", log))
+    clock.advance(0)
+    assert log == ["a", "b", "c", "d"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_pipelined_replies_then_quit_all_arrive_in_order(server):
+    def client() -> tuple[list[int], bool]:
+        with Client(server.address) as other, ehlo(server) as smtp:
+            assert other.greeting.code == 220
+            smtp.send(b"NOOP\r\nRSET\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<u@mx.test>\r\nQUIT\r\n")
+            codes = [reply.code for reply in smtp.replies(5)]
+            return codes, smtp.is_closed()
+
+    codes, closed = await in_thread(client)
+    assert codes == [250, 250, 250, 250, 221]
+    assert closed
+
+
+class NextTurnRcpt(Plugin):
+    """rcpt: accepted on the reactor's next turn, before that turn's held replies go out."""
+
+    def hook_rcpt(self, transaction: Any, recipient: Any, params: Any) -> Any:
+        return task.deferLater(reactor, 0, lambda: OK)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_closing_reply_never_overtakes_a_reply_held_in_an_earlier_drive(
+    qpconn_server, tmp_path
+):
+    # MAIL is answered (and held) in one turn; RCPT's hook answers early in the next,
+    # which runs QUIT: its 221 is written at once and must come after the held 250.
+    server = qpconn_server(plugins=[NextTurnRcpt, maildir_line(tmp_path / "maildir")])
+
+    def client() -> tuple[list[int], bool]:
+        with Client(server.address) as other, ehlo(server) as smtp:
+            assert other.greeting.code == 220
+            results = []
+            for _ in range(5):
+                smtp.send(b"RSET\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<u@mx.test>\r\n")
+                results += [reply.code for reply in smtp.replies(3)]
+            smtp.send(b"RSET\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<u@mx.test>\r\nQUIT\r\n")
+            results += [reply.code for reply in smtp.replies(4)]
+            return results, smtp.is_closed()
+
+    codes, closed = await in_thread(client)
+    assert codes == [250, 250, 250] * 5 + [250, 250, 250, 221]
+    assert closed
+
+
+@pytest_twisted.ensureDeferred
+async def test_half_closed_client_gets_every_reply_before_the_close(server):
+    def client() -> bytes:
+        with Client(server.address) as other:
+            assert other.greeting.code == 220
+            with socket.create_connection(server.address, timeout=5) as sock:
+                payload = (
+                    b"EHLO client.test\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<u@mx.test>\r\n"
+                    b"DATA\r\n" + MSG + b".\r\n"
+                )
+                sock.sendall(payload)
+                sock.shutdown(socket.SHUT_WR)
+                return read_until_quiet(sock, wait=2.0)
+
+    data = await in_thread(client)
+    assert reply_codes(data) == [220, 250, 250, 250, 354, 250]
+    assert len(server.messages()) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_starttls_while_other_sessions_are_open(qpconn_server, pki):
+    server = qpconn_server(files={"tls_cert": pki.cert, "tls_key": pki.key})
+
+    def client() -> str:
+        with Client(server.address) as other:
+            assert other.greeting.code == 220
+            with smtplib.SMTP(*server.address, timeout=5) as smtp:
+                smtp.ehlo("client.test")
+                smtp.starttls(context=pki.client_context())
+                smtp.ehlo("client.test")
+                smtp.sendmail("a@example.org", ["user@mx.test"], MSG)
+                return str(smtp.sock.version())
+
+    version = await in_thread(client)
+    assert version.startswith("TLS")
+    assert len(server.messages()) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_many_sessions_at_once_each_get_their_own_replies(server):
+    count = 12
+
+    def one(index: int) -> list[str]:
+        with Client(server.address) as smtp:
+            smtp.cmd(f"EHLO c{index}.test")
+            lines = []
+            for turn in range(3):
+                rcpt = f"<u{index}x{turn}@mx.test>"
+                assert smtp.code("MAIL FROM:<a@example.org>") == 250
+                lines.append(smtp.cmd(f"RCPT TO:{rcpt}").last)  # names this session's address
+                assert smtp.code("DATA") == 354
+                assert smtp.message(MSG).code == 250
+            smtp.cmd("QUIT")
+            return lines
+
+    def client() -> list[list[str]]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(count) as pool:
+            return list(pool.map(one, range(count)))
+
+    results = await in_thread(client)
+    assert len(results) == count
+    for index, lines in enumerate(results):
+        assert lines == [f"2.1.5 <u{index}x{turn}@mx.test>, recipient ok" for turn in range(3)]
+    assert len(server.messages()) == count * 3
