@@ -65,7 +65,9 @@ async def test_pipelined_replies_then_quit_all_arrive_in_order(server):
     def client() -> tuple[list[int], bool]:
         with Client(server.address) as other, ehlo(server) as smtp:
             assert other.greeting.code == 220
-            smtp.send(b"NOOP\r\nRSET\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<u@mx.test>\r\nQUIT\r\n")
+            smtp.send(
+                b"NOOP\r\nRSET\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<u@mx.test>\r\nQUIT\r\n"
+            )
             codes = [reply.code for reply in smtp.replies(5)]
             return codes, smtp.is_closed()
 
