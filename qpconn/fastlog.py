@@ -10,9 +10,9 @@ shape never changes.
 :class:`FastTextObserver` writes the same bytes (``formatEventAsClassicLogText`` with
 twistd's RFC 3339 time stamps) but
 
-- parses each distinct format string once and keeps the plan (literal text, field name,
-  conversion, format spec) for the plain ``{name}`` / ``{name!r}`` / ``{name:.3f}``
-  fields qpconn's events use; anything else (``{a.b}``, ``{f()}``, ``{x[0]}``, nested
+- parses each distinct format string once to check that it holds only the plain
+  ``{name}`` / ``{name!r}`` / ``{name:.3f}`` fields qpconn's events use, which
+  ``str.format_map`` then formats in C exactly as Twisted would; anything else (``{a.b}``, ``{f()}``, ``{x[0]}``, nested
   specs, flattened events, failures with tracebacks) and any formatting error goes
   through Twisted's own formatter, so the text is always what twistd would have written;
 - formats the time stamp once per second;
@@ -107,18 +107,9 @@ class FastTextObserver:
         if plan is None:
             return _twisted_line(event)
         try:
-            parts = []
-            for literal, name, conversion, spec in plan:
-                parts.append(literal)
-                if name is None:
-                    continue
-                value = event[name]
-                if conversion is not None:
-                    value = repr(value) if conversion == "r" else (
-                        str(value) if conversion == "s" else ascii(value)
-                    )
-                parts.append(format(value, spec))
-            text = "".join(parts)
+            # Only plain {name}, {name!r}, {name:spec} fields are left here (see _compile):
+            # for those, str.format_map does in C exactly what Twisted's formatter does.
+            text = fmt.format_map(event)
         except Exception:
             return _twisted_line(event)  # it writes "Unable to format event ..."
         if not text:

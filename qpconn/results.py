@@ -71,6 +71,8 @@ class HookOutcome:
 
 
 DECLINED_OUTCOME = HookOutcome(DECLINED)
+#: (result, plugin) -> the shared outcome without a message (see normalize)
+_BARE: dict[tuple[Result, str | None], HookOutcome] = {}
 
 
 def normalize(value: Any, plugin: str | None = None) -> HookOutcome:
@@ -80,9 +82,16 @@ def normalize(value: Any, plugin: str | None = None) -> HookOutcome:
     Anything else is a programming error and is reported as such by the caller.
     """
     if value is None:
-        return HookOutcome(DECLINED, None, plugin)
+        value = DECLINED
     if isinstance(value, Result):
-        return HookOutcome(value, None, plugin)
+        # The same few (result, plugin) pairs, over and over: they are immutable, so share.
+        key = (value, plugin)
+        outcome = _BARE.get(key)
+        if outcome is None:
+            outcome = HookOutcome(value, None, plugin)
+            if len(_BARE) < 4096:  # bounded: plugin names are few, but be safe
+                _BARE[key] = outcome
+        return outcome
     if isinstance(value, tuple) and value and isinstance(value[0], Result):
         message = value[1] if len(value) > 1 else None
         if isinstance(message, (list, tuple)):

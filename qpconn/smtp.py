@@ -303,8 +303,17 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
 
     async def message_data(self, data: bytes) -> None:
         """Store a piece of message text; run data_headers_end once the header is complete."""
+        if not self.store_message_data(data):
+            await self._headers_end()
+
+    def store_message_data(self, data: bytes) -> bool:
+        """Store a piece of message text; False when the data_headers_end hook must run now.
+
+        Synchronous, so the adapter runs no coroutine per piece of text when no plugin
+        hooks data_headers_end (the common case).
+        """
         if self._verdict is not None:
-            return
+            return True
         try:
             headers_done = self.transaction.body_write(data)
         except OSError as exc:
@@ -313,9 +322,8 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
             full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
             text = "4.3.1 Insufficient system storage" if full else "4.3.0 Cannot store message"
             self._verdict = (Reply(452 if full else 451, text), False)
-            return
-        if headers_done:
-            await self._headers_end()
+            return True
+        return not (headers_done and self.runner.has("data_headers_end"))
 
     async def _headers_end(self) -> None:
         if not self.runner.has("data_headers_end"):

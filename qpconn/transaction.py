@@ -114,14 +114,21 @@ class Transaction:
         if self.header is not None:
             self._store(data)
             return False
-        self._head += data
-        parts = split_header(bytes(self._head), self._head_scan)
+        head = self._head
+        if head:
+            head += data
+            data = bytes(head)
+        # else the header is looked for in ``data`` itself: a large first piece of text,
+        # header and the start of the body, is not copied twice for nothing.
+        parts = split_header(data, self._head_scan)
         if isinstance(parts, int):
             self._head_scan = parts
-            if len(self._head) <= MAX_HEADER_BYTES:
+            if len(data) <= MAX_HEADER_BYTES:
+                if not head:
+                    head += data
                 return False
             parts = None
-        self._finish_header(parts)
+        self._finish_header(data, parts)
         return True
 
     def end_of_data(self) -> bool:
@@ -131,13 +138,14 @@ class Transaction:
         """
         if self.header is not None:
             return False
-        parts = split_header(bytes(self._head), self._head_scan)
-        self._finish_header(None if isinstance(parts, int) else parts)
+        raw = bytes(self._head)
+        parts = split_header(raw, self._head_scan)
+        self._finish_header(raw, None if isinstance(parts, int) else parts)
         return True
 
-    def _finish_header(self, parts: tuple[bytes, bytes] | None) -> None:
+    def _finish_header(self, raw: bytes, parts: tuple[bytes, bytes] | None) -> None:
+        """Make the Header from ``raw`` (all text so far) split as ``parts``, or unsplit."""
         if parts is None:
-            raw = bytes(self._head)
             # Nothing ended the header: all of it is header if it starts like one.
             head, rest = (raw, b"") if is_field_line(raw) else (b"", raw)
         else:

@@ -22,6 +22,7 @@ _CODE_LINE = re.compile(r"^([2-5][0-9][0-9])(?:[ -]|$)")
 # Anything a client could mistake for a line break or a terminal escape is replaced, so a
 # plugin's message (which may quote client input) cannot forge a reply line.
 _VALID_ENHANCED = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}")
+_CLASS_DIGITS = ("2", "4", "5")
 _UNSAFE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
@@ -122,13 +123,14 @@ def _parse(
     if enhanced is not None and not _VALID_ENHANCED.fullmatch(enhanced):
         # It is written on every line: anything else here could break the reply apart.
         raise ValueError(f"not an enhanced status code: {enhanced!r}")
-    match = _ENHANCED.match(lines[0])
+    match = _ENHANCED.match(lines[0]) if lines[0][:1] in _CLASS_DIGITS else None
     if match and int(match.group(1)) == code // 100:
         enhanced = ".".join(match.group(1, 2, 3))
         lines[0] = lines[0][match.end() :]
     if enhanced:
         lines = [_strip_enhanced(line, enhanced) for line in lines]
-    return tuple(_UNSAFE.sub("?", line) for line in lines), enhanced
+    # isprintable() is a C scan that is True for most texts; the rest go through the regex
+    return tuple(line if line.isprintable() else _UNSAFE.sub("?", line) for line in lines), enhanced
 
 
 def _strip_enhanced(line: str, enhanced: str) -> str:

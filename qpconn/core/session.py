@@ -88,6 +88,8 @@ _UTF8_VERBS = frozenset({"MAIL", "RCPT", "VRFY", "EXPN"})
 _NO_ARG = frozenset({"DATA", "RSET", "QUIT", "STARTTLS"})
 _NEED_ARG = frozenset({"HELO", "EHLO", "VRFY", "AUTH"})
 _PREFIX = {"MAIL": "FROM:", "RCPT": "TO:"}
+# Verbs with rules of their own in TLSAuthRules._tls_auth_refusal
+_TLS_AUTH = frozenset({"STARTTLS", "AUTH"})
 _USAGE = {
     "HELO": "Syntax: HELO hostname",
     "EHLO": "Syntax: EHLO hostname",
@@ -223,6 +225,8 @@ class ServerSession(TLSAuthRules, ChunkingRules):
     def _next_command_event(self) -> Event | ChunkStart | ChunkEnd | None:
         """Frame and check one command line; None when no whole line is buffered."""
         buf = self._buf
+        if not buf:
+            return None
         if self._discarding:
             end = buf.find(b"\n")
             if end < 0:
@@ -264,9 +268,11 @@ class ServerSession(TLSAuthRules, ChunkingRules):
                 # RFC 6531 §3.3: UTF-8 belongs in mailboxes, not in any other command.
                 return self._protocol_error(500, "5.5.2 Non-ASCII characters in command", line)
         verb, _, arg = text.partition(" ")
-        verb, lmtp_error = self._lmtp_verb(verb.upper(), line)
-        if lmtp_error is not None:
-            return lmtp_error
+        verb = verb.upper()
+        if limits.lmtp:
+            verb, lmtp_error = self._lmtp_verb(verb, line)
+            if lmtp_error is not None:
+                return lmtp_error
         arg = arg.strip(" ")
         allowed = limits.command_line
         if verb in _PREFIX:
@@ -280,9 +286,10 @@ class ServerSession(TLSAuthRules, ChunkingRules):
         legal = _LEGAL.get(verb)
         if legal is None:
             return self._issue(Command(verb, arg))
-        refusal = self._tls_auth_refusal(verb, line) or self._chunking_refusal(verb, line)
-        if refusal is not None:
-            return refusal
+        if verb in _TLS_AUTH or self.bdat_active:
+            refusal = self._tls_auth_refusal(verb, line) or self._chunking_refusal(verb, line)
+            if refusal is not None:
+                return refusal
         if self.state not in legal:
             return self._protocol_error(*self._sequence_error(verb), line)
         if verb in _NO_ARG and arg:

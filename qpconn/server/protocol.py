@@ -65,6 +65,8 @@ class SMTPServerProtocol(SessionGuard, TLSAdapter, SMTPCommands, Protocol, Timeo
 
     def connectionMade(self) -> None:
         factory = self.factory
+        # Bound once: a Logger class attribute builds a new bound Logger on every access.
+        self.log = self.log
         self.config = factory.config
         self.runner = factory.runner
         self.me = factory.me
@@ -199,7 +201,8 @@ class SMTPServerProtocol(SessionGuard, TLSAdapter, SMTPCommands, Protocol, Timeo
                 if event is NEED_DATA or event is PAUSED:
                     break
                 if isinstance(event, MessageData):
-                    self._run(self.message_data(event.data), None)
+                    if not self.store_message_data(event.data):
+                        self._run(self._headers_end(), None)  # data_headers_end may wait
                 elif isinstance(event, ChunkStart):
                     # BDAT: smtp_extensions; then the chunk is read under data_timeout
                     self._run(self.chunk_start(event), self._chunk_started)

@@ -15,11 +15,17 @@ flush in parallel instead of queueing behind one fsync, and the reactor thread n
 for the disk. Renames into the same ``new/`` that happen together share one directory
 fsync (:mod:`qpconn.groupsync`): each delivery still waits for an fsync of ``new/`` begun
 after its own rename, so the order file fsync, rename, directory fsync, 250 is unchanged.
+
+A crash (or kill -9) while a message is being written leaves its file in ``tmp/``, where
+nothing ever looks again. When the plugin starts it removes the files in ``tmp/`` not
+written nor read for 36 hours, the qmail and Dovecot convention: no delivery in progress
+is that old (:func:`clean_tmp`).
 """
 
 from __future__ import annotations
 
 import errno
+import glob
 import os
 import re
 import socket
@@ -33,7 +39,7 @@ from qpconn.plugins import Plugin
 from qpconn.results import DENYSOFT, DONE, OK, Result
 from qpconn.workers import run_in_pool, worker_pool
 
-__all__ = ["Maildir", "deliver", "ensure_maildir"]
+__all__ = ["Maildir", "clean_tmp", "deliver", "ensure_maildir"]
 
 _sequence = count(1)
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
@@ -43,6 +49,49 @@ _TEMPLATE = re.compile(r"%[dlu]")
 #: slow disk throughput grows with the number in flight), bounded so a burst cannot start
 #: hundreds of threads. On a fast disk 4 and 16 measured the same (bench/RESULTS.md).
 POOL_SIZE = 16
+
+
+#: files in tmp/ untouched for this long are left over from a crash (qmail, Dovecot: 36 h)
+TMP_MAX_AGE = 36 * 3600
+
+
+def clean_tmp(path: str, max_age: float = TMP_MAX_AGE, now: float | None = None) -> list[str]:
+    """Remove the files in ``path``/tmp neither modified nor read for ``max_age`` seconds.
+
+    Returns the names removed. Subdirectories are left alone, and a file that vanishes
+    meanwhile (another worker cleaning the same Maildir) is not an error.
+    """
+    limit = (time.time() if now is None else now) - max_age
+    removed = []
+    try:
+        entries = list(os.scandir(os.path.join(path, "tmp")))
+    except (FileNotFoundError, NotADirectoryError):
+        return removed
+    for entry in entries:
+        try:
+            info = entry.stat(follow_symlinks=False)
+            if entry.is_dir(follow_symlinks=False):
+                continue
+            if info.st_mtime < limit and info.st_atime < limit:
+                os.unlink(entry.path)
+                removed.append(entry.name)
+        except FileNotFoundError:
+            continue
+    return removed
+
+
+def template_maildirs(template: str) -> list[str]:
+    """The Maildirs that exist for a path template (each template as ``*``).
+
+    Only directories holding tmp/, new/ and cur/ count: a template such as ``/home/%u``
+    must not make a user's own ``~/tmp`` look like a Maildir's.
+    """
+    pattern = "*".join(glob.escape(part) for part in _TEMPLATE.split(template))
+    return [
+        path
+        for path in sorted(glob.glob(pattern))
+        if all(os.path.isdir(os.path.join(path, sub)) for sub in ("tmp", "new", "cur"))
+    ]
 
 
 def ensure_maildir(path: str) -> None:
@@ -131,6 +180,23 @@ class Maildir(Plugin):
         self.per_recipient = bool(_TEMPLATE.search(path))
         if not self.per_recipient:
             ensure_maildir(self.template)
+        self.sweep_tmp()
+
+    def sweep_tmp(self) -> None:
+        """Remove what crashed deliveries left in tmp/ (see :func:`clean_tmp`)."""
+        paths = template_maildirs(self.template) if self.per_recipient else [self.template]
+        for path in paths:
+            try:
+                removed = clean_tmp(path)
+            except OSError as exc:
+                self.log.warn("cannot clean {path}/tmp: {error}", path=path, error=exc)
+                continue
+            if removed:
+                self.log.info(
+                    "removed {count} stale file(s) from {path}/tmp (crashed deliveries)",
+                    count=len(removed),
+                    path=path,
+                )
 
     def targets(self, transaction: Any) -> dict[str, list[Any]]:
         """Maildir path -> the recipients delivered there."""
