@@ -24,6 +24,8 @@ MAX_PATH_OCTETS = 256  # RFC 5321 4.5.3.1.3, counting the brackets
 # kept (an invalid one is parsed again to raise its error); bounded, emptied when full.
 _PARSED: dict[tuple[type, str, bool, bool], tuple[str | None, str | None]] = {}
 _PARSED_MAX = 4096
+#: (user, host) -> the mailbox as written on the wire (Address.address)
+_WIRE: dict[tuple[str, str | None], str] = {}
 MAX_LOCAL_OCTETS = 64  # RFC 5321 4.5.3.1.1
 MAX_DOMAIN_OCTETS = 255  # RFC 5321 4.5.3.1.2
 MAX_LABEL_OCTETS = 63  # RFC 1035 2.3.4
@@ -145,10 +147,18 @@ class Address:
     @property
     def address(self) -> str:
         """The mailbox as it goes on the wire, quoting the local part only where needed."""
-        if self.user is None:
+        user = self.user
+        if user is None:
             return ""
-        local = self.user if _DOT_STRING_UTF8.fullmatch(self.user) else _quote(self.user)
-        return local if self.host is None else f"{local}@{self.host}"
+        key = (user, self.host)
+        text = _WIRE.get(key)  # the same few addresses over and over
+        if text is None:
+            local = user if _DOT_STRING_UTF8.fullmatch(user) else _quote(user)
+            text = local if self.host is None else f"{local}@{self.host}"
+            if len(_WIRE) >= _PARSED_MAX:
+                _WIRE.clear()
+            _WIRE[key] = text
+        return text
 
     def format(self) -> str:
         return f"<{self.address}>"
@@ -257,6 +267,9 @@ def _check_characters(text: str) -> None:
 
 def _closing_bracket(text: str) -> int | None:
     """Index of the '>' that ends the path at text[0], skipping quoted strings."""
+    if '"' not in text:
+        end = text.find(">", 1)  # no quoted string: the first '>' is the one
+        return end if end >= 0 else None
     quoted = False
     index = 1
     while index < len(text):

@@ -12,9 +12,10 @@ twistd's RFC 3339 time stamps) but
 
 - parses each distinct format string once to check that it holds only the plain
   ``{name}`` / ``{name!r}`` / ``{name:.3f}`` fields qpconn's events use, which
-  ``str.format_map`` then formats in C exactly as Twisted would; anything else (``{a.b}``, ``{f()}``, ``{x[0]}``, nested
-  specs, flattened events, failures with tracebacks) and any formatting error goes
-  through Twisted's own formatter, so the text is always what twistd would have written;
+  ``str.format_map`` then formats in C exactly as Twisted would; anything else
+  (``{a.b}``, ``{f()}``, ``{x[0]}``, nested specs, flattened events, failures with
+  tracebacks) and any formatting error goes through Twisted's own formatter, so the
+  text is always what twistd would have written;
 - formats the time stamp once per second;
 - collects the lines of one reactor turn and writes them in one ``write()`` + ``flush()``
   at the end of the turn (or at once when no reactor runs, from another thread's events

@@ -213,7 +213,8 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         refusal = self.tls_refusal_for_mail()  # tls_required: 530 before any hook
         if refusal is not None:
             return refusal
-        outcome = await self.run_hook("mail_pre", arg)
+        hooked = self.runner.has  # hooks no plugin has are skipped without a coroutine
+        outcome = await self.run_hook("mail_pre", arg) if hooked("mail_pre") else DECLINED_OUTCOME
         if outcome.result is OK and outcome.message is not None:
             arg = outcome.message
         else:
@@ -228,7 +229,9 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         problem = self.check_mail_params(params) or self.check_extension_mail_params(params)
         if problem is not None:
             return problem
-        outcome = await self.run_hook("mail", sender, params)
+        outcome = DECLINED_OUTCOME
+        if hooked("mail"):
+            outcome = await self.run_hook("mail", sender, params)
         decided = reply_for("mail", outcome)
         if not _positive(decided):
             assert decided is not None
@@ -261,7 +264,8 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         if limit and len(self.transaction.recipients) >= limit:
             # Before any hook: past the limit nothing about the address matters.
             return Reply(452, "4.5.3 Too many recipients")
-        outcome = await self.run_hook("rcpt_pre", arg)
+        hooked = self.runner.has  # hooks no plugin has are skipped without a coroutine
+        outcome = await self.run_hook("rcpt_pre", arg) if hooked("rcpt_pre") else DECLINED_OUTCOME
         if outcome.result is OK and outcome.message is not None:
             arg = outcome.message
         else:
@@ -294,7 +298,7 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         refusal = self.data_refusal()  # BODY=BINARYMIME needs BDAT
         if refusal is not None:
             return refusal
-        outcome = await self.run_hook("data")
+        outcome = await self.run_hook("data") if self.runner.has("data") else DECLINED_OUTCOME
         decided = reply_for("data", outcome)
         if decided is not None:
             return decided
@@ -354,8 +358,9 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         if self._verdict is not None:
             self._log_transaction("rejected", self._verdict[0], hook="data_headers_end")
             return self._verdict
+        hooked = self.runner.has  # hooks no plugin has are skipped without a coroutine
         await self.add_received_header()
-        outcome = await self.run_hook("data_post")
+        outcome = await self.run_hook("data_post") if hooked("data_post") else DECLINED_OUTCOME
         decided = reply_for("data_post", outcome)
         if decided is not None:
             self._log_transaction("rejected", decided[0], plugin=outcome.plugin, hook="data_post")
@@ -380,7 +385,9 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         """Prepend our Received field (a received_line plugin may supply the text)."""
         txn = self.transaction
         assert txn.header is not None
-        outcome = await self.run_hook("received_line")
+        outcome = DECLINED_OUTCOME
+        if self.runner.has("received_line"):
+            outcome = await self.run_hook("received_line")
         if outcome.result is OK and outcome.message:
             value = outcome.message
         else:
@@ -391,7 +398,8 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
 
     async def queue_message(self) -> HandlerResult:
         """queue_pre, queue and queue_post: 250 only when a queue plugin said OK."""
-        outcome = await self.run_hook("queue_pre")
+        hooked = self.runner.has  # hooks no plugin has are skipped without a coroutine
+        outcome = await self.run_hook("queue_pre") if hooked("queue_pre") else DECLINED_OUTCOME
         decided = reply_for("queue_pre", outcome)
         stage = "queue_pre"
         if decided is None:
