@@ -42,6 +42,9 @@ SOFTWARE = f"qpconn {qpconn.__version__}"
 
 _MAIL_PARAMS = frozenset({"SIZE", "BODY"}) | MAIL_EXTENSION_PARAMS
 _BODY_TYPES = frozenset({"7BIT", "8BITMIME", "BINARYMIME"})
+# Replies that never change, built once (Reply objects are not modified once made)
+_OK = Reply(250, "2.0.0 OK")
+_GO_AHEAD = Reply(354, "End data with <CR><LF>.<CR><LF>")
 
 
 def _positive(decided: tuple[Reply, bool] | None) -> bool:
@@ -146,12 +149,13 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
     # -- dispatch -------------------------------------------------------------------------
     async def dispatch(self, event: Command | MessageEnd | AuthResponse) -> HandlerResult:
         """The reply to one command (or to the end of a message, or to a SASL response)."""
-        if isinstance(event, MessageEnd):
-            return await self.message_end(event)
-        if isinstance(event, ChunkEnd):
-            return await self.chunk_end(event)
-        if isinstance(event, AuthResponse):
-            return await self.auth_response(event.data)
+        if type(event) is not Command:  # commands first: they are most of the traffic
+            if isinstance(event, MessageEnd):
+                return await self.message_end(event)
+            if isinstance(event, ChunkEnd):
+                return await self.chunk_end(event)
+            if isinstance(event, AuthResponse):
+                return await self.auth_response(event.data)
         verb = event.verb
         handler = getattr(self, "smtp_" + verb, None) if verb.isascii() and verb.isalpha() else None
         if handler is None:
@@ -303,7 +307,7 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         if decided is not None:
             return decided
         self.transaction.notes["data_started"] = time.monotonic()
-        return Reply(354, "End data with <CR><LF>.<CR><LF>")
+        return _GO_AHEAD
 
     async def message_data(self, data: bytes) -> None:
         """Store a piece of message text; run data_headers_end once the header is complete."""
@@ -420,11 +424,13 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
     # -- small commands -------------------------------------------------------------------
     async def smtp_RSET(self, arg: str) -> HandlerResult:
         await self.reset_transaction()
-        return Reply(250, "2.0.0 OK")
+        return _OK
 
     async def smtp_NOOP(self, arg: str) -> HandlerResult:
+        if not self.runner.has("noop"):
+            return _OK
         outcome = await self.run_hook("noop", arg)
-        return reply_for("noop", outcome) or Reply(250, "2.0.0 OK")
+        return reply_for("noop", outcome) or _OK
 
     async def smtp_VRFY(self, arg: str) -> HandlerResult:
         outcome = await self.run_hook("vrfy", arg)

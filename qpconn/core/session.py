@@ -52,6 +52,18 @@ class State(enum.Enum):
     CLOSED = "closed"  # a closing reply was sent, or the peer went away
 
 
+# Plain module names for the states: an Enum member looked up on its class costs ten
+# times a global, and the session core looks at its state several times per command.
+_GREETING = State.GREETING
+_INIT = State.INIT
+_READY = State.READY
+_MAIL = State.MAIL
+_RCPT = State.RCPT
+_DATA = State.DATA
+_STARTTLS = State.STARTTLS
+_CLOSED = State.CLOSED
+
+
 class _Sentinel(enum.Enum):
     NEED_DATA = "need-data"
     PAUSED = "paused"
@@ -142,7 +154,7 @@ class ServerSession(TLSAuthRules, ChunkingRules):
 
     def __init__(self, limits: Limits | None = None) -> None:
         self.limits = limits or Limits()
-        self.state = State.GREETING
+        self.state = _GREETING
         self._buf = bytearray()
         self._out: list[bytes] = []
         self._pending: Command | MessageEnd | ChunkEnd | AuthResponse | None = None
@@ -163,7 +175,8 @@ class ServerSession(TLSAuthRules, ChunkingRules):
         a client sends there was sent in clear text after it asked for encryption, and
         interpreting it would let a man in the middle inject commands (CVE-2011-0411).
         """
-        if self.state not in (State.CLOSED, State.STARTTLS):
+        state = self.state
+        if state is not _CLOSED and state is not _STARTTLS:
             self._buf += data
 
     @property
@@ -173,14 +186,15 @@ class ServerSession(TLSAuthRules, ChunkingRules):
 
     def next_event(self) -> Event | ChunkStart | ChunkEnd | _Sentinel:
         """The next thing that happened, NEED_DATA, or PAUSED while a reply is owed."""
-        if self._pending is not None or self.state in (State.GREETING, State.CLOSED):
+        state = self.state
+        if self._pending is not None or state is _GREETING or state is _CLOSED:
             return PAUSED
-        if self.state is State.STARTTLS:
+        if state is _STARTTLS:
             return PAUSED  # nothing is read until tls_started()
         if self._chunk is not None:
             chunk = self._next_chunk_event()  # BDAT octets: see qpconn.core.bdat
             return NEED_DATA if chunk is None else chunk
-        if self.state is State.DATA:
+        if state is _DATA:
             return self._next_data_event()
         if self._sasl:
             sasl = self._next_sasl_event()
@@ -306,13 +320,13 @@ class ServerSession(TLSAuthRules, ChunkingRules):
     def _sequence_error(self, verb: str) -> tuple[int, str]:
         """503 for a command out of sequence; 554 for DATA when every RCPT was refused."""
         state = self.state
-        if state is State.INIT and verb in ("MAIL", "RCPT", "DATA"):
+        if state is _INIT and verb in ("MAIL", "RCPT", "DATA"):
             return 503, "5.5.1 Error: send HELO/EHLO first"
         if verb == "MAIL":
             return 503, "5.5.1 Error: nested MAIL command"
-        if verb in ("RCPT", "DATA") and state is State.READY:
+        if verb in ("RCPT", "DATA") and state is _READY:
             return 503, "5.5.1 Error: need MAIL command"
-        if verb == "DATA" and state is State.MAIL:
+        if verb == "DATA" and state is _MAIL:
             if self.rcpt_attempts:
                 # RFC 5321 §3.3 allows 503 or 554 here; 554 says why.
                 return 554, "5.5.1 Error: no valid recipients"
@@ -340,13 +354,13 @@ class ServerSession(TLSAuthRules, ChunkingRules):
 
     def greet(self, reply: Reply, close: bool = False) -> None:
         """Send the greeting (or a refusal: any non-2xx greeting closes the session)."""
-        if self.state is not State.GREETING:
+        if self.state is not _GREETING:
             raise SessionError("greeting already sent")
         self._out.append(reply.to_bytes())
         if close or reply.code >= 400:
             self.close()  # releases whatever an early talker already sent
         else:
-            self.state = State.INIT
+            self.state = _INIT
 
     def send(self, reply: Reply, close: bool = False) -> None:
         """Answer the pending command; the reply code decides the state change.
@@ -362,19 +376,20 @@ class ServerSession(TLSAuthRules, ChunkingRules):
         if close or code in (221, 421):
             self.close()
             return
-        if isinstance(pending, MessageEnd):
-            self._end_transaction()
-            return
-        if isinstance(pending, ChunkEnd):
-            if self._chunk_replied(code, pending.last):
+        if type(pending) is not Command or pending.verb in _TLS_AUTH:  # commands: most
+            if isinstance(pending, MessageEnd):
                 self._end_transaction()
-            return
-        if self._tls_auth_transition(pending, code):
-            return
+                return
+            if isinstance(pending, ChunkEnd):
+                if self._chunk_replied(code, pending.last):
+                    self._end_transaction()
+                return
+            if self._tls_auth_transition(pending, code):
+                return
         verb = pending.verb
         if verb == "DATA":
             if code == 354:
-                self.state = State.DATA
+                self.state = _DATA
                 limits = self.limits
                 self._data = DataReader(
                     limits.message_size, limits.text_line, limits.normalize_newlines
@@ -384,25 +399,25 @@ class ServerSession(TLSAuthRules, ChunkingRules):
             return  # a refused command changes nothing
         if verb in ("HELO", "EHLO"):
             self._end_transaction()
-            self.state = State.READY
+            self.state = _READY
             self.esmtp = verb == "EHLO"
         elif verb == "MAIL":
-            self.state = State.MAIL
+            self.state = _MAIL
             self.rcpt_attempts = 0
         elif verb == "RCPT":
-            self.state = State.RCPT
+            self.state = _RCPT
         elif verb == "RSET":
             self._end_transaction()
 
     def _end_transaction(self) -> None:
-        if self.state in (State.MAIL, State.RCPT, State.DATA):
-            self.state = State.READY
+        if self.state in (_MAIL, _RCPT, _DATA):
+            self.state = _READY
         self.rcpt_attempts = 0
         self._reset_chunking()
 
     def reset_transaction(self) -> None:
         """Forget the transaction without a command (e.g. a plugin ended it)."""
-        if self.state in (State.MAIL, State.RCPT):
+        if self.state in (_MAIL, _RCPT):
             self._end_transaction()
 
     def send_unsolicited(self, reply: Reply) -> None:
@@ -412,7 +427,7 @@ class ServerSession(TLSAuthRules, ChunkingRules):
 
     def close(self) -> None:
         """No more input is interpreted; buffered bytes are released."""
-        self.state = State.CLOSED
+        self.state = _CLOSED
         self._pending = None
         self._data = None
         self._end_after_text = None
@@ -421,7 +436,7 @@ class ServerSession(TLSAuthRules, ChunkingRules):
 
     @property
     def closed(self) -> bool:
-        return self.state is State.CLOSED
+        return self.state is _CLOSED
 
     def data_to_send(self) -> bytes:
         """All reply bytes produced since the last call, to be written in one go."""

@@ -30,7 +30,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from qpconn.core.bdat import ChunkStart
-from qpconn.core.events import MessageData, ProtocolError
+from qpconn.core.events import Command, MessageData, ProtocolError
 from qpconn.core.proxy import ProxyHeaderParser, ProxyProtocolError
 from qpconn.core.reply import Reply
 from qpconn.core.session import NEED_DATA, PAUSED, ServerSession, State
@@ -47,8 +47,10 @@ if TYPE_CHECKING:
 __all__ = ["SMTPServerProtocol"]
 
 _INTERNAL_ERROR = Reply(451, "4.3.0 Internal error - try again later")
-#: states whose reply must be on its way before anything else happens (close, TLS)
-_WRITE_AT_ONCE = frozenset({State.CLOSED, State.STARTTLS})
+# States whose reply must be on its way before anything else happens (close, TLS), as
+# plain names: an Enum member looked up on its class costs ten times a global.
+_CLOSED = State.CLOSED
+_STARTTLS = State.STARTTLS
 
 
 @implementer(IHalfCloseableProtocol)
@@ -200,7 +202,10 @@ class SMTPServerProtocol(SessionGuard, TLSAdapter, SMTPCommands, Protocol, Timeo
                 event = session.next_event()
                 if event is NEED_DATA or event is PAUSED:
                     break
-                if isinstance(event, MessageData):
+                kind = type(event)
+                if kind is Command:
+                    self._run(self.dispatch(event), self._answer)
+                elif kind is MessageData:
                     if not self.store_message_data(event.data):
                         self._run(self._headers_end(), None)  # data_headers_end may wait
                 elif isinstance(event, ChunkStart):
@@ -254,7 +259,17 @@ class SMTPServerProtocol(SessionGuard, TLSAdapter, SMTPCommands, Protocol, Timeo
         self._busy = True
         result, deferred = eager.start(coro)  # most commands never wait: no Deferred
         if deferred is None:
-            self._finished(result, apply)
+            # Finished at once: no timeout was set aside, nothing was paused.
+            self._busy = False
+            if type(result) is Failure:
+                self.log.failure("{conn_id} handler failed", result, **self.log_context())
+                result = (_INTERNAL_ERROR, False)
+            if not self._lost and apply is not None:
+                apply(result)
+            if self._paused:
+                self._resume()
+            if not self._driving:
+                self._drive()  # e.g. the greeting: write it, then read what came early
             return
         deferred.addBoth(self._finished, apply)
         if self._busy:
@@ -305,15 +320,17 @@ class SMTPServerProtocol(SessionGuard, TLSAdapter, SMTPCommands, Protocol, Timeo
 
     # -- output ---------------------------------------------------------------------------
     def _flush(self) -> None:
-        data = self.session.data_to_send()
+        session = self.session
+        data = session.data_to_send()
         if self._lost:
             return
-        session = self.session
+        state = session.state
         if data:
             writer = self._turn_writer
             if (
                 writer is not None
-                and session.state not in _WRITE_AT_ONCE
+                and state is not _CLOSED
+                and state is not _STARTTLS
                 and len(self.factory.sessions) > 1
             ):
                 # Sent with the other sessions' replies at the end of this turn.
@@ -322,15 +339,16 @@ class SMTPServerProtocol(SessionGuard, TLSAdapter, SMTPCommands, Protocol, Timeo
                 self._unsent.append(data)
                 return
             self.send_unsent()  # anything held goes first: bytes stay in order
-            if session.closed:
+            if state is _CLOSED:
                 # The last reply (221, 421): Twisted sends it and closes in one step, so
                 # the session's end is handled before the client can see that reply.
                 self.transport.write(data)
             else:
                 fastwrite.write(self.transport, data)  # at once when nothing is queued
-            if session.state is State.STARTTLS:
+            if state is _STARTTLS:
                 self.tls_after_flush()  # the 220 to STARTTLS is out: handshake now (tls.py)
-        if session.closed:
+            state = session.state  # a TLS failure may have closed it
+        if state is _CLOSED:
             self.send_unsent()
             self.transport.loseConnection()
 
