@@ -230,6 +230,8 @@ def parse_params(text: str, *, allow_utf8: bool = False) -> dict[str, str | None
     Runs of spaces between parameters are tolerated; anything else outside the grammar,
     including a repeated keyword, is refused so that a plugin never sees two answers.
     """
+    if not text:
+        return {}  # most commands carry no parameters
     if not allow_utf8 and not text.isascii():
         _parse_params(text, allow_utf8=True)
         raise AddressError("non-ASCII parameter value without SMTPUTF8", utf8=True)

@@ -60,7 +60,12 @@ def current_level() -> LogLevel:
 
 
 class LevelLogger(Logger):
-    """A Twisted Logger that drops events below the process's ``loglevel``."""
+    """A Twisted Logger that drops events below the process's ``loglevel``.
+
+    ``debug`` ... ``critical`` build the event from their keyword arguments directly:
+    Twisted's versions pass them on to ``emit`` as ``**kwargs`` again, a second copy of
+    a dict of fifteen fields for every transaction line.
+    """
 
     def emit(self, level: LogLevel, format: str | None = None, **kwargs: Any) -> None:
         rank = _RANK.get(level)
@@ -69,16 +74,36 @@ class LevelLogger(Logger):
             return
         if rank < _threshold:
             return
+        self._publish(level, format, kwargs)
+
+    def debug(self, format: str | None = None, **kwargs: Any) -> None:
+        if _threshold <= 0:
+            self._publish(LogLevel.debug, format, kwargs)
+
+    def info(self, format: str | None = None, **kwargs: Any) -> None:
+        if _threshold <= 1:
+            self._publish(LogLevel.info, format, kwargs)
+
+    def warn(self, format: str | None = None, **kwargs: Any) -> None:
+        if _threshold <= 2:
+            self._publish(LogLevel.warn, format, kwargs)
+
+    def error(self, format: str | None = None, **kwargs: Any) -> None:
+        if _threshold <= 3:
+            self._publish(LogLevel.error, format, kwargs)
+
+    def critical(self, format: str | None = None, **kwargs: Any) -> None:
+        self._publish(LogLevel.critical, format, kwargs)  # the highest: always
+
+    def _publish(self, level: LogLevel, format: str | None, event: dict[str, Any]) -> None:
         # Logger.emit's event, without its check of the level against a freshly sorted
-        # list of every level (done above with one dict lookup)
-        kwargs.update(
-            log_logger=self,
-            log_level=level,
-            log_namespace=self.namespace,
-            log_source=self.source,
-            log_format=format,
-            log_time=time(),
-        )
-        if "log_trace" in kwargs:
-            kwargs["log_trace"].append((self, self.observer))
-        self.observer(kwargs)
+        # list of every level (the callers compared ranks already)
+        event["log_logger"] = self
+        event["log_level"] = level
+        event["log_namespace"] = self.namespace
+        event["log_source"] = self.source
+        event["log_format"] = format
+        event["log_time"] = time()
+        if "log_trace" in event:
+            event["log_trace"].append((self, self.observer))
+        self.observer(event)

@@ -230,9 +230,10 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         except AddressError as exc:
             code = 553 if exc.utf8 else 501
             return Reply(code, f"{'5.6.7' if exc.utf8 else '5.1.7'} Bad sender address syntax")
-        problem = self.check_mail_params(params) or self.check_extension_mail_params(params)
-        if problem is not None:
-            return problem
+        if params:  # without parameters there is nothing to check
+            problem = self.check_mail_params(params) or self.check_extension_mail_params(params)
+            if problem is not None:
+                return problem
         outcome = DECLINED_OUTCOME
         if hooked("mail"):
             outcome = await self.run_hook("mail", sender, params)
@@ -482,7 +483,7 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
             queue_id=txn.id,
             verdict=verdict,
             sender=txn.sender.format() if txn.sender else "<>",
-            rcpts=",".join(r.format() for r in txn.recipients),
+            rcpts=",".join([r.format() for r in txn.recipients]),
             size=txn.data_size,
             code=reply.code,
             plugin=plugin,

@@ -110,6 +110,8 @@ class ExtensionCommands:
 
     def check_rcpt_params(self, params: dict[str, str | None]) -> Reply | None:
         """Only NOTIFY and ORCPT are known; both are checked (NOTIFY=NEVER stands alone)."""
+        if not params:
+            return None
         for key in params:
             if key not in RCPT_PARAMS:
                 return Reply(555, f"5.5.4 Unsupported option: {key}")

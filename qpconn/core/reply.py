@@ -128,7 +128,10 @@ def _parse(
         enhanced = ".".join(match.group(1, 2, 3))
         lines[0] = lines[0][match.end() :]
     if enhanced:
-        lines = [_strip_enhanced(line, enhanced) for line in lines]
+        lines = [
+            _strip_enhanced(line, enhanced) if line[:1] in _CLASS_DIGITS else line
+            for line in lines
+        ]
     # isprintable() is a C scan that is True for most texts; the rest go through the regex
     return tuple(line if line.isprintable() else _UNSAFE.sub("?", line) for line in lines), enhanced
 
