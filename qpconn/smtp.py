@@ -195,7 +195,9 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         # mail hook ever judged.
         old = self.transaction
         self.transaction = self.new_transaction()
-        outcome = await self.run_hook(kind, host)
+        outcome = DECLINED_OUTCOME
+        if self.runner.has(kind):
+            outcome = await self.run_hook(kind, host)
         decided = reply_for(kind, outcome)
         if not _positive(decided):
             self.transaction.close()
@@ -451,7 +453,9 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         )
 
     async def smtp_QUIT(self, arg: str) -> HandlerResult:
-        outcome = await self.run_hook("quit")
+        outcome = DECLINED_OUTCOME
+        if self.runner.has("quit"):
+            outcome = await self.run_hook("quit")
         decided = reply_for("quit", outcome)
         return (decided[0] if decided else Reply(221, f"2.0.0 {self.me} closing connection")), True
 

@@ -51,8 +51,19 @@ class Reply:
                     _PARSED.clear()  # texts with queue ids and addresses come and go
                 _PARSED[key] = parsed
         else:
-            lines = [part for line in text for part in (str(line).splitlines() or [""])]
-            parsed = _parse(code, lines or [""], enhanced)
+            # EHLO's reply: the same list of lines for every session
+            key = (code, tuple(text), enhanced)
+            try:
+                parsed = _PARSED.get(key)
+            except TypeError:  # lines that are not hashable: parse, do not keep
+                key, parsed = None, None
+            if parsed is None:
+                lines = [part for line in text for part in (str(line).splitlines() or [""])]
+                parsed = _parse(code, lines or [""], enhanced)
+                if key is not None:
+                    if len(_PARSED) >= _PARSED_MAX:
+                        _PARSED.clear()
+                    _PARSED[key] = parsed
         self.code = code
         self.lines: tuple[str, ...] = parsed[0]
         self.enhanced = parsed[1]
@@ -110,7 +121,7 @@ class Reply:
 
 
 #: (code, text, enhanced) -> (lines, enhanced) of replies built from a string
-_PARSED: dict[tuple[int, str, str | None], tuple[tuple[str, ...], str | None]] = {}
+_PARSED: dict[tuple[int, object, str | None], tuple[tuple[str, ...], str | None]] = {}
 _PARSED_MAX = 512
 #: (code, lines, enhanced) -> wire bytes, for the same few replies sent over and over
 _WIRE: dict[tuple[int, tuple[str, ...], str | None], bytes] = {}

@@ -136,6 +136,16 @@ class Limits:
     #: (config ``bare_newline normalize``); never changes what ends the text
     normalize_newlines: bool = False
 
+    def copy(self) -> Limits:
+        """An independent copy for one session (a session may change its own, e.g. LMTP).
+
+        Made once per connection: copying the attribute dict is several times cheaper
+        than ``dataclasses.replace``, which calls ``__init__`` with every field.
+        """
+        new = Limits.__new__(Limits)
+        new.__dict__.update(self.__dict__)
+        return new
+
 
 class SessionError(RuntimeError):
     """The application broke the protocol contract (e.g. replied with nothing pending)."""

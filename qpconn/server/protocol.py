@@ -18,7 +18,6 @@ within ``proxy_timeout`` closes the connection with one log line and nothing pro
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
@@ -78,7 +77,7 @@ class SMTPServerProtocol(SessionGuard, TLSAdapter, SMTPCommands, Protocol, Timeo
         self.session_limits = factory.session_limits
         self.security = factory.security
         self.connection = factory.build_connection(self.transport)
-        self.session = ServerSession(dataclasses.replace(factory.limits))
+        self.session = ServerSession(factory.limits.copy())
         self.transaction = self.new_transaction()
         self.errors = 0
         self._busy = False
