@@ -129,6 +129,8 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
     async def start_session(self) -> tuple[Reply, bool]:
         """pre-connection and connect hooks, then the greeting (or a refusal)."""
         for hook in ("pre-connection", "connect"):
+            if not self.runner.has(hook):
+                continue
             outcome = await self.run_hook(hook)
             if outcome.result is DONE and not outcome.message:
                 break

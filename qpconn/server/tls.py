@@ -87,14 +87,16 @@ def tls_from_config(config: Config) -> Any:
 def _ssl_handle(transport: Any) -> Any:
     """The OpenSSL connection under ``transport``, or None for a clear-text one."""
     get_handle = getattr(transport, "getHandle", None)
-    if get_handle is None:
-        return None
-    try:
-        from OpenSSL import SSL
-    except ImportError:  # pragma: no cover
+    if get_handle is None or _SSL_CONNECTION is None:
         return None
     handle = get_handle()
-    return handle if isinstance(handle, SSL.Connection) else None
+    return handle if isinstance(handle, _SSL_CONNECTION) else None
+
+
+try:  # looked up once: this runs for every new connection
+    from OpenSSL.SSL import Connection as _SSL_CONNECTION
+except ImportError:  # pragma: no cover
+    _SSL_CONNECTION = None
 
 
 def tls_details(transport: Any) -> dict[str, str]:
