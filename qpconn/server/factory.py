@@ -138,11 +138,10 @@ class SMTPFactory(ServerFactory):
 
     def build_connection(self, transport: ITransport) -> Connection:
         """The Connection for a new transport, from its peer and host addresses."""
-        remote_ip, remote_port = address_parts(transport.getPeer())
-        local_ip, local_port = address_parts(transport.getHost())
-        return Connection(
-            remote_ip=remote_ip, remote_port=remote_port, local_ip=local_ip, local_port=local_port
-        )
+        connection = Connection()  # fields set directly: start()'s name checks are for plugins
+        connection.remote_ip, connection.remote_port = address_parts(transport.getPeer())
+        connection.local_ip, connection.local_port = address_parts(transport.getHost())
+        return connection
 
     async def lookup_peer(self, connection: Connection) -> None:
         """Fill in what the network can tell about the peer before the connect hook runs:

@@ -392,6 +392,13 @@ class SMTPServerProtocol(SessionGuard, TLSAdapter, SMTPCommands, Protocol, Timeo
             self._start_close()
 
     def _start_close(self) -> None:
+        runner = self.runner
+        if not (runner.has("disconnect") or runner.has("post-connection")):
+            try:
+                self._cleanup()  # nothing to run first: no coroutine
+            except Exception:
+                self._close_failed(Failure())
+            return
         result, deferred = eager.start(self._close())  # no Deferred unless a hook waits
         if deferred is not None:
             deferred.addErrback(self._close_failed)
@@ -408,7 +415,13 @@ class SMTPServerProtocol(SessionGuard, TLSAdapter, SMTPCommands, Protocol, Timeo
                 if runner.has(hook):
                     await runner.run_all(hook, self.transaction)
         finally:
+            self._cleanup()
+
+    def _cleanup(self) -> None:
+        """The session's last steps, after the disconnect hooks."""
+        try:
             self.transaction.close()
+        finally:
             self.factory.session_ended(self)
             self.log.info("{conn_id} disconnect", **self.log_context())
             self.connection.reset()
