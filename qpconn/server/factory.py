@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import weakref
 from typing import Any
 
 from twisted.internet.interfaces import IAddress, IReactorTime, ITransport
@@ -31,6 +32,10 @@ from qpconn.smtputf8 import smtputf8_offered
 from qpconn.spool import clean_stale_spool
 
 __all__ = ["SMTPFactory", "address_parts"]
+
+_UNKNOWN = object()
+#: bind addresses that accept on every interface: the local address varies per socket
+_WILDCARDS = frozenset({"0.0.0.0", "::", "::0", "0:0:0:0:0:0:0:0"})
 
 
 def address_parts(address: IAddress) -> tuple[str | None, int | None]:
@@ -133,6 +138,8 @@ class SMTPFactory(ServerFactory):
         self.sessions: set[SMTPServerProtocol] = set()
         #: replies of one reactor turn, sent together at its end (server/fastwrite.py)
         self.turn_writer = TurnWriter()
+        #: listening port -> the local (ip, port) of every socket it accepts, or None
+        self._port_addresses: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
         for plugin in self.plugins:
             plugin.attach(self)
 
@@ -140,8 +147,31 @@ class SMTPFactory(ServerFactory):
         """The Connection for a new transport, from its peer and host addresses."""
         connection = Connection()  # fields set directly: start()'s name checks are for plugins
         connection.remote_ip, connection.remote_port = address_parts(transport.getPeer())
-        connection.local_ip, connection.local_port = address_parts(transport.getHost())
+        connection.local_ip, connection.local_port = self._local_address(transport)
         return connection
+
+    def _local_address(self, transport: ITransport) -> tuple[str | None, int | None]:
+        """Our side of a connection: the listening address when that names one interface.
+
+        A socket accepted on a port bound to one address has exactly that address and
+        port, so it is read once per listening port rather than with a getsockname() per
+        connection; ports bound to a wildcard (0.0.0.0, ::) ask each socket.
+        """
+        port = getattr(transport, "server", None)  # Twisted's tcp.Server: its Port
+        if port is None:
+            return address_parts(transport.getHost())
+        try:
+            known = self._port_addresses.get(port, _UNKNOWN)
+        except TypeError:  # not weakly referenceable
+            return address_parts(transport.getHost())
+        if known is _UNKNOWN:
+            host = getattr(port.getHost(), "host", None)
+            if isinstance(host, str) and host and host not in _WILDCARDS:
+                known = address_parts(port.getHost())
+            else:
+                known = None
+            self._port_addresses[port] = known
+        return known if known is not None else address_parts(transport.getHost())
 
     async def lookup_peer(self, connection: Connection) -> None:
         """Fill in what the network can tell about the peer before the connect hook runs:
