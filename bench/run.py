@@ -464,7 +464,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--servers",
         default=(
-            "qpconn-sink,qpconn-sink-fastlog,qpconn-maildir,postfix-maildir,twisted.mail,"
+            "qpconn-sink,qpconn-maildir,postfix-maildir,twisted.mail,"
             "aiosmtpd,haraka,smtp-sink,qpconn-sink-2w"
         ),
         help="comma-separated servers to run [all that are available]",

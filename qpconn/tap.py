@@ -192,5 +192,14 @@ def proxy_settings(options: Options) -> ProxySettings:
 
 
 def makeService(options: Options) -> IService:
-    """The service built (and validated) while the options were parsed."""
-    return options["service"]
+    """The service built (and validated) while the options were parsed.
+
+    Under twistd it comes wrapped so that twistd's text log (when no ``--logger`` or
+    ``--syslog`` is given) is written by qpconn's cheaper observer (qpconn.twistdlog).
+    """
+    parent = getattr(options, "parent", None)
+    if parent is None:
+        return options["service"]
+    from qpconn.twistdlog import DefaultTextLog
+
+    return DefaultTextLog(options["service"], parent)
