@@ -32,13 +32,14 @@ them, then exits. A worker whose parent has gone away stops by itself.
 
 Logs and metrics
 ----------------
-Workers write their log events as JSON lines on their standard output; the parent reads
-them and publishes them again in its own log with ``worker_pid`` (and ``log_system``
-``worker-PID``) added, so ``--logfile`` and ``--logger`` see every worker's structured
-events. With ``--metrics`` the workers count in prometheus-client's multiprocess mode
-(``PROMETHEUS_MULTIPROC_DIR`` set to a private directory the parent creates and removes)
-and the parent's metrics endpoint sums every worker's figures, those of workers that have
-exited included.
+Workers write their log events as JSON lines on their standard output, those of a reactor
+turn in one write (:mod:`qpconn.server.logrelay`: plain JSON for flat events, Twisted's
+``eventAsJSON`` for the rest); the parent reads them and publishes them again in its own log
+with ``worker_pid`` (and ``log_system`` ``worker-PID``) added, so ``--logfile`` and
+``--logger`` see every worker's structured events. With ``--metrics`` the workers count in
+prometheus-client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR`` set to a private
+directory the parent creates and removes) and the parent's metrics endpoint sums every
+worker's figures, those of workers that have exited included.
 """
 
 from __future__ import annotations
@@ -58,10 +59,11 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer, protocol
 from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
-from twisted.logger import Logger, eventFromJSON, globalLogPublisher
+from twisted.logger import Logger, globalLogPublisher
 from twisted.python.failure import Failure
 
 from qpconn.server.lmtp import LMTP_PREFIX
+from qpconn.server.logrelay import decode
 from qpconn.server.peerinfo import LookupSettings
 from qpconn.server.proxy import ProxySettings
 
@@ -132,19 +134,19 @@ class _WorkerProcess(protocol.ProcessProtocol):
 
     def outReceived(self, data: bytes) -> None:
         self.buffer += data
-        # jsonFileLogObserver writes "\x1e" JSON "\n"; JSON text never holds a raw newline
+        # one record per line (qpconn.server.logrelay); JSON text never holds a raw newline
         *records, self.buffer = self.buffer.split(b"\n")
         for record in records:
             self.relay(record)
 
     def relay(self, record: bytes) -> None:
-        text = record.decode("utf-8", "replace").strip("\x1e \r\n")
-        if not text:
-            return
         try:
-            event = eventFromJSON(text)
+            event = decode(record)
         except ValueError:
+            text = record.decode("utf-8", "replace").strip("\x1e\x1f \r\n")
             event = {"log_format": "{line}", "line": text, "log_namespace": "qpconn.prefork"}
+        if event is None:
+            return
         event["worker_pid"] = self.pid
         event["log_system"] = f"worker-{self.pid}"
         globalLogPublisher(event)
@@ -398,12 +400,13 @@ class _Orphaned(Service):
 def worker_main(argv: Sequence[str]) -> int:
     """Run one worker: ``python -m qpconn.server.prefork SPEC_JSON`` (started by the parent)."""
     from twisted.internet import reactor
-    from twisted.logger import globalLogBeginner, jsonFileLogObserver
+    from twisted.logger import globalLogBeginner
+
+    from qpconn.server.logrelay import RelayObserver
 
     spec = json.loads(argv[0])
-    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # each record now
     globalLogBeginner.beginLoggingTo(
-        [jsonFileLogObserver(sys.stdout)], redirectStandardIO=False
+        [RelayObserver(sys.stdout)], redirectStandardIO=False  # one write per reactor turn
     )
     top = _build_worker(spec)
     _Orphaned(spec["parent"]).setServiceParent(top)
