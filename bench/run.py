@@ -209,6 +209,9 @@ def one_run(
     if not run["error"]:
         run["rate"] = messages / run["seconds"]
         run["cpu_ms_per_msg"] = 1000 * server_cpu / messages
+    # Untimed, and before the next server's run: a server that keeps working after its
+    # 250s (Postfix delivering its queue) must not do so during another server's run.
+    server.between_runs()
     log(
         f"{server.spec.name:15} {workload.key:3} "
         + (

@@ -42,6 +42,10 @@ SOFTWARE = f"qpconn {qpconn.__version__}"
 
 _MAIL_PARAMS = frozenset({"SIZE", "BODY"}) | MAIL_EXTENSION_PARAMS
 _BODY_TYPES = frozenset({"7BIT", "8BITMIME", "BINARYMIME"})
+_TRANSACTION_LINE = (
+    "{conn_id} {queue_id} {verdict} from={sender} to={rcpts} size={size} "
+    "reply={code} elapsed={elapsed:.3f}s"
+)
 # Replies that never change, built once (Reply objects are not modified once made)
 _OK = Reply(250, "2.0.0 OK")
 _GO_AHEAD = Reply(354, "End data with <CR><LF>.<CR><LF>")
@@ -483,20 +487,21 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         ``transaction``); ``hook`` is where it was decided. Metrics count these events."""
         txn = self.transaction
         started = txn.notes.get("data_started")
-        self.log.info(
-            "{conn_id} {queue_id} {verdict} from={sender} to={rcpts} size={size} "
-            "reply={code} elapsed={elapsed:.3f}s",
-            queue_id=txn.id,
-            verdict=verdict,
-            sender=txn.sender.format() if txn.sender else "<>",
-            rcpts=",".join([r.format() for r in txn.recipients]),
-            size=txn.data_size,
-            code=reply.code,
-            plugin=plugin,
-            hook=hook,
-            result=verdict,
-            recipients=len(txn.recipients),
-            event="transaction",
-            elapsed=(time.monotonic() - started) if started else 0.0,
-            **self.log_context(),
-        )
+        fields = self.log_context()  # a fresh dict: the event is built in it (no copies)
+        fields["queue_id"] = txn.id
+        fields["verdict"] = verdict
+        fields["sender"] = txn.sender.format() if txn.sender else "<>"
+        fields["rcpts"] = ",".join([r.format() for r in txn.recipients])
+        fields["size"] = txn.data_size
+        fields["code"] = reply.code
+        fields["plugin"] = plugin
+        fields["hook"] = hook
+        fields["result"] = verdict
+        fields["recipients"] = len(txn.recipients)
+        fields["event"] = "transaction"
+        fields["elapsed"] = (time.monotonic() - started) if started else 0.0
+        info_fields = getattr(self.log, "info_fields", None)  # a subclass's own Logger: none
+        if info_fields is not None:
+            info_fields(_TRANSACTION_LINE, fields)
+        else:
+            self.log.info(_TRANSACTION_LINE, **fields)

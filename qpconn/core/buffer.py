@@ -52,6 +52,10 @@ def take_line(buf: bytearray) -> bytes | None:
     end = buf.find(b"\n")
     if end < 0:
         return LINE_INCOMPLETE
+    if end == len(buf) - 1:  # the usual case: the buffer holds exactly one line
+        line = bytes(buf)
+        buf.clear()
+        return line
     line = bytes(buf[: end + 1])
     del buf[: end + 1]
     return line

@@ -206,6 +206,8 @@ class ServerSession(TLSAuthRules, ChunkingRules):
             return NEED_DATA if chunk is None else chunk
         if state is _DATA:
             return self._next_data_event()
+        if not self._buf:
+            return NEED_DATA  # a command or a SASL response needs bytes
         if self._sasl:
             sasl = self._next_sasl_event()
             return NEED_DATA if sasl is None else sasl
@@ -249,8 +251,6 @@ class ServerSession(TLSAuthRules, ChunkingRules):
     def _next_command_event(self) -> Event | ChunkStart | ChunkEnd | None:
         """Frame and check one command line; None when no whole line is buffered."""
         buf = self._buf
-        if not buf:
-            return None
         if self._discarding:
             end = buf.find(b"\n")
             if end < 0:
