@@ -42,18 +42,28 @@ def _greet(address: tuple[str, int]) -> bytes:
         return greeting
 
 
-@pytest_twisted.ensureDeferred
-async def test_each_listener_gives_its_own_address_and_port(qpconn_server):
+def _server_seeing(qpconn_server: Any) -> tuple[Any, SeeLocal]:
     server = qpconn_server(plugins=[SeeLocal, "rcpt_ok"])
     (see,) = [p for p in server.factory.plugins if isinstance(p, SeeLocal)]
-    second = reactor.listenTCP(0, server.factory, interface="127.0.0.2")
+    return server, see
+
+
+async def _greet_all(extra_port: Any, addresses: list[tuple[str, int]]) -> None:
+    """One greeted session per address, in order; then the extra listener stops."""
     try:
-        first_address = server.address
-        second_address = ("127.0.0.2", second.getHost().port)
-        for address in (first_address, second_address, first_address, second_address):
+        for address in addresses:
             assert (await in_thread(_greet, address)).startswith(b"220 ")
     finally:
-        await second.stopListening()
+        await extra_port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_listener_gives_its_own_address_and_port(qpconn_server):
+    server, see = _server_seeing(qpconn_server)
+    first_address = server.address
+    second = reactor.listenTCP(0, server.factory, interface="127.0.0.2")
+    second_address = ("127.0.0.2", second.getHost().port)
+    await _greet_all(second, [first_address, second_address, first_address, second_address])
     assert [entry[:2] for entry in see.seen] == [
         first_address,
         second_address,
@@ -75,12 +85,8 @@ def _has_ipv6_loopback() -> bool:
 @pytest.mark.skipif(not _has_ipv6_loopback(), reason="no ::1 on this machine")
 @pytest_twisted.ensureDeferred
 async def test_an_ipv6_listener_gives_its_address(qpconn_server):
-    server = qpconn_server(plugins=[SeeLocal, "rcpt_ok"])
-    (see,) = [p for p in server.factory.plugins if isinstance(p, SeeLocal)]
+    server, see = _server_seeing(qpconn_server)
     port = reactor.listenTCP(0, server.factory, interface="::1")
-    try:
-        address = ("::1", port.getHost().port)
-        assert (await in_thread(_greet, address)).startswith(b"220 ")
-    finally:
-        await port.stopListening()
+    address = ("::1", port.getHost().port)
+    await _greet_all(port, [address])
     assert see.seen == [("::1", address[1], "::1")]

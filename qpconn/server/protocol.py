@@ -258,15 +258,9 @@ class SMTPServerProtocol(SessionGuard, TLSAdapter, SMTPCommands, Protocol, Timeo
         self._busy = True
         result, deferred = eager.start(coro)  # most commands never wait: no Deferred
         if deferred is None:
-            # Finished at once: no timeout was set aside, nothing was paused.
+            # Finished at once: no timeout was set aside, no Deferred to forget.
             self._busy = False
-            if type(result) is Failure:
-                self.log.failure("{conn_id} handler failed", result, **self.log_context())
-                result = (_INTERNAL_ERROR, False)
-            if not self._lost and apply is not None:
-                apply(result)
-            if self._paused:
-                self._resume()
+            self._apply(result, apply)
             if not self._driving:
                 self._drive()  # e.g. the greeting: write it, then read what came early
             return
@@ -283,6 +277,11 @@ class SMTPServerProtocol(SessionGuard, TLSAdapter, SMTPCommands, Protocol, Timeo
         if self._idle_saved is not None and not self._lost:
             self.setTimeout(self._idle_saved)
         self._idle_saved = None
+        self._apply(result, apply)
+        self._drive()
+
+    def _apply(self, result: Any, apply: Callable[[Any], None] | None) -> None:
+        """A handler's outcome takes effect (a failure becomes 451); reading resumes."""
         if isinstance(result, Failure):
             self.log.failure("{conn_id} handler failed", result, **self.log_context())
             result = (_INTERNAL_ERROR, False)
@@ -290,7 +289,6 @@ class SMTPServerProtocol(SessionGuard, TLSAdapter, SMTPCommands, Protocol, Timeo
             apply(result)
         if self._paused:
             self._resume()
-        self._drive()
 
     def _greet(self, result: tuple[Reply, bool]) -> None:
         reply, close = result
