@@ -37,6 +37,8 @@ from twisted.logger import ILogObserver, formatEventAsClassicLogText, formatTime
 from twisted.python import threadable
 from zope.interface import implementer
 
+from qpconn.turnend import at_turn_end
+
 __all__ = ["FastTextObserver"]
 
 #: a line is flushed at the latest after this many are pending
@@ -147,7 +149,7 @@ class FastTextObserver:
             self._shutdown_hooked = True
             reactor.addSystemEventTrigger("after", "shutdown", self.flush)
         if threadable.isInIOThread():
-            return lambda flush: reactor.callLater(0, flush)
+            return at_turn_end  # one callLater(0) per turn with the replies (qpconn.turnend)
         return reactor.callFromThread
 
     def flush(self) -> None:

@@ -28,6 +28,8 @@ from typing import Any, Protocol
 from twisted.internet import tcp
 from twisted.logger import Logger
 
+from qpconn.turnend import at_turn_end
+
 __all__ = ["write", "TurnWriter", "Sender", "batchable"]
 
 log = Logger(namespace="qpconn.protocol")
@@ -92,7 +94,8 @@ class TurnWriter:
     """
 
     def __init__(self, reactor: Any = None) -> None:
-        #: None: the global reactor, looked up at first use (not installed at import)
+        #: None: the running reactor, through qpconn.turnend (one callLater(0) per turn
+        #: shared with the log's flush); a clock of its own for tests
         self._reactor = reactor
         self._held: list[Sender] = []
         self._scheduled = False
@@ -102,10 +105,10 @@ class TurnWriter:
         self._held.append(sender)
         if not self._scheduled:
             self._scheduled = True
-            reactor = self._reactor
-            if reactor is None:
-                from twisted.internet import reactor  # real sockets: the running reactor
-            reactor.callLater(0, self._send_all)
+            if self._reactor is None:
+                at_turn_end(self._send_all)
+            else:
+                self._reactor.callLater(0, self._send_all)
 
     def _send_all(self) -> None:
         self._scheduled = False
