@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from typing import IO, TYPE_CHECKING
 
@@ -74,6 +75,10 @@ class Transaction:
         self.header: Header | None = None
         #: octets of message text received (dot-unstuffed, as stored)
         self.data_size = 0
+        #: wall-clock time (``time.time()``) the message arrived: set by end_of_data, when
+        #: its text ended (DATA's dot, the last BDAT chunk). The Received field's date and
+        #: a bounce's ``Arrival-Date`` (RFC 3464 §2.2.5) both give this moment; None before.
+        self.arrival_time: float | None = None
         self.size_threshold = size_threshold
         self.spool_dir = spool_dir
         self._head = bytearray()  # header text until its end is seen
@@ -135,7 +140,9 @@ class Transaction:
         """Called at the end of DATA: a header never terminated is complete now.
 
         Returns True when this completed the header (data_headers_end is then due).
+        The message has arrived now: ``arrival_time`` is set.
         """
+        self.arrival_time = time.time()
         if self.header is not None:
             return False
         raw = bytes(self._head)

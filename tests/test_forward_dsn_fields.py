@@ -5,15 +5,25 @@ to the sender through that same next hop, so the test reads it where it lands th
 parses it as a mail client would (``multipart/report``, ``message/delivery-status``):
 ``Original-Envelope-Id`` holds MAIL's ENVID and ``Original-Recipient`` each refused
 recipient's ORCPT, both decoded from xtext; a recipient without ORCPT has none.
+``Arrival-Date`` is when the message reached us (the date of our Received field), not
+when the bounce was written; ``Remote-MTA`` names the next hop without its port.
 """
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.message
+import email.utils
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from contextlib import AbstractAsyncContextManager
+from datetime import timedelta
 from typing import Any
 
+import pytest
 import pytest_twisted
 
 from qpconn.plugins import Plugin
@@ -128,3 +138,90 @@ async def test_utf8_orcpt_comes_back_escaped_through_a_qpconn_next_hop(qpconn_se
         assert per_message["Original-Envelope-Id"] == "env-1"
         assert gone["Original-Recipient"] == "utf-8;j\\x{F6}rg@b\\x{FC}cher.test"
         assert gone["Final-Recipient"] == "rfc822; gone@mx.test"
+
+
+class SlowToRefuse(Recorder):
+    """A next hop that thinks for a while before refusing ``gone@``: the bounce is then
+    written whole seconds after the message arrived, so the two dates cannot agree by luck."""
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
+                          options: list[str]) -> str:  # fmt: skip
+        if address == "gone@mx.test":
+            await asyncio.sleep(1.1)
+        return await super().handle_RCPT(server, session, envelope, address, options)
+
+
+def received_date(content: bytes) -> Any:
+    """The date of the topmost Received field (ours: the next hop adds none)."""
+    top = email.message_from_bytes(content).get_all("Received")[0]
+    return email.utils.parsedate_to_datetime(top.rsplit(";", 1)[1].strip())
+
+
+@pytest.mark.parametrize("bdat", [False, True], ids=["DATA", "BDAT"])
+@pytest_twisted.ensureDeferred
+async def test_bounce_arrival_date_is_the_arrival_and_remote_mta_has_no_port(
+    qpconn_server, bdat
+):
+    recorder = SlowToRefuse(rcpt_replies={"gone@mx.test": REFUSAL})
+    with aiosmtpd_next_hop(recorder) as (hop, controller):
+        server = front(qpconn_server, controller.port)
+        reply = await in_thread(
+            forwarding.deliver, server.address, "<a@mx.test>",
+            ["<user@mx.test>", "<gone@mx.test>"], TEXT, bdat,
+        )  # fmt: skip
+        assert reply.code == 250, reply
+        message, bounce = hop.messages
+    per_message, (gone,) = status_blocks(bounce.content)
+    arrived = email.utils.parsedate_to_datetime(per_message["Arrival-Date"])
+    # The moment our Received field gives, in the message delivered and in the header the
+    # bounce returns, to the second.
+    (returned,) = [
+        part.get_payload(decode=True)
+        for part in email.message_from_bytes(bounce.content).walk()
+        if part.get_content_type() == "text/rfc822-headers"
+    ]
+    assert arrived == received_date(message.content) == received_date(returned), (
+        per_message["Arrival-Date"]
+    )
+    written = email.utils.parsedate_to_datetime(email.message_from_bytes(bounce.content)["Date"])
+    assert written - arrived >= timedelta(seconds=1)  # the bounce's own time is later
+    # RFC 3464 §2.3.5: the MTA's name, no port; an address bare, as Postfix writes it.
+    assert gone["Remote-MTA"] == "dns; 127.0.0.1"
+    # The text part still says where exactly the refusal came from.
+    assert f"127.0.0.1:{controller.port} said: 550 5.1.1".encode() in bounce.content
+
+
+@pytest.fixture
+def short_dir() -> Iterator[str]:
+    """A directory with a short path: a Unix socket path must fit in 108 bytes."""
+    path = tempfile.mkdtemp(prefix="qpd")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    ("where", "named"),
+    [
+        pytest.param("localhost", "localhost", id="host-name"),
+        pytest.param("unix", "mx.test", id="unix-socket-is-this-host"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_bounce_remote_mta_is_the_name_the_next_hop_was_contacted_as(
+    qpconn_server, short_dir, where, named
+):
+    recorder = Recorder(rcpt_replies={"gone@mx.test": REFUSAL})
+    socket_path = os.path.join(short_dir, "hop.sock") if where == "unix" else None
+    with aiosmtpd_next_hop(recorder, unix_socket=socket_path) as (hop, controller):
+        dest = f"unix:{socket_path}" if socket_path else f"{where} {controller.port}"
+        server = qpconn_server(
+            plugins=["relay", "rcpt_ok", f"queue/smtp-forward {dest} idle=0.1"],
+            files={"rcpthosts": DOMAINS},
+        )
+        reply = await in_thread(
+            deliver, server.address, "<a@mx.test>", ["<user@mx.test>", "<gone@mx.test>"]
+        )
+        assert reply.code == 250, reply
+        _, bounce = hop.messages
+    _, (gone,) = status_blocks(bounce.content)
+    assert gone["Remote-MTA"] == f"dns; {named}"

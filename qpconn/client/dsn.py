@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 
 from qpconn.client.smtp import ClientReply
 
-__all__ = ["build_dsn"]
+__all__ = ["build_dsn", "remote_mta_name"]
 
 _ENHANCED_PREFIX = ("5.", "4.", "2.")
 
@@ -52,6 +52,17 @@ def _original_recipient(kind: str, address: str) -> str:
     return f"{_clean(kind)};{_clean(text)}"
 
 
+def remote_mta_name(host: str | None, me: str) -> str:
+    """The name for ``Remote-MTA: dns; NAME`` of a next hop reached at ``host``.
+
+    The host name it was contacted as, never the port (RFC 3464 §2.3.5). An address is
+    given bare, ``127.0.0.1`` or ``::1``, as Postfix writes it for ``[127.0.0.1]:port``.
+    A Unix socket (``host`` None) leads to an MTA on this machine, which Postfix names
+    with its own host name: ``me`` here.
+    """
+    return host.strip("[]") if host else me
+
+
 def build_dsn(
     *,
     reporting_mta: str,
@@ -62,6 +73,8 @@ def build_dsn(
     original_header: bytes,
     envid: str | None = None,
     original_recipients: Mapping[str, tuple[str, str]] | None = None,
+    arrival: float | None = None,
+    remote_mta: str | None = None,
 ) -> bytes:
     """The bounce message (CRLF line endings) telling ``sender`` which recipients failed.
 
@@ -74,6 +87,13 @@ def build_dsn(
     asked to get back (RFC 3461 §4): they become ``Original-Envelope-Id`` and
     ``Original-Recipient`` (RFC 3464), so the sender's software can match the bounce to
     its own message and to the address it originally wrote, whatever was rewritten since.
+
+    ``arrival`` is when the message arrived here (``time.time()``, the transaction's
+    ``arrival_time``): ``Arrival-Date`` is that moment, not the bounce's (RFC 3464
+    §2.2.5), so it matches our Received field; now only when unknown. ``remote_mta`` is
+    the next hop's name for ``Remote-MTA: dns; NAME`` (RFC 3464 §2.3.5, a name and no
+    port: see :func:`remote_mta_name`); ``remote`` (``host:port``) stays in the text.
+    Without ``remote_mta`` the field is left out, as the RFC allows.
     """
     orcpts = original_recipients or {}
     boundary = f"{queue_id}.{int(time.time())}.{os.getpid()}/{reporting_mta}"
@@ -112,7 +132,7 @@ def build_dsn(
     lines += [
         f"Reporting-MTA: dns; {reporting_mta}",
         f"X-Queue-ID: {queue_id}",
-        f"Arrival-Date: {email.utils.formatdate(localtime=True)}",
+        f"Arrival-Date: {email.utils.formatdate(arrival, localtime=True)}",
     ]
     for rcpt, reply, orcpt in bare:
         lines.append("")
@@ -122,9 +142,10 @@ def build_dsn(
             f"Final-Recipient: rfc822; {_clean(rcpt)}",
             "Action: failed",
             f"Status: {_status(reply)}",
-            f"Remote-MTA: dns; {_clean(remote)}",
-            f"Diagnostic-Code: smtp; {_clean(str(reply))}",
         ]
+        if remote_mta:
+            lines.append(f"Remote-MTA: dns; {_clean(remote_mta)}")
+        lines.append(f"Diagnostic-Code: smtp; {_clean(str(reply))}")
     lines += [
         "",
         f"--{boundary}",

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from qpconn.client.dsn import build_dsn
+from qpconn.client.dsn import build_dsn, remote_mta_name
 from qpconn.client.forward import ForwardingQueue, Verdict
 from qpconn.client.smtp import ClientReply, NextHopError, SMTPClient
 from qpconn.dsn import wants_failure_notice
@@ -62,6 +62,8 @@ class SMTPForward(ForwardingQueue):
             sender=txn.sender.address,
             queue_id=txn.id,
             remote=self.destination.label,
+            remote_mta=remote_mta_name(self.destination.host, me),
+            arrival=txn.arrival_time,
             failures=refused,
             original_header=txn.header.as_bytes() if txn.header is not None else b"",
             # What the client asked to get back (RFC 3461 ENVID/ORCPT, RFC 3464 fields)
