@@ -95,11 +95,6 @@ class LevelLogger(Logger):
     def critical(self, format: str | None = None, **kwargs: Any) -> None:
         self._publish(LogLevel.critical, format, kwargs)  # the highest: always
 
-    def info_fields(self, format: str, fields: dict[str, Any]) -> None:
-        """``info(format, **fields)`` for a dict the caller built and gives up: no copy."""
-        if _threshold <= 1:
-            self._publish(LogLevel.info, format, fields)
-
     def _publish(self, level: LogLevel, format: str | None, event: dict[str, Any]) -> None:
         # Logger.emit's event, without its check of the level against a freshly sorted
         # list of every level (the callers compared ranks already)

@@ -133,8 +133,6 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
     async def start_session(self) -> tuple[Reply, bool]:
         """pre-connection and connect hooks, then the greeting (or a refusal)."""
         for hook in ("pre-connection", "connect"):
-            if not self.runner.has(hook):
-                continue
             outcome = await self.run_hook(hook)
             if outcome.result is DONE and not outcome.message:
                 break
@@ -201,9 +199,7 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         # mail hook ever judged.
         old = self.transaction
         self.transaction = self.new_transaction()
-        outcome = DECLINED_OUTCOME
-        if self.runner.has(kind):
-            outcome = await self.run_hook(kind, host)
+        outcome = await self.run_hook(kind, host)
         decided = reply_for(kind, outcome)
         if not _positive(decided):
             self.transaction.close()
@@ -225,8 +221,7 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         refusal = self.tls_refusal_for_mail()  # tls_required: 530 before any hook
         if refusal is not None:
             return refusal
-        hooked = self.runner.has  # hooks no plugin has are skipped without a coroutine
-        outcome = await self.run_hook("mail_pre", arg) if hooked("mail_pre") else DECLINED_OUTCOME
+        outcome = await self.run_hook("mail_pre", arg)
         if outcome.result is OK and outcome.message is not None:
             arg = outcome.message
         else:
@@ -242,9 +237,7 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
             problem = self.check_mail_params(params) or self.check_extension_mail_params(params)
             if problem is not None:
                 return problem
-        outcome = DECLINED_OUTCOME
-        if hooked("mail"):
-            outcome = await self.run_hook("mail", sender, params)
+        outcome = await self.run_hook("mail", sender, params)
         decided = reply_for("mail", outcome)
         if not _positive(decided):
             assert decided is not None
@@ -277,8 +270,7 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         if limit and len(self.transaction.recipients) >= limit:
             # Before any hook: past the limit nothing about the address matters.
             return Reply(452, "4.5.3 Too many recipients")
-        hooked = self.runner.has  # hooks no plugin has are skipped without a coroutine
-        outcome = await self.run_hook("rcpt_pre", arg) if hooked("rcpt_pre") else DECLINED_OUTCOME
+        outcome = await self.run_hook("rcpt_pre", arg)
         if outcome.result is OK and outcome.message is not None:
             arg = outcome.message
         else:
@@ -311,7 +303,7 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         refusal = self.data_refusal()  # BODY=BINARYMIME needs BDAT
         if refusal is not None:
             return refusal
-        outcome = await self.run_hook("data") if self.runner.has("data") else DECLINED_OUTCOME
+        outcome = await self.run_hook("data")
         decided = reply_for("data", outcome)
         if decided is not None:
             return decided
@@ -371,9 +363,8 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         if self._verdict is not None:
             self._log_transaction("rejected", self._verdict[0], hook="data_headers_end")
             return self._verdict
-        hooked = self.runner.has  # hooks no plugin has are skipped without a coroutine
         await self.add_received_header()
-        outcome = await self.run_hook("data_post") if hooked("data_post") else DECLINED_OUTCOME
+        outcome = await self.run_hook("data_post")
         decided = reply_for("data_post", outcome)
         if decided is not None:
             self._log_transaction("rejected", decided[0], plugin=outcome.plugin, hook="data_post")
@@ -398,9 +389,7 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         """Prepend our Received field (a received_line plugin may supply the text)."""
         txn = self.transaction
         assert txn.header is not None
-        outcome = DECLINED_OUTCOME
-        if self.runner.has("received_line"):
-            outcome = await self.run_hook("received_line")
+        outcome = await self.run_hook("received_line")
         if outcome.result is OK and outcome.message:
             value = outcome.message
         else:
@@ -411,8 +400,7 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
 
     async def queue_message(self) -> HandlerResult:
         """queue_pre, queue and queue_post: 250 only when a queue plugin said OK."""
-        hooked = self.runner.has  # hooks no plugin has are skipped without a coroutine
-        outcome = await self.run_hook("queue_pre") if hooked("queue_pre") else DECLINED_OUTCOME
+        outcome = await self.run_hook("queue_pre")
         decided = reply_for("queue_pre", outcome)
         stage = "queue_pre"
         if decided is None:
@@ -436,8 +424,6 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         return _OK
 
     async def smtp_NOOP(self, arg: str) -> HandlerResult:
-        if not self.runner.has("noop"):
-            return _OK
         outcome = await self.run_hook("noop", arg)
         return reply_for("noop", outcome) or _OK
 
@@ -459,9 +445,7 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         )
 
     async def smtp_QUIT(self, arg: str) -> HandlerResult:
-        outcome = DECLINED_OUTCOME
-        if self.runner.has("quit"):
-            outcome = await self.run_hook("quit")
+        outcome = await self.run_hook("quit")
         decided = reply_for("quit", outcome)
         return (decided[0] if decided else Reply(221, f"2.0.0 {self.me} closing connection")), True
 
@@ -487,7 +471,7 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         ``transaction``); ``hook`` is where it was decided. Metrics count these events."""
         txn = self.transaction
         started = txn.notes.get("data_started")
-        fields = self.log_context()  # a fresh dict: the event is built in it (no copies)
+        fields = self.log_context()
         fields["queue_id"] = txn.id
         fields["verdict"] = verdict
         fields["sender"] = txn.sender.format() if txn.sender else "<>"
@@ -500,8 +484,4 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         fields["recipients"] = len(txn.recipients)
         fields["event"] = "transaction"
         fields["elapsed"] = (time.monotonic() - started) if started else 0.0
-        info_fields = getattr(self.log, "info_fields", None)  # a subclass's own Logger: none
-        if info_fields is not None:
-            info_fields(_TRANSACTION_LINE, fields)
-        else:
-            self.log.info(_TRANSACTION_LINE, **fields)
+        self.log.info(_TRANSACTION_LINE, **fields)

@@ -1,7 +1,7 @@
 """Work left for the end of the current reactor turn, run by one ``callLater(0)``.
 
 Several parts of the server batch what happens during one reactor turn: the replies of
-many sessions (:class:`qpconn.server.fastwrite.TurnWriter`), the lines of the text log
+many sessions (:meth:`qpconn.server.protocol.SMTPServerProtocol._flush`), the lines of the text log
 (:class:`qpconn.fastlog.FastTextObserver`). Each used to schedule its own
 ``callLater(0)``; a busy server makes several turns per message, and a ``DelayedCall``
 costs a few microseconds to make, queue and run. :func:`at_turn_end` gathers them: the

@@ -1,4 +1,4 @@
-"""Replies held to the end of a reactor turn (qpconn.server.fastwrite.TurnWriter).
+"""Replies held to the end of a reactor turn (SMTPServerProtocol._flush, qpconn.turnend).
 
 With more than one session open the server sends the replies of one reactor turn
 together at its end. Whatever a session writes at once -- a closing 221, the 220 before a
@@ -20,7 +20,6 @@ from twisted.internet import reactor, task
 
 from qpconn.plugins import Plugin
 from qpconn.results import OK
-from qpconn.server.fastwrite import TurnWriter
 from tests.e2e_client import Client, ehlo, maildir_line, watch_errors
 from tests.support.server import in_thread, read_until_quiet, reply_codes
 
@@ -30,34 +29,6 @@ MSG = b"Subject: held\r\n\r\nbody\r\n"
 @pytest.fixture(autouse=True)
 def errors() -> Iterator[list[dict[str, Any]]]:
     yield from watch_errors()
-
-
-class _Recorder:
-    def __init__(self, name: str, log: list[str], fail: bool = False) -> None:
-        self.name, self.log, self.fail = name, log, fail
-
-    def send_unsent(self) -> None:
-        self.log.append(self.name)
-        if self.fail:
-            raise RuntimeError("broken sender")
-
-
-def test_held_senders_run_at_the_end_of_the_turn_in_order_despite_a_failure(errors):
-    clock = task.Clock()
-    writer = TurnWriter(clock)
-    log: list[str] = []
-    writer.hold(_Recorder("a", log))
-    writer.hold(_Recorder("b", log, fail=True))
-    writer.hold(_Recorder("c", log))
-    assert log == []  # nothing before the turn ends
-    assert len(clock.getDelayedCalls()) == 1  # one call per turn, not one per sender
-    clock.advance(0)
-    assert log == ["a", "b", "c"]
-    assert [event["log_format"] for event in errors] == ["sending held replies failed"]
-    errors.clear()
-    writer.hold(_Recorder("d", log))
-    clock.advance(0)
-    assert log == ["a", "b", "c", "d"]
 
 
 @pytest_twisted.ensureDeferred

@@ -21,7 +21,6 @@ from qpconn.core.session import Limits
 from qpconn.hooks import HookRunner
 from qpconn.limits import ConnectionCounter, SessionLimits
 from qpconn.plugins import Plugin, load_plugins
-from qpconn.server.fastwrite import TurnWriter
 from qpconn.server.lookup import make_resolver
 from qpconn.server.peerinfo import LookupSettings, PeerInfo
 from qpconn.server.protocol import SMTPServerProtocol
@@ -136,8 +135,6 @@ class SMTPFactory(ServerFactory):
         )
         #: sessions currently open (for limits, shutdown and metrics)
         self.sessions: set[SMTPServerProtocol] = set()
-        #: replies of one reactor turn, sent together at its end (server/fastwrite.py)
-        self.turn_writer = TurnWriter()
         #: listening port -> the local (ip, port) of every socket it accepts, or None
         self._port_addresses: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
         for plugin in self.plugins:
@@ -165,11 +162,10 @@ class SMTPFactory(ServerFactory):
         except TypeError:  # not weakly referenceable
             return address_parts(transport.getHost())
         if known is _UNKNOWN:
-            host = getattr(port.getHost(), "host", None)
-            if isinstance(host, str) and host and host not in _WILDCARDS:
-                known = address_parts(port.getHost())
-            else:
-                known = None
+            bound = port.getHost()
+            host = getattr(bound, "host", None)
+            one_interface = isinstance(host, str) and host and host not in _WILDCARDS
+            known = address_parts(bound) if one_interface else None
             self._port_addresses[port] = known
         return known if known is not None else address_parts(transport.getHost())
 

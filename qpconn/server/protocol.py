@@ -39,6 +39,7 @@ from qpconn.server.guard import SessionGuard
 from qpconn.server.proxy import apply_proxy_info
 from qpconn.server.tls import TLSAdapter
 from qpconn.smtp import HandlerResult, SMTPCommands
+from qpconn.turnend import at_turn_end
 
 if TYPE_CHECKING:
     from qpconn.server.factory import SMTPFactory
@@ -85,9 +86,9 @@ class SMTPServerProtocol(SessionGuard, TLSAdapter, SMTPCommands, Protocol, Timeo
         self._paused = False
         self._lost = False
         self._read_closed = False
-        #: reply bytes held until the end of this reactor turn (fastwrite.TurnWriter)
+        #: reply bytes held until the end of this reactor turn (see _flush)
         self._unsent: list[bytes] = []
-        self._turn_writer = factory.turn_writer if fastwrite.batchable(self.transport) else None
+        self._may_hold = fastwrite.batchable(self.transport)
         #: the handler that went asynchronous, if any: cleanup waits for it
         self._inflight: defer.Deferred[None] | None = None
         #: the idle timeout set aside while our own hooks run (they are not client idleness)
@@ -323,16 +324,15 @@ class SMTPServerProtocol(SessionGuard, TLSAdapter, SMTPCommands, Protocol, Timeo
             return
         state = session.state
         if data:
-            writer = self._turn_writer
             if (
-                writer is not None
+                self._may_hold
                 and state is not _CLOSED
                 and state is not _STARTTLS
                 and len(self.factory.sessions) > 1
             ):
                 # Sent with the other sessions' replies at the end of this turn.
                 if not self._unsent:
-                    writer.hold(self)
+                    at_turn_end(self.send_unsent)
                 self._unsent.append(data)
                 return
             self.send_unsent()  # anything held goes first: bytes stay in order
@@ -350,7 +350,7 @@ class SMTPServerProtocol(SessionGuard, TLSAdapter, SMTPCommands, Protocol, Timeo
             self.transport.loseConnection()
 
     def send_unsent(self) -> None:
-        """Write the reply bytes held for the end of the turn (see fastwrite.TurnWriter)."""
+        """Write the reply bytes held for the end of the turn (see _flush, fastwrite)."""
         unsent = self._unsent
         if not unsent:
             return
@@ -390,13 +390,6 @@ class SMTPServerProtocol(SessionGuard, TLSAdapter, SMTPCommands, Protocol, Timeo
             self._start_close()
 
     def _start_close(self) -> None:
-        runner = self.runner
-        if not (runner.has("disconnect") or runner.has("post-connection")):
-            try:
-                self._cleanup()  # nothing to run first: no coroutine
-            except Exception:
-                self._close_failed(Failure())
-            return
         result, deferred = eager.start(self._close())  # no Deferred unless a hook waits
         if deferred is not None:
             deferred.addErrback(self._close_failed)
@@ -413,13 +406,9 @@ class SMTPServerProtocol(SessionGuard, TLSAdapter, SMTPCommands, Protocol, Timeo
                 if runner.has(hook):
                     await runner.run_all(hook, self.transaction)
         finally:
-            self._cleanup()
-
-    def _cleanup(self) -> None:
-        """The session's last steps, after the disconnect hooks."""
-        try:
-            self.transaction.close()
-        finally:
-            self.factory.session_ended(self)
-            self.log.info("{conn_id} disconnect", **self.log_context())
-            self.connection.reset()
+            try:
+                self.transaction.close()
+            finally:
+                self.factory.session_ended(self)
+                self.log.info("{conn_id} disconnect", **self.log_context())
+                self.connection.reset()

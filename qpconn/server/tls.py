@@ -84,6 +84,12 @@ def tls_from_config(config: Config) -> Any:
     return load_tls_options(config.path(cert), config.path(key) if key else None)
 
 
+try:  # looked up once: _ssl_handle runs for every new connection
+    from OpenSSL.SSL import Connection as _SSL_CONNECTION
+except ImportError:  # pragma: no cover
+    _SSL_CONNECTION = None
+
+
 def _ssl_handle(transport: Any) -> Any:
     """The OpenSSL connection under ``transport``, or None for a clear-text one."""
     get_handle = getattr(transport, "getHandle", None)
@@ -92,11 +98,6 @@ def _ssl_handle(transport: Any) -> Any:
     handle = get_handle()
     return handle if isinstance(handle, _SSL_CONNECTION) else None
 
-
-try:  # looked up once: this runs for every new connection
-    from OpenSSL.SSL import Connection as _SSL_CONNECTION
-except ImportError:  # pragma: no cover
-    _SSL_CONNECTION = None
 
 
 def tls_details(transport: Any) -> dict[str, str]:
