@@ -68,6 +68,9 @@ class SMTPServerProtocol(SessionGuard, TLSAdapter, SMTPCommands, Protocol, Timeo
     def connectionMade(self) -> None:
         factory = self.factory
         # Bound once: a Logger class attribute builds a new bound Logger on every access.
+        # The bound Logger holds this protocol (its log_source): _release_log breaks that
+        # cycle when the session ends, so the session's objects go when their last
+        # reference does, not at the garbage collector's next pass.
         self.log = self.log
         self.config = factory.config
         self.runner = factory.runner
@@ -381,6 +384,7 @@ class SMTPServerProtocol(SessionGuard, TLSAdapter, SMTPCommands, Protocol, Timeo
             self.transaction.close()
             self.factory.session_ended(self)
             self.connection.reset()
+            self._release_log()
             return
         if self._inflight is not None:
             # A handler is still at work (e.g. queueing the message): the transaction is
@@ -412,3 +416,8 @@ class SMTPServerProtocol(SessionGuard, TLSAdapter, SMTPCommands, Protocol, Timeo
                 self.factory.session_ended(self)
                 self.log.info("{conn_id} disconnect", **self.log_context())
                 self.connection.reset()
+                self._release_log()
+
+    def _release_log(self) -> None:
+        """Drop the bound Logger (it refers back to us); a later event binds a new one."""
+        self.__dict__.pop("log", None)
