@@ -73,44 +73,37 @@ class Connection:
     judging.
     """
 
-    remote_ip: str | None
-    remote_port: int | None
+    # Class-level defaults: a new or reset connection holds only its id and notes, so
+    # making one (once per TCP connection) and resetting it set two attributes, not 14.
+    remote_ip: str | None = None
+    remote_port: int | None = None
     #: reverse DNS name of the peer, or None when there is none (or lookups are off)
-    remote_host: str | None
+    remote_host: str | None = None
     #: True when remote_host's forward lookup contains remote_ip (FCrDNS)
-    remote_host_verified: bool
+    remote_host_verified: bool = False
     #: RFC 1413 ident answer, when ident lookups are on and the peer answered
-    remote_info: str | None
-    local_ip: str | None
-    local_port: int | None
-    relay_client: bool
-    hello: str | None
-    hello_host: str | None
+    remote_info: str | None = None
+    local_ip: str | None = None
+    local_port: int | None = None
+    relay_client: bool = False
+    hello: str | None = None
+    hello_host: str | None = None
     #: TLS details (protocol, cipher) once the session is encrypted, else None
-    tls: dict[str, str] | None
-    auth_user: str | None
-    auth_mechanism: str | None
+    tls: dict[str, str] | None = None
+    auth_user: str | None = None
+    auth_mechanism: str | None = None
 
     def __init__(self, **args: Any) -> None:
         self.id = new_id()
-        self._clear()
+        self.notes = Notes()
         if args:
             self.start(**args)
 
     def _clear(self) -> None:
-        self.remote_ip = None
-        self.remote_port = None
-        self.remote_host = None
-        self.remote_host_verified = False
-        self.remote_info = None
-        self.local_ip = None
-        self.local_port = None
-        self.relay_client = False
-        self.hello = None
-        self.hello_host = None
-        self.tls = None
-        self.auth_user = None
-        self.auth_mechanism = None
+        fields = self.__dict__
+        conn_id = fields["id"]
+        fields.clear()  # every field reads its class default again
+        fields["id"] = conn_id
         self.notes = Notes()
 
     def start(self, **args: Any) -> Connection:

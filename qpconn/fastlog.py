@@ -17,9 +17,12 @@ twistd's RFC 3339 time stamps) but
   tracebacks) and any formatting error goes through Twisted's own formatter, so the
   text is always what twistd would have written;
 - formats the time stamp once per second;
-- collects the lines of one reactor turn and writes them in one ``write()`` + ``flush()``
-  at the end of the turn (or at once when no reactor runs, from another thread's events
-  on the next turn, after 1000 pending lines, at reactor shutdown and at exit).
+- collects lines for up to ``FLUSH_DELAY`` (50 ms) and writes them with one ``write()``
+  + ``flush()`` (at once when no reactor runs; from another thread's events on the next
+  reactor turn; after 1000 pending lines; at reactor shutdown and at exit, so a clean
+  stop loses nothing). A write per reactor turn was a write() system call per message
+  on a server taking a new connection per message, 4-6% of its CPU; a line now reaches
+  the file at most 50 ms after it was logged.
 
 Use it with ``twistd --logger=qpconn.logs.fast_text`` (see docs/running.md).
 """
@@ -37,12 +40,12 @@ from twisted.logger import ILogObserver, formatEventAsClassicLogText, formatTime
 from twisted.python import threadable
 from zope.interface import implementer
 
-from qpconn.turnend import at_turn_end
-
 __all__ = ["FastTextObserver"]
 
 #: a line is flushed at the latest after this many are pending
 MAX_PENDING = 1000
+#: seconds a line may wait for others before the pending lines are written
+FLUSH_DELAY = 0.05
 
 _Plan = tuple[tuple[str, str | None, str | None, str], ...]
 _NO_PLAN: _Plan = ()
@@ -71,11 +74,13 @@ def _twisted_line(event: dict[str, Any]) -> str | None:
 
 @implementer(ILogObserver)
 class FastTextObserver:
-    """Writes events as twistd's classic text lines, batched per reactor turn."""
+    """Writes events as twistd's classic text lines, batched over ``FLUSH_DELAY``."""
 
     def __init__(self, out: IO[str]) -> None:
         self._out = out
         self._plans: dict[str, _Plan | None] = {}
+        #: "namespace#level" for each (namespace, level) seen: the [system] of a line
+        self._systems: dict[tuple[Any, Any], str] = {}
         self._second: int | None = None
         self._stamp = "-"
         self._pending: list[str] = []
@@ -96,6 +101,18 @@ class FastTextObserver:
             self._stamp = formatTime(float(second))
             self._second = second
         return self._stamp
+
+    def _system(self, namespace: Any, level: Any) -> str:
+        """twistd's ``namespace#level`` for a line's [system], made once per pair."""
+        try:
+            return self._systems[(namespace, level)]
+        except KeyError:
+            system = f"{namespace}#{level.name if level else '-'}"
+            if len(self._systems) < 4096:
+                self._systems[(namespace, level)] = system
+            return system
+        except TypeError:  # an unhashable field: not worth remembering
+            return f"{namespace}#{level.name if level else '-'}"
 
     def format(self, event: dict[str, Any]) -> str | None:
         """The line twistd's text observer would write for ``event`` (None: no line)."""
@@ -119,10 +136,14 @@ class FastTextObserver:
             return None
         system = event.get("log_system")
         if system is None:
-            level = event.get("log_level")
-            system = f"{event.get('log_namespace', '-')}#{level.name if level else '-'}"
-        line = f"{self._time(event.get('log_time'))} [{system}] {text}"
-        return line.replace("\n", "\n\t") + "\n"
+            system = self._system(event.get("log_namespace", "-"), event.get("log_level"))
+        when = event.get("log_time")
+        # the stamp is made once per second (and for events without a time)
+        stamp = self._time(when) if when is None or when // 1 != self._second else self._stamp
+        line = f"{stamp} [{system}] {text}"
+        if "\n" in line:
+            line = line.replace("\n", "\n\t")
+        return line + "\n"
 
     # -- writing --------------------------------------------------------------------------
     def __call__(self, event: dict[str, Any]) -> None:
@@ -141,7 +162,7 @@ class FastTextObserver:
             schedule(self.flush)
 
     def _scheduler(self) -> Callable[[Callable[[], None]], Any] | None:
-        """How to run the flush at the end of this reactor turn; None: write now."""
+        """How to run the flush a little later (see FLUSH_DELAY); None: write now."""
         reactor = sys.modules.get("twisted.internet.reactor")
         if reactor is None or not getattr(reactor, "running", False):
             return None
@@ -149,8 +170,12 @@ class FastTextObserver:
             self._shutdown_hooked = True
             reactor.addSystemEventTrigger("after", "shutdown", self.flush)
         if threadable.isInIOThread():
-            return at_turn_end  # one callLater(0) per turn with the replies (qpconn.turnend)
+            return self._flush_soon
         return reactor.callFromThread
+
+    def _flush_soon(self, flush: Callable[[], None]) -> None:
+        reactor = sys.modules["twisted.internet.reactor"]
+        reactor.callLater(FLUSH_DELAY, flush)  # type: ignore[attr-defined]
 
     def flush(self) -> None:
         """Write every pending line now, in order, with one write() and one flush()."""

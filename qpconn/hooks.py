@@ -18,6 +18,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
+from qpconn.auth import MECHANISMS
 from qpconn.loglevel import LevelLogger
 from qpconn.plugins import HOOKS, HookFunction, Plugin
 from qpconn.results import DECLINED_OUTCOME, DENYSOFT, HookOutcome, Result, normalize
@@ -53,6 +54,12 @@ class HookRunner:
                 self._table[hook].append((plugin, function))
         #: the hooks some plugin implements (a set lookup per hook run on the hot path)
         self._used = frozenset(hook for hook, calls in self._table.items() if calls)
+        generic = "auth" in self._used
+        #: SASL mechanisms some plugin can judge (its own ``auth-<mech>`` hook, or
+        #: ``auth``): what EHLO offers, worked out once rather than per EHLO
+        self.auth_mechanisms: tuple[str, ...] = tuple(
+            m for m in MECHANISMS if generic or f"auth-{m.lower()}" in self._used
+        )
 
     def has(self, hook: str) -> bool:
         """True when some plugin implements ``hook`` (callers may skip work otherwise)."""

@@ -100,8 +100,7 @@ class TLSAuthCommands:
     # -- what is offered ----------------------------------------------------------------
     def auth_mechanisms(self) -> list[str]:
         """Mechanisms some plugin can judge: its own ``auth-<mech>`` hook, or ``auth``."""
-        generic = self.runner.has("auth")
-        return [m for m in auth.MECHANISMS if generic or self.runner.has(f"auth-{m.lower()}")]
+        return list(self.runner.auth_mechanisms)
 
     def auth_usable(self) -> bool:
         """AUTH may be used now: encrypted, or ``tls_before_auth`` is off."""

@@ -1,13 +1,12 @@
 """Work left for the end of the current reactor turn, run by one ``callLater(0)``.
 
-Several parts of the server batch what happens during one reactor turn: the replies of
-many sessions (:meth:`qpconn.server.protocol.SMTPServerProtocol._flush`), the lines of the text log
-(:class:`qpconn.fastlog.FastTextObserver`). Each used to schedule its own
-``callLater(0)``; a busy server makes several turns per message, and a ``DelayedCall``
-costs a few microseconds to make, queue and run. :func:`at_turn_end` gathers them: the
-first call of a turn schedules one ``callLater(0)`` (run after the reactor has
-dispatched every ready socket of the turn, before it polls again) that runs every
-function given during the turn, in order. Reactor thread only.
+The replies of many sessions are held until the end of the reactor turn that produced
+them (:meth:`qpconn.server.protocol.SMTPServerProtocol._flush`). Each session used to
+schedule its own ``callLater(0)``; a busy server makes several turns per message, and a
+``DelayedCall`` costs a few microseconds to make, queue and run. :func:`at_turn_end`
+gathers them: the first call of a turn schedules one ``callLater(0)`` (run after the
+reactor has dispatched every ready socket of the turn, before it polls again) that runs
+every function given during the turn, in order. Reactor thread only.
 """
 
 from __future__ import annotations

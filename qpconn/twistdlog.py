@@ -54,19 +54,29 @@ def default_observer(twistd_options: Mapping[str, Any] | None) -> ILogObserver |
         out = sys.stdout
     else:
         out = LogFile.fromFullPath(path or "twistd.log")
-        _rotate_on_sigusr1(out)
-    return FastTextObserver(out)  # type: ignore[arg-type]
+    observer = FastTextObserver(out)  # type: ignore[arg-type]
+    if isinstance(out, LogFile):
+        _rotate_on_sigusr1(out, observer)
+    return observer
 
 
-def _rotate_on_sigusr1(log_file: LogFile) -> None:
-    """As twistd does for its own log file: SIGUSR1 rotates it, unless the signal is taken."""
+def _rotate_on_sigusr1(log_file: LogFile, observer: FastTextObserver) -> None:
+    """As twistd does for its own log file: SIGUSR1 rotates it, unless the signal is taken.
+
+    The lines logged before the signal and still waiting to be written go to the old
+    file first: they belong to the period it covers.
+    """
     if signal.getsignal(signal.SIGUSR1):
         return
+
+    def rotate_now() -> None:
+        observer.flush()
+        log_file.rotate()
 
     def rotate(signum: int, frame: Any) -> None:
         from twisted.internet import reactor
 
-        reactor.callFromThread(log_file.rotate)  # type: ignore[attr-defined]
+        reactor.callFromThread(rotate_now)  # type: ignore[attr-defined]
 
     signal.signal(signal.SIGUSR1, rotate)
 

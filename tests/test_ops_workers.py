@@ -131,10 +131,11 @@ def test_workers_share_the_listener_and_the_metrics_add_up_every_worker(
     for pid in set(pids):
         assert pid != server.process.pid
         assert parent_of(pid) == server.process.pid
-    # each worker's log events reach the parent's log, marked with the worker
-    log = server.log()
+    # each worker's log events reach the parent's log, marked with the worker (a worker
+    # and the parent each write their lines in batches, up to 50 ms later)
+    log = wait_for_count(server, "accepted from=<sender@example.org>", 5)
     for pid in set(pids):
-        assert f"[worker-{pid}]" in log and "accepted from=<sender@example.org>" in log
+        assert re.search(rf"\[worker-{pid}\] .* accepted from=<sender@example\.org>", log), log
 
     figures = scrape(metrics_port)
     assert figures["qpconn_transactions_total"] == 5

@@ -1,4 +1,4 @@
-"""Log events from ``--workers`` processes to their parent, cheaply, batched per turn.
+"""Log events from ``--workers`` processes to their parent, cheaply, in batches.
 
 A worker writes its log events on standard output; the parent reads them and publishes
 them again in its own log (:mod:`qpconn.server.prefork`). Twisted's JSON form
@@ -11,8 +11,8 @@ Most events are flat: a format string and fields that are ``str``, ``int``, ``fl
 ``bool`` or None. Those go as plain JSON objects, which round-trip exactly (so the parent
 formats the very same text), with the level by name; they start with ``\\x1f`` instead
 of Twisted's ``\\x1e``. Anything else -- a failure with its traceback, a field holding a
-tuple or an object -- goes Twisted's way, as before. The worker writes the records of one
-reactor turn with one ``write()`` (:class:`qpconn.fastlog.FastTextObserver`'s batching).
+tuple or an object -- goes Twisted's way, as before. The worker writes its records in
+batches, one ``write()`` per 50 ms at most (:class:`qpconn.fastlog.FastTextObserver`'s).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def decode(record: bytes) -> dict[str, Any] | None:
 
 
 class RelayObserver(FastTextObserver):
-    """Writes each event as one record line, the lines of a reactor turn together."""
+    """Writes each event as one record line, batched as FastTextObserver batches."""
 
     def format(self, event: dict[str, Any]) -> str | None:
         return encode(event) + "\n"
