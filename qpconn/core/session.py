@@ -51,6 +51,10 @@ class State(enum.Enum):
     STARTTLS = "starttls"  # 220 to STARTTLS sent: input is discarded until tls_started()
     CLOSED = "closed"  # a closing reply was sent, or the peer went away
 
+    # Members are singletons compared by identity: hash them by identity too, in C.
+    # (Enum's own __hash__ is Python code, run on every command's check of _LEGAL.)
+    __hash__ = object.__hash__
+
 
 # Plain module names for the states: an Enum member looked up on its class costs ten
 # times a global, and the session core looks at its state several times per command.
@@ -109,6 +113,20 @@ _USAGE = {
     "RCPT": "Syntax: RCPT TO:<address>",
     "VRFY": "Syntax: VRFY address",
     "AUTH": "Syntax: AUTH mechanism [initial-response]",
+}
+# The tables above, compiled into one lookup per command line: verb -> (legal states,
+# takes no argument, needs one, prefix of the argument, usage text, TLS/AUTH rules apply).
+_Rule = tuple[frozenset[State], bool, bool, str, str, bool]
+_RULES: dict[str, _Rule] = {
+    verb: (
+        legal,
+        verb in _NO_ARG,
+        verb in _NEED_ARG,
+        _PREFIX.get(verb, ""),
+        f"5.5.4 {_USAGE.get(verb, '')}",
+        verb in _TLS_AUTH,
+    )
+    for verb, legal in _LEGAL.items()
 }
 
 
@@ -298,33 +316,38 @@ class ServerSession(TLSAuthRules, ChunkingRules):
             if lmtp_error is not None:
                 return lmtp_error
         arg = arg.strip(" ")
+        rule = _RULES.get(verb)
+        if rule is None:  # not the core's to judge (see _LEGAL); BDAT is framed here
+            allowed = limits.command_line
+            if len(line) > allowed:
+                return self._protocol_error(500, "5.5.2 Line too long", line)
+            if verb == "BDAT" and limits.chunking:
+                return self._bdat_command(arg, line)
+            self._pending = command = Command(verb, arg)
+            return command
+        legal, no_arg, need_arg, prefix, usage, tls_auth = rule
         allowed = limits.command_line
-        if verb in _PREFIX:
+        if prefix:
             allowed += limits.parameter_allowance
-        if verb == "AUTH":
+        elif verb == "AUTH":
             allowed = max(allowed, limits.auth_line)
         if len(line) > allowed:
             return self._protocol_error(500, "5.5.2 Line too long", line)
-        if verb == "BDAT" and limits.chunking:
-            return self._bdat_command(arg, line)
-        legal = _LEGAL.get(verb)
-        if legal is None:
-            return self._issue(Command(verb, arg))
-        if verb in _TLS_AUTH or self.bdat_active:
+        if tls_auth or self.bdat_active:
             refusal = self._tls_auth_refusal(verb, line) or self._chunking_refusal(verb, line)
             if refusal is not None:
                 return refusal
         if self.state not in legal:
             return self._protocol_error(*self._sequence_error(verb), line)
-        if verb in _NO_ARG and arg:
-            return self._protocol_error(501, f"5.5.4 Syntax: {verb} takes no argument", line)
-        if verb in _NEED_ARG and not arg:
-            return self._protocol_error(501, f"5.5.4 {_USAGE[verb]}", line)
-        prefix = _PREFIX.get(verb)
-        if prefix is not None:
-            if arg[: len(prefix)].upper() != prefix:
-                return self._protocol_error(501, f"5.5.4 {_USAGE[verb]}", line)
-            arg = arg[len(prefix) :]
+        if arg:
+            if no_arg:
+                return self._protocol_error(501, f"5.5.4 Syntax: {verb} takes no argument", line)
+            if prefix:
+                if arg[: len(prefix)].upper() != prefix:
+                    return self._protocol_error(501, usage, line)
+                arg = arg[len(prefix) :]
+        elif need_arg or prefix:
+            return self._protocol_error(501, usage, line)
         return self._issue(Command(verb, arg))
 
     def _sequence_error(self, verb: str) -> tuple[int, str]:
