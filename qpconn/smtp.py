@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import time
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 import qpconn
@@ -151,21 +152,27 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         return Reply(220, self.greeting()), False
 
     # -- dispatch -------------------------------------------------------------------------
-    async def dispatch(self, event: Command | MessageEnd | AuthResponse) -> HandlerResult:
-        """The reply to one command (or to the end of a message, or to a SASL response)."""
+    def dispatch(
+        self, event: Command | MessageEnd | AuthResponse
+    ) -> Coroutine[Any, Any, HandlerResult]:
+        """The reply to one command (or to the end of a message, or to a SASL response).
+
+        It returns the handler's own coroutine, to be awaited: a coroutine of its own
+        around it would cost a layer on every command for nothing.
+        """
         if type(event) is not Command:  # commands first: they are most of the traffic
             if isinstance(event, MessageEnd):
-                return await self.message_end(event)
+                return self.message_end(event)
             if isinstance(event, ChunkEnd):
-                return await self.chunk_end(event)
+                return self.chunk_end(event)
             if isinstance(event, AuthResponse):
-                return await self.auth_response(event.data)
+                return self.auth_response(event.data)
         verb = event.verb
         handler = getattr(self, "smtp_" + verb, None) if verb.isascii() and verb.isalpha() else None
         if handler is None:
-            return await self.unrecognized_command(verb, event.arg)
-        result: HandlerResult = await handler(event.arg)
-        return result
+            return self.unrecognized_command(verb, event.arg)
+        coro: Coroutine[Any, Any, HandlerResult] = handler(event.arg)
+        return coro
 
     async def unrecognized_command(self, verb: str, arg: str) -> HandlerResult:
         outcome = await self.run_hook("unrecognized_command", verb, arg)
@@ -198,6 +205,12 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         # would let the next RCPT and DATA store the message with a null sender that no
         # mail hook ever judged.
         old = self.transaction
+        if not self.runner.has(kind) and old.untouched:
+            # No hook judges the name, and the open transaction is as a fresh one would
+            # be: it simply goes on (a new one and the old one's end would change nothing).
+            self._verdict = None
+            conn.hello, conn.hello_host = kind, host
+            return self._hello_reply(kind, conn)
         self.transaction = self.new_transaction()
         outcome = await self.run_hook(kind, host)
         decided = reply_for(kind, outcome)
@@ -211,6 +224,9 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         conn.hello, conn.hello_host = kind, host
         if decided is not None:
             return decided
+        return self._hello_reply(kind, conn)
+
+    def _hello_reply(self, kind: str, conn: Connection) -> Reply:
         first = f"{self.me} Hi {conn.remote_host_or_unknown} [{conn.remote_ip or 'unix'}]"
         if kind == "helo":
             return Reply(250, first)

@@ -211,6 +211,20 @@ class Transaction:
         return b"".join(self.body_chunks())
 
     # -- life cycle -----------------------------------------------------------------------
+    @property
+    def untouched(self) -> bool:
+        """Nothing was ever put here: no envelope, no notes, no text (a fresh one would
+        be no different, but for its id)."""
+        return (
+            self.sender is None
+            and not self.recipients
+            and not self.notes
+            and not self.mail_params
+            and self.data_size == 0
+            and self.header is None
+            and not self._closed
+        )
+
     def close(self) -> None:
         """Release the body and remove the spool file. Safe to call more than once."""
         if self._closed:

@@ -371,3 +371,39 @@ async def test_hostile_helo_name_cannot_shape_the_received_field(server):
     trace = received(split_message(message)[0])
     assert trace["helo"] == "x???by?evil.example?with?ESMTP?id?1;?x"
     assert trace["me"] == "mx.test"
+
+
+@pytest_twisted.ensureDeferred
+async def test_helo_starts_a_fresh_transaction_even_without_helo_hooks(qpconn_server, tmp_path):
+    """Transaction notes made before HELO (a connect hook's) do not reach the message's
+    hooks, whether or not a helo/ehlo hook runs (without one the server may keep an
+    untouched transaction rather than make a new one: never one that holds notes)."""
+    from qpconn.plugins import Plugin
+
+    class NoteEarly(Plugin):
+        seen: list[Any] = []
+
+        def hook_connect(self, transaction: Any) -> Any:
+            transaction.notes["early"] = "connect"
+            return None
+
+        def hook_mail(self, transaction: Any, sender: Any, params: Any) -> Any:
+            NoteEarly.seen.append((transaction.notes.get("early"), transaction.id))
+            return None
+
+    server = qpconn_server(plugins=[NoteEarly, "rcpt_ok", f"queue/maildir {tmp_path / 'maildir'}"])
+
+    def client():
+        with Client(server.address) as smtp:
+            smtp.cmd("EHLO client.test")
+            done = smtp.transaction("<a@example.org>", ["<user@mx.test>"], b"s: 1\r\n\r\none")
+            smtp.cmd("EHLO again.test")  # an untouched transaction: nothing to start over
+            again = smtp.transaction("<b@example.org>", ["<user@mx.test>"], b"s: 2\r\n\r\ntwo")
+            return done, again
+
+    done, again = await in_thread(client)
+    assert done.code == again.code == 250
+    (first, _), (second, _) = NoteEarly.seen
+    assert first is None and second is None
+    ids = [received(split_message(m)[0])["id"] for m in server.messages()]
+    assert len(set(ids)) == 2  # every message its own queue id

@@ -28,7 +28,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from qpconn.core.bdat import ChunkEnd
-from qpconn.core.events import MessageEnd
+from qpconn.core.events import Command, MessageEnd
 from qpconn.core.reply import Reply
 from qpconn.core.session import State
 
@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 # Plain names: an Enum member looked up on its class costs ten times a global.
 _GREETING = State.GREETING
 _DATA = State.DATA
+_CLOSED = State.CLOSED
 
 __all__ = ["SessionGuard", "EARLY_TALK_BUFFER"]
 
@@ -128,7 +129,14 @@ class SessionGuard:
 
     def after_reply(self, answered: Command | MessageEnd | ChunkEnd | None, reply: Reply) -> None:
         """Book-keeping once a reply went out: the error count and the phase's timeout."""
-        if self.session.closed:
+        state = self.session.state
+        if state is _CLOSED:
+            return
+        if type(answered) is Command and reply.code < 500 and state is not _DATA:
+            # Most replies: nothing to count, and the command phase's timeout stays on
+            # (only a 354 starts the text phase; a message or chunk end leaves it).
+            if self.timeOut != self.factory.timeout and not self._lost:
+                self.setTimeout(self.factory.timeout)
             return
         delivered = isinstance(answered, MessageEnd) or (
             isinstance(answered, ChunkEnd) and answered.last  # BDAT ... LAST
