@@ -91,6 +91,10 @@ class Reply:
 
     def _wire_bytes(self) -> bytes:
         prefix = f"{self.enhanced} " if self.enhanced else ""
+        if len(self.lines) == 1 and self.code != 334:  # the usual reply: one line
+            return (f"{self.code} {prefix}{self.lines[0]}".rstrip(" ") + "\r\n").encode(
+                "utf-8", "replace"
+            )
         last = len(self.lines) - 1
         out = []
         for index, line in enumerate(self.lines):
@@ -123,6 +127,8 @@ class Reply:
 #: (code, text, enhanced) -> (lines, enhanced) of replies built from a string
 _PARSED: dict[tuple[int, object, str | None], tuple[tuple[str, ...], str | None]] = {}
 _PARSED_MAX = 512
+#: enhanced codes given to Reply() that were checked already
+_GOOD_ENHANCED: set[str] = set()
 #: (code, lines, enhanced) -> wire bytes, for the same few replies sent over and over
 _WIRE: dict[tuple[int, tuple[str, ...], str | None], bytes] = {}
 
@@ -131,13 +137,21 @@ def _parse(
     code: int, lines: list[str], enhanced: str | None
 ) -> tuple[tuple[str, ...], str | None]:
     """The safe lines and the enhanced code of a reply (``lines`` is consumed)."""
-    if enhanced is not None and not _VALID_ENHANCED.fullmatch(enhanced):
-        # It is written on every line: anything else here could break the reply apart.
-        raise ValueError(f"not an enhanced status code: {enhanced!r}")
+    if enhanced is not None and enhanced not in _GOOD_ENHANCED:
+        if not _VALID_ENHANCED.fullmatch(enhanced):
+            # It is written on every line: anything else here could break the reply apart.
+            raise ValueError(f"not an enhanced status code: {enhanced!r}")
+        if len(_GOOD_ENHANCED) < 256:
+            _GOOD_ENHANCED.add(enhanced)
     match = _ENHANCED.match(lines[0]) if lines[0][:1] in _CLASS_DIGITS else None
     if match and int(match.group(1)) == code // 100:
         enhanced = ".".join(match.group(1, 2, 3))
         lines[0] = lines[0][match.end() :]
+    if len(lines) == 1:  # most replies; the same steps as below for one line
+        line = lines[0]
+        if enhanced and line[:1] in _CLASS_DIGITS:
+            line = _strip_enhanced(line, enhanced)
+        return (line if line.isprintable() else _UNSAFE.sub("?", line),), enhanced
     if enhanced:
         lines = [
             _strip_enhanced(line, enhanced) if line[:1] in _CLASS_DIGITS else line
