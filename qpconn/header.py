@@ -53,24 +53,34 @@ def is_field_line(data: bytes) -> bool:
 
 
 class Header:
-    """Ordered header fields, each kept as its raw bytes including folding and CRLF."""
+    """Ordered header fields, each kept as its raw bytes including folding and CRLF.
 
-    __slots__ = ("_fields",)
+    The fields are split out only when something looks at them: a server that only adds
+    its Received field on top and stores the message (the common case without content
+    plugins) writes the header back as it came, after the added fields, unparsed.
+    """
+
+    __slots__ = ("_parsed", "_raw", "_top")
 
     def __init__(self, raw: bytes = b"") -> None:
-        self._fields: list[tuple[str, bytes]] = []
-        if raw:
-            self._parse(raw)
+        #: the fields, once split out (None: not yet; ``_top`` + ``_raw`` hold them)
+        self._parsed: list[tuple[str, bytes]] | None = None if raw else []
+        self._raw = raw
+        #: fields added on top (index 0) before the header was split, newest first
+        self._top: list[tuple[str, bytes]] = []
 
-    def _parse(self, raw: bytes) -> None:
-        fields = self._fields
-        for line in raw.splitlines(keepends=True):
-            if line[:1] in (b" ", b"\t") and fields:
-                name, value = fields[-1]
-                fields[-1] = (name, value + line)
-            else:
-                name = line.split(b":", 1)[0].decode("ascii", "replace").strip()
-                fields.append((name, line))
+    @property
+    def _fields(self) -> list[tuple[str, bytes]]:
+        fields = self._parsed
+        if fields is None:
+            fields = self._top
+            fields.extend(_parse(self._raw))
+            self._parsed, self._raw, self._top = fields, b"", []
+        return fields
+
+    @_fields.setter
+    def _fields(self, fields: list[tuple[str, bytes]]) -> None:
+        self._parsed, self._raw, self._top = fields, b"", []
 
     def get_all(self, name: str) -> list[str]:
         """Every value of a field (unfolded, decoded leniently), in message order."""
@@ -93,7 +103,9 @@ class Header:
             raise ValueError("header value with a line break that is not a fold")
         raw = f"{name}: {value}".replace("\n", "\r\n").encode("utf-8") + b"\r\n"
         entry = (name, raw)
-        if index is None:
+        if index == 0 and self._parsed is None:
+            self._top.insert(0, entry)  # on top: the rest need not be split for that
+        elif index is None:
             self._fields.append(entry)
         else:
             self._fields.insert(index, entry)
@@ -152,7 +164,22 @@ class Header:
 
     def as_bytes(self) -> bytes:
         """The header as it goes to storage, fields in order, without the blank line."""
-        return b"".join(raw for _, raw in self._fields)
+        if self._parsed is None:
+            return b"".join([raw for _, raw in self._top]) + self._raw
+        return b"".join([raw for _, raw in self._parsed])
+
+
+def _parse(raw: bytes) -> list[tuple[str, bytes]]:
+    """(name, raw bytes) of each field; continuation lines stay with their field."""
+    fields: list[tuple[str, bytes]] = []
+    for line in raw.splitlines(keepends=True):
+        if line[:1] in (b" ", b"\t") and fields:
+            name, value = fields[-1]
+            fields[-1] = (name, value + line)
+        else:
+            name = line.split(b":", 1)[0].decode("ascii", "replace").strip()
+            fields.append((name, line))
+    return fields
 
 
 def _value(raw: bytes) -> str:

@@ -12,7 +12,7 @@ import itertools
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qpconn.header import is_field_line, split_header
+from qpconn.header import Header, is_field_line, split_header
 from qpconn.transaction import MAX_HEADER_BYTES, Transaction
 from tests.support.fuzz import FUZZ_SETTINGS
 
@@ -68,3 +68,42 @@ def test_a_header_that_never_ends_is_cut_at_the_limit_whether_in_one_piece_or_ma
         assert txn.header.as_bytes() == b"".join(pieces)
         assert txn.body_bytes() == b""
         txn.close()
+
+
+_OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["top", "append", "second", "delete", "prefix", "get", "bytes"]),
+        st.sampled_from(["Subject", "Received", "X-Y", "From"]),
+    ),
+    max_size=8,
+)
+
+
+def _apply(header: Header, op: str, name: str) -> object:
+    if op == "top":
+        header.add(name, "added on top", index=0)
+    elif op == "append":
+        header.add(name, "added last")
+    elif op == "second":
+        header.add(name, "added second", index=1)
+    elif op == "delete":
+        return header.delete(name)
+    elif op == "prefix":
+        return header.prefix(name, "[tag]")
+    elif op == "get":
+        return header.get_all(name), header.count(name), header.names(), len(header)
+    return header.as_bytes()
+
+
+@FUZZ_SETTINGS
+@given(st.lists(_LINE, max_size=12), _OPS)
+def test_a_header_split_only_when_looked_at_behaves_as_one_split_at_once(lines, ops):
+    """Header splits its fields on first need (adding on top and writing it back need
+    none): every sequence of operations must see what an at-once split would give."""
+    raw = b"".join(line for line in lines if line != b"\r\n")
+    lazy, eager = Header(raw), Header(raw)
+    eager.names()  # split now
+    for op, name in ops:
+        assert _apply(lazy, op, name) == _apply(eager, op, name)
+        assert lazy.as_bytes() == eager.as_bytes()
+    assert Header(raw).as_bytes() == raw  # untouched: the bytes as they came
