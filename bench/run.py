@@ -557,16 +557,16 @@ def build_specs(
             "haraka", f"Haraka {haraka.version()} (1 proc)", servers.haraka_factory(haraka)
         )
     if args.baseline:
+        baseline = Path(args.baseline).resolve()
         specs["qpconn-base"] = ServerSpec(
             "qpconn-base",
             f"qpconn sink from {args.baseline}",
-            servers.qpconn_sink_from(Path(args.baseline).resolve()),
+            servers.from_source(baseline, servers.qpconn_sink),
         )
-    if args.baseline:
         specs["qpconn-maildir-base"] = ServerSpec(
             "qpconn-maildir-base",
             f"qpconn Maildir from {args.baseline}",
-            servers.qpconn_maildir_from(Path(args.baseline).resolve()),
+            servers.from_source(baseline, servers.qpconn_maildir),
         )
     if "postfix-maildir" in wanted and not servers.postfix_unusable():
         specs["postfix-maildir"] = ServerSpec(

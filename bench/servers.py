@@ -83,21 +83,24 @@ def qpconn_sink(workdir: Path, port: int) -> Launch:
     return Launch(argv, workdir)
 
 
-def qpconn_sink_from(source: Path) -> Callable[[Path, int], Launch]:
-    """The sink configuration run from another copy of the code (``--baseline``).
+def from_source(
+    source: Path, prepare: Callable[[Path, int], Launch]
+) -> Callable[[Path, int], Launch]:
+    """The configuration ``prepare`` launches, run from another copy of the code
+    (``--baseline``).
 
     ``source`` holds a ``qpconn`` package (and ``twisted/plugins``), e.g. an unpacked
     ``git archive`` of an older commit: put first on PYTHONPATH, it is what twistd
     imports, so the two versions are measured side by side in the same run.
     """
 
-    def prepare(workdir: Path, port: int) -> Launch:
-        launch = qpconn_sink(workdir, port)
+    def prepare_from(workdir: Path, port: int) -> Launch:
+        launch = prepare(workdir, port)
         path = [str(source), launch.env.get("PYTHONPATH", "")]
         launch.env["PYTHONPATH"] = os.pathsep.join(p for p in path if p)
         return launch
 
-    return prepare
+    return prepare_from
 
 
 def qpconn_supports_workers() -> bool:
@@ -128,26 +131,16 @@ def qpconn_maildir(workdir: Path, port: int) -> Launch:
         "--no-rdns",
     ]  # fmt: skip
 
-    def empty_maildir() -> None:
-        for sub in ("new", "tmp", "cur"):
-            folder = workdir / "maildir" / sub
-            if folder.is_dir():
-                for entry in os.scandir(folder):
-                    os.unlink(entry.path)
-
-    return Launch(argv, workdir, between_runs=empty_maildir)
+    return Launch(argv, workdir, between_runs=lambda: empty_maildir(workdir / "maildir"))
 
 
-def qpconn_maildir_from(source: Path) -> Callable[[Path, int], Launch]:
-    """The Maildir configuration run from another copy of the code (``--baseline``)."""
-
-    def prepare(workdir: Path, port: int) -> Launch:
-        launch = qpconn_maildir(workdir, port)
-        path = [str(source), launch.env.get("PYTHONPATH", "")]
-        launch.env["PYTHONPATH"] = os.pathsep.join(p for p in path if p)
-        return launch
-
-    return prepare
+def empty_maildir(maildir: Path) -> None:
+    """Remove every message of ``maildir`` (between runs, so each run starts alike)."""
+    for sub in ("new", "tmp", "cur"):
+        folder = maildir / sub
+        if folder.is_dir():
+            for entry in os.scandir(folder):
+                os.unlink(entry.path)
 
 
 # -- Postfix's own smtpd delivering into a Maildir ----------------------------------------
@@ -254,11 +247,7 @@ def postfix_maildir(workdir: Path, port: int) -> Launch:
             if not queued:
                 break
             time.sleep(0.2)
-        for sub in ("new", "tmp", "cur"):
-            folder = workdir / "mail" / "Maildir" / sub
-            if folder.is_dir():
-                for entry in os.scandir(folder):
-                    os.unlink(entry.path)
+        empty_maildir(workdir / "mail" / "Maildir")
 
     def stop() -> None:
         # master -s calls setsid(): the process group kill would miss it and its children.
