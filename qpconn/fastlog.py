@@ -34,6 +34,7 @@ import string
 import sys
 import threading
 from collections.abc import Callable
+from functools import partial
 from typing import IO, Any
 
 from twisted.logger import ILogObserver, formatEventAsClassicLogText, formatTime
@@ -170,12 +171,8 @@ class FastTextObserver:
             self._shutdown_hooked = True
             reactor.addSystemEventTrigger("after", "shutdown", self.flush)
         if threadable.isInIOThread():
-            return self._flush_soon
+            return partial(reactor.callLater, FLUSH_DELAY)
         return reactor.callFromThread
-
-    def _flush_soon(self, flush: Callable[[], None]) -> None:
-        reactor = sys.modules["twisted.internet.reactor"]
-        reactor.callLater(FLUSH_DELAY, flush)  # type: ignore[attr-defined]
 
     def flush(self) -> None:
         """Write every pending line now, in order, with one write() and one flush()."""

@@ -205,28 +205,24 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         # would let the next RCPT and DATA store the message with a null sender that no
         # mail hook ever judged.
         old = self.transaction
-        if not self.runner.has(kind) and old.untouched:
-            # No hook judges the name, and the open transaction is as a fresh one would
-            # be: it simply goes on (a new one and the old one's end would change nothing).
-            self._verdict = None
-            conn.hello, conn.hello_host = kind, host
-            return self._hello_reply(kind, conn)
-        self.transaction = self.new_transaction()
-        outcome = await self.run_hook(kind, host)
-        decided = reply_for(kind, outcome)
-        if not _positive(decided):
-            self.transaction.close()
-            self.transaction = old
-            conn.hello, conn.hello_host = previous
-            return decided
-        # An accepted HELO/EHLO ends the open transaction, as RSET would (RFC 5321 §4.1.4).
-        await self.end_transaction(old)
+        decided = None
+        # Without a hook to judge the name, an untouched transaction simply goes on: a new
+        # one and the old one's end would change nothing.
+        if self.runner.has(kind) or not old.untouched:
+            self.transaction = self.new_transaction()
+            outcome = await self.run_hook(kind, host)
+            decided = reply_for(kind, outcome)
+            if not _positive(decided):
+                self.transaction.close()
+                self.transaction = old
+                conn.hello, conn.hello_host = previous
+                return decided
+            # An accepted HELO/EHLO ends the open transaction, as RSET would (RFC 5321
+            # §4.1.4).
+            await self.end_transaction(old)
         conn.hello, conn.hello_host = kind, host
         if decided is not None:
             return decided
-        return self._hello_reply(kind, conn)
-
-    def _hello_reply(self, kind: str, conn: Connection) -> Reply:
         first = f"{self.me} Hi {conn.remote_host_or_unknown} [{conn.remote_ip or 'unix'}]"
         if kind == "helo":
             return Reply(250, first)

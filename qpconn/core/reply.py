@@ -90,19 +90,18 @@ class Reply:
         return wire
 
     def _wire_bytes(self) -> bytes:
+        code = self.code
         prefix = f"{self.enhanced} " if self.enhanced else ""
-        if len(self.lines) == 1 and self.code != 334:  # the usual reply: one line
-            return (f"{self.code} {prefix}{self.lines[0]}".rstrip(" ") + "\r\n").encode(
-                "utf-8", "replace"
+        lines = self.lines
+        text = f"{code} {prefix}{lines[-1]}".rstrip(" ") + "\r\n"
+        if len(lines) > 1:  # "CODE-" on every line but the last
+            text = (
+                "".join([f"{code}-{prefix}{line}".rstrip(" ") + "\r\n" for line in lines[:-1]])
+                + text
             )
-        last = len(self.lines) - 1
-        out = []
-        for index, line in enumerate(self.lines):
-            sep = " " if index == last else "-"
-            out.append(f"{self.code}{sep}{prefix}{line}".rstrip(" ") + "\r\n")
-        if self.code == 334 and out == ["334\r\n"]:
-            out = ["334 \r\n"]  # RFC 4954 §4: continue-req = "334" SP [base64] CRLF
-        return "".join(out).encode("utf-8", "replace")
+        if text == "334\r\n":
+            text = "334 \r\n"  # RFC 4954 §4: continue-req = "334" SP [base64] CRLF
+        return text.encode("utf-8", "replace")
 
     def __repr__(self) -> str:
         return f"Reply({self.code}, {self.text!r}, enhanced={self.enhanced!r})"
@@ -147,18 +146,17 @@ def _parse(
     if match and int(match.group(1)) == code // 100:
         enhanced = ".".join(match.group(1, 2, 3))
         lines[0] = lines[0][match.end() :]
-    if len(lines) == 1:  # most replies; the same steps as below for one line
-        line = lines[0]
-        if enhanced and line[:1] in _CLASS_DIGITS:
-            line = _strip_enhanced(line, enhanced)
-        return (line if line.isprintable() else _UNSAFE.sub("?", line),), enhanced
-    if enhanced:
-        lines = [
-            _strip_enhanced(line, enhanced) if line[:1] in _CLASS_DIGITS else line
-            for line in lines
-        ]
+    if len(lines) == 1:  # most replies: no generator for one line
+        return (_safe_line(lines[0], enhanced),), enhanced
+    return tuple(_safe_line(line, enhanced) for line in lines), enhanced
+
+
+def _safe_line(line: str, enhanced: str | None) -> str:
+    """One line as sent: without a copy of the enhanced code, nothing unprintable."""
+    if enhanced and line[:1] in _CLASS_DIGITS:
+        line = _strip_enhanced(line, enhanced)
     # isprintable() is a C scan that is True for most texts; the rest go through the regex
-    return tuple(line if line.isprintable() else _UNSAFE.sub("?", line) for line in lines), enhanced
+    return line if line.isprintable() else _UNSAFE.sub("?", line)
 
 
 def _strip_enhanced(line: str, enhanced: str) -> str:

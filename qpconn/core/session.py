@@ -317,16 +317,14 @@ class ServerSession(TLSAuthRules, ChunkingRules):
                 return lmtp_error
         arg = arg.strip(" ")
         rule = _RULES.get(verb)
+        allowed = limits.command_line
         if rule is None:  # not the core's to judge (see _LEGAL); BDAT is framed here
-            allowed = limits.command_line
             if len(line) > allowed:
                 return self._protocol_error(500, "5.5.2 Line too long", line)
             if verb == "BDAT" and limits.chunking:
                 return self._bdat_command(arg, line)
-            self._pending = command = Command(verb, arg)
-            return command
+            return self._issue(Command(verb, arg))
         legal, no_arg, need_arg, prefix, usage, tls_auth = rule
-        allowed = limits.command_line
         if prefix:
             allowed += limits.parameter_allowance
         elif verb == "AUTH":

@@ -129,24 +129,19 @@ class SessionGuard:
 
     def after_reply(self, answered: Command | MessageEnd | ChunkEnd | None, reply: Reply) -> None:
         """Book-keeping once a reply went out: the error count and the phase's timeout."""
-        state = self.session.state
-        if state is _CLOSED:
+        if self.session.state is _CLOSED:
             return
-        if type(answered) is Command and reply.code < 500 and state is not _DATA:
-            # Most replies: nothing to count, and the command phase's timeout stays on
-            # (only a 354 starts the text phase; a message or chunk end leaves it).
-            if self.timeOut != self.factory.timeout and not self._lost:
-                self.setTimeout(self.factory.timeout)
-            return
-        delivered = isinstance(answered, MessageEnd) or (
-            isinstance(answered, ChunkEnd) and answered.last  # BDAT ... LAST
-        )
-        if delivered and 200 <= reply.code < 300:
-            self.errors = 0
-        elif 500 <= reply.code < 600:
+        code = reply.code
+        if 500 <= code < 600:
             self.count_error()
             if self.session.closed:
                 return
+        elif 200 <= code < 300 and type(answered) is not Command:
+            delivered = isinstance(answered, MessageEnd) or (
+                isinstance(answered, ChunkEnd) and answered.last  # BDAT ... LAST
+            )
+            if delivered:
+                self.errors = 0
         self.phase_timeout()
 
     def _chunk_started(self, _result: object) -> None:
