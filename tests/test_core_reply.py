@@ -127,3 +127,20 @@ def test_text_properties_and_equality():
 )
 def test_parse_line_takes_a_leading_code_or_uses_the_default(text, expected):
     assert Reply.parse_line(text, 550) == expected
+
+
+def test_a_changed_reply_is_sent_as_changed():
+    # Replies made from the same text share their wire bytes; one that is changed after
+    # it was sent (by a plugin, say) must not send the old bytes, nor change the others.
+    first = Reply(250, "2.0.0 OK")
+    second = Reply(250, "2.0.0 OK")
+    assert first.to_bytes() == b"250 2.0.0 OK\r\n"
+    first.code = 251
+    assert first.to_bytes() == b"251 2.0.0 OK\r\n"
+    assert second.to_bytes() == b"250 2.0.0 OK\r\n"
+    first.lines = ("changed",)
+    assert first.to_bytes() == b"251 2.0.0 changed\r\n"
+    first.enhanced = None
+    assert first.to_bytes() == b"251 changed\r\n"
+    assert second.to_bytes() == b"250 2.0.0 OK\r\n"
+    assert Reply(250, "2.0.0 OK").to_bytes() == b"250 2.0.0 OK\r\n"

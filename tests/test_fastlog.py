@@ -10,6 +10,8 @@ import time
 
 import pytest
 import pytest_twisted
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import reactor, threads
 from twisted.internet.task import deferLater
 from twisted.logger import LogLevel, formatEventAsClassicLogText, formatTime
@@ -73,6 +75,11 @@ EVENTS = [
     {"log_time": time.time(), "log_namespace": "n", "log_level": LogLevel.warn},  # no format
     _event("no time {a}", a=1, log_time=None),
     _event("{b}", b=b"bytes"),
+    _event('quotes " \' """ \\n {{braces}} {a!r:>12} {n:+08.2f}', a='"x"', n=3.14159),
+    _event("{n:,} {p:.1%} {w:_^9} {h:#x}", n=1234567, p=0.25, w="mid", h=255),
+    _event("{a:}{b!s:}", a=1, b=2),  # empty specs
+    _event("{class} {def}", **{"class": "k", "def": "d"}),  # keywords are fine names
+    _event("{a:{{}}}", a=1),  # a spec Twisted's formatter must judge
     _failure_event(),
 ]
 
@@ -86,6 +93,37 @@ def test_each_line_is_what_twistds_text_log_writes(event):
     observer.flush()
     expected = formatEventAsClassicLogText(event, formatTime=formatTime) or ""
     assert out.getvalue() == expected * 2
+
+
+_LITERAL = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12).map(
+    lambda text: text.replace("{", "{{").replace("}", "}}")
+)
+_FIELD = st.sampled_from(["a", "b", "n"]).flatmap(
+    lambda name: st.sampled_from(["", "!r", "!s", "!a"]).flatmap(
+        lambda conversion: st.sampled_from(["", ":>6", ":<3", ":^5", ":.2", ":10.3"]).map(
+            lambda spec: "{" + name + conversion + spec + "}"
+        )
+    )
+)
+_VALUE = st.one_of(st.text(max_size=8), st.integers(), st.floats(allow_nan=False), st.none())
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    parts=st.lists(st.tuples(_LITERAL, _FIELD), max_size=5),
+    tail=_LITERAL,
+    a=_VALUE,
+    b=_VALUE,
+    n=st.floats(allow_nan=False, allow_infinity=False),
+)
+def test_compiled_formats_give_what_twisted_gives(parts, tail, a, b, n):
+    fmt = "".join(literal + field for literal, field in parts) + tail
+    event = _event(fmt, a=a, b=b, n=n)
+    out = io.StringIO()
+    observer = FastTextObserver(out)
+    observer(event)
+    observer.flush()
+    assert out.getvalue() == (formatEventAsClassicLogText(event, formatTime=formatTime) or "")
 
 
 def test_time_stamps_follow_the_seconds():

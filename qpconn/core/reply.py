@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["Reply"]
 
@@ -23,6 +24,8 @@ _CODE_LINE = re.compile(r"^([2-5][0-9][0-9])(?:[ -]|$)")
 # plugin's message (which may quote client input) cannot forge a reply line.
 _VALID_ENHANCED = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}")
 _CLASS_DIGITS = ("2", "4", "5")
+#: reply class (code // 100) -> the first digit an enhanced code of that class has
+_CLASS_DIGIT = {2: "2", 4: "4", 5: "5"}
 _UNSAFE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
@@ -34,7 +37,7 @@ class Reply:
     enhanced code, so plugin authors can write ``"5.7.1 relaying denied"`` naturally.
     """
 
-    __slots__ = ("code", "enhanced", "lines")
+    __slots__ = ("_made", "code", "enhanced", "lines")
 
     def __init__(
         self, code: int, text: str | Sequence[str] = "", enhanced: str | None = None
@@ -47,9 +50,7 @@ class Reply:
             parsed = _PARSED.get(key)
             if parsed is None:
                 parsed = _parse(code, text.splitlines() or [""], enhanced)
-                if len(_PARSED) >= _PARSED_MAX:
-                    _PARSED.clear()  # texts with queue ids and addresses come and go
-                _PARSED[key] = parsed
+                _remember(key, parsed)
         else:
             # EHLO's reply: the same list of lines for every session
             key = (code, tuple(text), enhanced)
@@ -61,12 +62,12 @@ class Reply:
                 lines = [part for line in text for part in (str(line).splitlines() or [""])]
                 parsed = _parse(code, lines or [""], enhanced)
                 if key is not None:
-                    if len(_PARSED) >= _PARSED_MAX:
-                        _PARSED.clear()
-                    _PARSED[key] = parsed
+                    _remember(key, parsed)
         self.code = code
         self.lines: tuple[str, ...] = parsed[0]
         self.enhanced = parsed[1]
+        #: what was parsed, with the wire bytes once made (see to_bytes)
+        self._made = parsed
 
     @property
     def text(self) -> str:
@@ -80,14 +81,15 @@ class Reply:
 
     def to_bytes(self) -> bytes:
         """The reply as it goes on the wire, every line CRLF-terminated."""
-        key = (self.code, self.lines, self.enhanced)
-        wire = _WIRE.get(key)
-        if wire is None:
-            wire = self._wire_bytes()
-            if len(_WIRE) >= _PARSED_MAX:
-                _WIRE.clear()
-            _WIRE[key] = wire
-        return wire
+        made = self._made
+        if made[0] is self.lines and made[1] is self.enhanced and made[3] == self.code:
+            wire = made[2]
+            if wire is None:
+                wire = made[2] = self._wire_bytes()
+            return wire
+        # changed since it was made: from now on it has bytes of its own
+        made = self._made = [self.lines, self.enhanced, self._wire_bytes(), self.code]
+        return made[2]
 
     def _wire_bytes(self) -> bytes:
         code = self.code
@@ -123,18 +125,24 @@ class Reply:
         return cls(default_code, text)
 
 
-#: (code, text, enhanced) -> (lines, enhanced) of replies built from a string
-_PARSED: dict[tuple[int, object, str | None], tuple[tuple[str, ...], str | None]] = {}
+
+
+#: (code, text, enhanced) -> [lines, enhanced, wire bytes or None, code]: each text is
+#: parsed once for the same few replies made over and over, and the Replies made from it
+#: share its wire bytes, added when the first one is sent
+_PARSED: dict[tuple[int, object, str | None], list[Any]] = {}
 _PARSED_MAX = 512
 #: enhanced codes given to Reply() that were checked already
 _GOOD_ENHANCED: set[str] = set()
-#: (code, lines, enhanced) -> wire bytes, for the same few replies sent over and over
-_WIRE: dict[tuple[int, tuple[str, ...], str | None], bytes] = {}
 
 
-def _parse(
-    code: int, lines: list[str], enhanced: str | None
-) -> tuple[tuple[str, ...], str | None]:
+def _remember(key: tuple[int, object, str | None], parsed: list[Any]) -> None:
+    if len(_PARSED) >= _PARSED_MAX:
+        _PARSED.clear()  # texts with queue ids and addresses come and go
+    _PARSED[key] = parsed
+
+
+def _parse(code: int, lines: list[str], enhanced: str | None) -> list[Any]:
     """The safe lines and the enhanced code of a reply (``lines`` is consumed)."""
     if enhanced is not None and enhanced not in _GOOD_ENHANCED:
         if not _VALID_ENHANCED.fullmatch(enhanced):
@@ -142,13 +150,16 @@ def _parse(
             raise ValueError(f"not an enhanced status code: {enhanced!r}")
         if len(_GOOD_ENHANCED) < 256:
             _GOOD_ENHANCED.add(enhanced)
-    match = _ENHANCED.match(lines[0]) if lines[0][:1] in _CLASS_DIGITS else None
-    if match and int(match.group(1)) == code // 100:
-        enhanced = ".".join(match.group(1, 2, 3))
-        lines[0] = lines[0][match.end() :]
+    first = lines[0]
+    # an enhanced code of the reply's class ("2" for 250): the ASCII digit's value first
+    match = _ENHANCED.match(first) if first[:1] == _CLASS_DIGIT.get(code // 100) else None
+    if match:
+        end = match.end()
+        enhanced = first[:end].rstrip()  # "X.Y.Z" and the spaces after it: "X.Y.Z"
+        lines[0] = first[end:]
     if len(lines) == 1:  # most replies: no generator for one line
-        return (_safe_line(lines[0], enhanced),), enhanced
-    return tuple(_safe_line(line, enhanced) for line in lines), enhanced
+        return [(_safe_line(lines[0], enhanced),), enhanced, None, code]
+    return [tuple(_safe_line(line, enhanced) for line in lines), enhanced, None, code]
 
 
 def _safe_line(line: str, enhanced: str | None) -> str:

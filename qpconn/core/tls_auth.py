@@ -51,9 +51,9 @@ def frame_response(buf: bytearray, limit: int) -> AuthResponse | tuple[int, str]
     if len(line) < 2 or line[-2] != 13:
         return 500, "5.5.2 Bare LF received; lines must end with CRLF"
     body = line[:-2]
-    if b"\0" in body:
+    if 0 in body:  # NUL (an int is looked for with memchr)
         return 500, "5.5.2 NUL character in response"
-    if b"\r" in body:
+    if 13 in body:  # CR
         return 500, "5.5.2 Bare CR in response"
     try:
         text = body.decode("ascii")
