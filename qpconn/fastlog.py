@@ -89,7 +89,7 @@ def _compile(fmt: str) -> _Render | None:
             parts.append(f"{{{field}}}")
     except ValueError:
         return None  # malformed: Twisted's formatter says so in the line
-    render: _Render = eval(f'lambda e: f"{"".join(parts)}"', values)  # noqa: S307
+    render: _Render = eval(f'lambda e: f"{"".join(parts)}"', values)
     return render
 
 
