@@ -95,6 +95,16 @@ class LevelLogger(Logger):
     def critical(self, format: str | None = None, **kwargs: Any) -> None:
         self._publish(LogLevel.critical, format, kwargs)  # the highest: always
 
+    def emit_fields(self, level: LogLevel, format: str | None, fields: dict[str, Any]) -> None:
+        """``emit(level, format, **fields)`` that makes ``fields`` itself the event (the
+        caller gives it up): for an event built anew each time, such as a transaction's
+        summary line, which would otherwise be copied once more as keyword arguments."""
+        rank = _RANK.get(level)
+        if rank is None:
+            super().emit(level, format, **fields)  # not a level: Twisted's complaint
+        elif rank >= _threshold:
+            self._publish(level, format, fields)
+
     def _publish(self, level: LogLevel, format: str | None, event: dict[str, Any]) -> None:
         # Logger.emit's event, without its check of the level against a freshly sorted
         # list of every level (the callers compared ranks already)

@@ -17,6 +17,8 @@ import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
+from twisted.logger import LogLevel
+
 import qpconn
 from qpconn.address import AddressError
 from qpconn.core.bdat import ChunkEnd
@@ -483,17 +485,21 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         ``transaction``); ``hook`` is where it was decided. Metrics count these events."""
         txn = self.transaction
         started = txn.notes.get("data_started")
-        fields = self.log_context()
-        fields["queue_id"] = txn.id
-        fields["verdict"] = verdict
-        fields["sender"] = txn.sender.format() if txn.sender else "<>"
-        fields["rcpts"] = ",".join([r.format() for r in txn.recipients])
-        fields["size"] = txn.data_size
-        fields["code"] = reply.code
-        fields["plugin"] = plugin
-        fields["hook"] = hook
-        fields["result"] = verdict
-        fields["recipients"] = len(txn.recipients)
-        fields["event"] = "transaction"
-        fields["elapsed"] = (time.monotonic() - started) if started else 0.0
-        self.log.info(_TRANSACTION_LINE, **fields)
+        recipients = txn.recipients
+        # One dict, handed over as the event itself (info(**fields) would copy it again).
+        fields = {
+            **self.log_context(),
+            "queue_id": txn.id,
+            "verdict": verdict,
+            "sender": txn.sender.format() if txn.sender else "<>",
+            "rcpts": ",".join([r.format() for r in recipients]),
+            "size": txn.data_size,
+            "code": reply.code,
+            "plugin": plugin,
+            "hook": hook,
+            "result": verdict,
+            "recipients": len(recipients),
+            "event": "transaction",
+            "elapsed": (time.monotonic() - started) if started else 0.0,
+        }
+        self.log.emit_fields(LogLevel.info, _TRANSACTION_LINE, fields)

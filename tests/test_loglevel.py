@@ -16,7 +16,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.logger import LogLevel, globalLogPublisher
 
-from qpconn.loglevel import current_level, parse_level, set_level
+from qpconn.loglevel import LevelLogger, current_level, parse_level, set_level
 from qpconn.plugins import Plugin
 from qpconn.results import DECLINED
 from qpconn.server.peerinfo import LookupSettings
@@ -115,3 +115,18 @@ def test_an_unknown_level_is_refused_when_the_service_is_built(tmp_path, events)
         make_service(["tcp:0:interface=127.0.0.1"], config_dir)
     with pytest.raises(ValueError):
         parse_level("7")
+
+
+def test_an_event_handed_over_as_a_dict_keeps_the_threshold(events):
+    log = LevelLogger(namespace="qpconn.test")
+    fields = {"conn_id": "c1", "n": 1}
+    set_level(LogLevel.warn)
+    try:
+        log.emit_fields(LogLevel.info, "{conn_id} below the threshold", {"conn_id": "c0"})
+        log.emit_fields(LogLevel.error, "{conn_id} {n}", fields)
+    finally:
+        set_level(LogLevel.debug)
+    assert [event["log_format"] for event in events] == ["{conn_id} {n}"]
+    (event,) = events
+    assert event is fields  # the dict itself is the event: not copied
+    assert event["log_level"] is LogLevel.error and event["log_namespace"] == "qpconn.test"
