@@ -52,18 +52,19 @@ class HookRunner:
         for plugin in self.plugins:
             for hook, function in plugin.hooks():
                 self._table[hook].append((plugin, function))
-        #: the hooks some plugin implements (a set lookup per hook run on the hot path)
-        self._used = frozenset(hook for hook, calls in self._table.items() if calls)
-        generic = "auth" in self._used
+        #: the hooks some plugin implements: ``hook in runner.used`` is what :meth:`has`
+        #: answers, without a call (the session's hot path asks it for every hook)
+        self.used: frozenset[str] = frozenset(hook for hook, calls in self._table.items() if calls)
+        generic = "auth" in self.used
         #: SASL mechanisms some plugin can judge (its own ``auth-<mech>`` hook, or
         #: ``auth``): what EHLO offers, worked out once rather than per EHLO
         self.auth_mechanisms: tuple[str, ...] = tuple(
-            m for m in MECHANISMS if generic or f"auth-{m.lower()}" in self._used
+            m for m in MECHANISMS if generic or f"auth-{m.lower()}" in self.used
         )
 
     def has(self, hook: str) -> bool:
         """True when some plugin implements ``hook`` (callers may skip work otherwise)."""
-        return hook in self._used
+        return hook in self.used
 
     def plugins_for(self, hook: str) -> list[Plugin]:
         """The plugins that run at ``hook``, in order (for ``check`` and the docs)."""
@@ -87,9 +88,9 @@ class HookRunner:
                 continue
             if hook not in ("deny", "ok"):
                 if outcome.error or outcome.result.is_deny:
-                    if "deny" in self._used:
+                    if "deny" in self.used:
                         await self._notify("deny", transaction, outcome, hook)
-                elif outcome.result in _OK_LIKE and "ok" in self._used:
+                elif outcome.result in _OK_LIKE and "ok" in self.used:
                     await self._notify("ok", transaction, outcome, hook)
             return outcome
         return DECLINED_OUTCOME

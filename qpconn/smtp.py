@@ -99,7 +99,7 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
     async def run_hook(self, hook: str, *args: Any) -> HookOutcome:
         """Run a hook with the current transaction and these arguments."""
         runner = self.runner
-        if not runner.has(hook):
+        if hook not in runner.used:
             return DECLINED_OUTCOME  # most hooks have no plugin: nothing to run or log
         return await runner.run(hook, self.transaction, *args, log_context=self.log_context)
 
@@ -235,7 +235,10 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         refusal = self.tls_refusal_for_mail()  # tls_required: 530 before any hook
         if refusal is not None:
             return refusal
-        outcome = await self.run_hook("mail_pre", arg)
+        hooked = self.runner.used  # no coroutine for a hook no plugin implements
+        outcome = DECLINED_OUTCOME
+        if "mail_pre" in hooked:
+            outcome = await self.run_hook("mail_pre", arg)
         if outcome.result is OK and outcome.message is not None:
             arg = outcome.message
         else:
@@ -251,7 +254,9 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
             problem = self.check_mail_params(params) or self.check_extension_mail_params(params)
             if problem is not None:
                 return problem
-        outcome = await self.run_hook("mail", sender, params)
+        outcome = DECLINED_OUTCOME
+        if "mail" in hooked:
+            outcome = await self.run_hook("mail", sender, params)
         decided = reply_for("mail", outcome)
         if not _positive(decided):
             assert decided is not None
@@ -284,7 +289,10 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         if limit and len(self.transaction.recipients) >= limit:
             # Before any hook: past the limit nothing about the address matters.
             return Reply(452, "4.5.3 Too many recipients")
-        outcome = await self.run_hook("rcpt_pre", arg)
+        hooked = self.runner.used  # no coroutine for a hook no plugin implements
+        outcome = DECLINED_OUTCOME
+        if "rcpt_pre" in hooked:
+            outcome = await self.run_hook("rcpt_pre", arg)
         if outcome.result is OK and outcome.message is not None:
             arg = outcome.message
         else:
@@ -301,7 +309,9 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         problem = self.check_rcpt_params(params)  # NOTIFY, ORCPT: see smtp_extensions
         if problem is not None:
             return problem
-        outcome = await self.run_hook("rcpt", recipient, params)
+        outcome = DECLINED_OUTCOME
+        if "rcpt" in hooked:
+            outcome = await self.run_hook("rcpt", recipient, params)
         decided = reply_for("rcpt", outcome)
         if not _positive(decided):
             assert decided is not None
@@ -317,7 +327,9 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         refusal = self.data_refusal()  # BODY=BINARYMIME needs BDAT
         if refusal is not None:
             return refusal
-        outcome = await self.run_hook("data")
+        outcome = DECLINED_OUTCOME
+        if "data" in self.runner.used:
+            outcome = await self.run_hook("data")
         decided = reply_for("data", outcome)
         if decided is not None:
             return decided
@@ -378,7 +390,9 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
             self._log_transaction("rejected", self._verdict[0], hook="data_headers_end")
             return self._verdict
         await self.add_received_header()
-        outcome = await self.run_hook("data_post")
+        outcome = DECLINED_OUTCOME
+        if "data_post" in self.runner.used:
+            outcome = await self.run_hook("data_post")
         decided = reply_for("data_post", outcome)
         if decided is not None:
             self._log_transaction("rejected", decided[0], plugin=outcome.plugin, hook="data_post")
@@ -403,7 +417,9 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         """Prepend our Received field (a received_line plugin may supply the text)."""
         txn = self.transaction
         assert txn.header is not None
-        outcome = await self.run_hook("received_line")
+        outcome = DECLINED_OUTCOME
+        if "received_line" in self.runner.used:
+            outcome = await self.run_hook("received_line")
         if outcome.result is OK and outcome.message:
             value = outcome.message
         else:
@@ -414,12 +430,17 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
 
     async def queue_message(self) -> HandlerResult:
         """queue_pre, queue and queue_post: 250 only when a queue plugin said OK."""
-        outcome = await self.run_hook("queue_pre")
+        hooked = self.runner.used  # no coroutine for a hook no plugin implements
+        outcome = DECLINED_OUTCOME
+        if "queue_pre" in hooked:
+            outcome = await self.run_hook("queue_pre")
         decided = reply_for("queue_pre", outcome)
         stage = "queue_pre"
         if decided is None:
             stage = "queue"
-            outcome = await self.run_hook("queue")
+            outcome = DECLINED_OUTCOME
+            if "queue" in hooked:
+                outcome = await self.run_hook("queue")
             decided = reply_for("queue", outcome) or (
                 Reply(250, outcome.message or f"Queued as {self.transaction.id}", "2.0.0"),
                 False,
@@ -428,7 +449,7 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         self._log_transaction(
             "accepted" if reply.code < 300 else "rejected", reply, plugin=outcome.plugin, hook=stage
         )
-        if self.runner.has("queue_post"):
+        if "queue_post" in hooked:
             await self.runner.run_all("queue_post", self.transaction)
         return decided
 

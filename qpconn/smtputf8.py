@@ -97,9 +97,10 @@ def ascii_path(address: Address) -> str:
     """``<user@a-label-host>``: the path for a next hop without SMTPUTF8."""
     if address.user is None:
         return "<>"
-    if address.host is None:
+    host = address.host_ascii
+    if host == address.host:  # None, or already ASCII: the path as it is
         return address.format()
-    return Address(address.user, address.host_ascii).format()
+    return Address(address.user, host).format()
 
 
 def received_protocol(connection: Connection, transaction: Transaction, lmtp: bool) -> str:

@@ -56,17 +56,18 @@ def batchable(transport: Any) -> bool:
 def _idle(transport: tcp.Connection) -> bool:
     """Plain TCP, open, and nothing queued: sending now cannot reorder bytes.
 
-    These are Twisted's private write-buffer attributes (FileDescriptor): read with
-    defaults that mean "not idle", so a Twisted that renames them only loses the shortcut.
+    Some of these are Twisted's private write-buffer attributes (FileDescriptor): a
+    Twisted that renames them raises AttributeError here, which means "not idle", so it
+    only loses the shortcut.
     """
     try:
         return (
             not transport.TLS
             and transport.connected
             and not transport.disconnecting
-            and not getattr(transport, "_writeDisconnected", True)
-            and not getattr(transport, "_tempDataLen", 1)
-            and getattr(transport, "offset", -1) >= len(getattr(transport, "dataBuffer", b"x"))
+            and not transport._writeDisconnected
+            and not transport._tempDataLen
+            and transport.offset >= len(transport.dataBuffer)
         )
     except AttributeError:
         return False

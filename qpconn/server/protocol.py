@@ -50,6 +50,7 @@ _INTERNAL_ERROR = Reply(451, "4.3.0 Internal error - try again later")
 # States whose reply must be on its way before anything else happens (close, TLS), as
 # plain names: an Enum member looked up on its class costs ten times a global.
 _CLOSED = State.CLOSED
+_GREETING = State.GREETING
 _STARTTLS = State.STARTTLS
 
 
@@ -189,8 +190,9 @@ class SMTPServerProtocol(SessionGuard, TLSAdapter, SMTPCommands, Protocol, Timeo
                 self._proxy_data(self._proxy_parser, data)
             return  # refused: whatever else arrives is dropped unread
         self.resetTimeout()
-        self.session.receive_data(data)
-        if self.reading_before_greeting():
+        session = self.session
+        session.receive_data(data)
+        if session.state is _GREETING:  # reading_before_greeting(), without the call
             self.note_early_talk()  # guard.py: evidence for earlytalker
         self._drive()
 
@@ -299,14 +301,15 @@ class SMTPServerProtocol(SessionGuard, TLSAdapter, SMTPCommands, Protocol, Timeo
         self.session.greet(reply, close)
 
     def _answer(self, result: HandlerResult) -> None:
-        if self.session.pending is None:
+        session = self.session
+        answered = session.pending
+        if answered is None:
             return  # the session ended while the handler ran (timeout, disconnect verdict)
         if result is None:
             self.log.error("{conn_id} a handler returned no reply", **self.log_context())
             result = _INTERNAL_ERROR
         reply, close = (result, False) if isinstance(result, Reply) else result
-        answered = self.session.pending
-        self.session.send(reply, close)
+        session.send(reply, close)
         self.after_reply(answered, reply)  # max_errors, data_timeout (guard.py)
 
     def _pause(self) -> None:
