@@ -65,7 +65,7 @@ def _compile(fmt: str) -> _Render | None:
 
     The function is one f-string (made once per distinct format): CPython runs an
     f-string's fields as bytecode, where ``str.format_map`` parses the format string again
-    on every call -- half the cost of a log line. Only validated field names go into the
+    on every call, most of the cost of formatting a line. Only validated field names go into the
     generated source; literal text and format specs are passed in as variables, so no
     text of the format string is ever compiled.
     """

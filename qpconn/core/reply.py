@@ -125,8 +125,6 @@ class Reply:
         return cls(default_code, text)
 
 
-
-
 #: (code, text, enhanced) -> [lines, enhanced, wire bytes or None, code]: each text is
 #: parsed once for the same few replies made over and over, and the Replies made from it
 #: share its wire bytes, added when the first one is sent
@@ -151,7 +149,7 @@ def _parse(code: int, lines: list[str], enhanced: str | None) -> list[Any]:
         if len(_GOOD_ENHANCED) < 256:
             _GOOD_ENHANCED.add(enhanced)
     first = lines[0]
-    # an enhanced code of the reply's class ("2" for 250): the ASCII digit's value first
+    # only an enhanced code of the reply's own class counts: "2.x.y" for a 250
     match = _ENHANCED.match(first) if first[:1] == _CLASS_DIGIT.get(code // 100) else None
     if match:
         end = match.end()
