@@ -68,13 +68,7 @@ class LevelLogger(Logger):
     """
 
     def emit(self, level: LogLevel, format: str | None = None, **kwargs: Any) -> None:
-        rank = _RANK.get(level)
-        if rank is None:
-            super().emit(level, format, **kwargs)  # not a level: Twisted's complaint
-            return
-        if rank < _threshold:
-            return
-        self._publish(level, format, kwargs)
+        self.emit_fields(level, format, kwargs)  # kwargs is a dict of our own already
 
     def debug(self, format: str | None = None, **kwargs: Any) -> None:
         if _threshold <= 0:

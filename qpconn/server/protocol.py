@@ -50,7 +50,6 @@ _INTERNAL_ERROR = Reply(451, "4.3.0 Internal error - try again later")
 # States whose reply must be on its way before anything else happens (close, TLS), as
 # plain names: an Enum member looked up on its class costs ten times a global.
 _CLOSED = State.CLOSED
-_GREETING = State.GREETING
 _STARTTLS = State.STARTTLS
 
 
@@ -190,9 +189,8 @@ class SMTPServerProtocol(SessionGuard, TLSAdapter, SMTPCommands, Protocol, Timeo
                 self._proxy_data(self._proxy_parser, data)
             return  # refused: whatever else arrives is dropped unread
         self.resetTimeout()
-        session = self.session
-        session.receive_data(data)
-        if session.state is _GREETING:  # reading_before_greeting(), without the call
+        self.session.receive_data(data)
+        if self.reading_before_greeting():
             self.note_early_talk()  # guard.py: evidence for earlytalker
         self._drive()
 
