@@ -1,7 +1,7 @@
-"""The qpconn sink configuration logging through ``qpconn.logs.fast_text``.
+"""The qpconn sink configuration logging through ``qpconn.log.observers.fast_text``.
 
 Same server, plugins and log lines as ``servers.qpconn_sink`` (twistd's default text log
-to ``--logfile``); only the observer differs: ``twistd --logger=qpconn.logs.fast_text``
+to ``--logfile``); only the observer differs: ``twistd --logger=qpconn.log.observers.fast_text``
 with ``QPCONN_TEXT_LOG`` naming the same file. The table shows both, so what the log
 observer costs is visible beside everything else.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import servers
 
-LOGGER = "qpconn.logs.fast_text"
+LOGGER = "qpconn.log.observers.fast_text"
 
 
 def qpconn_sink_fastlog(workdir: Path, port: int) -> servers.Launch:

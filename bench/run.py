@@ -536,7 +536,7 @@ def build_specs(
         "qpconn-sink": ServerSpec("qpconn-sink", "qpconn sink", servers.qpconn_sink),
         "qpconn-sink-fastlog": ServerSpec(
             "qpconn-sink-fastlog",
-            "qpconn sink, --logger=qpconn.logs.fast_text",
+            "qpconn sink, --logger=qpconn.log.observers.fast_text",
             fastlog_server.qpconn_sink_fastlog,
         ),
         "qpconn-maildir": ServerSpec(

@@ -106,7 +106,7 @@ def from_source(
 def qpconn_supports_workers() -> bool:
     """True once ``twistd qpconn`` has a --workers option (issue 6's multi-core part)."""
     try:
-        from qpconn.tap import Options
+        from qpconn.app.options import Options
     except ImportError:
         return False
     return any(row[0] == "workers" for row in Options.optParameters)

@@ -11,7 +11,7 @@ def main(argv: list[str] | None = None) -> int:
     """Dispatch to a command; usage and exit status 2 for anything else."""
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] == "check":
-        from qpconn.check import main as check
+        from qpconn.app.check import main as check
 
         return check(args[1:])
     sys.stderr.write("usage: python -m qpconn COMMAND [options]\n\ncommands:\n")

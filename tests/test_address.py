@@ -1,4 +1,4 @@
-"""Tests for qpconn.address: RFC 5321 / 6531 path parsing, formatting and parameter parsing."""
+"""Tests for qpconn.mail.address: RFC 5321 / 6531 path parsing, formatting and parameter parsing."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qpconn.address import Address, AddressError, parse_params, split_path_and_params
+from qpconn.mail.address import Address, AddressError, parse_params, split_path_and_params
 
 
 def reject(text: str, **kwargs: bool) -> AddressError:

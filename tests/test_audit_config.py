@@ -15,9 +15,9 @@ import pytest
 import pytest_twisted
 
 from qpconn.config import Config, ConfigError
-from qpconn.connection import Connection
+from qpconn.mail.connection import Connection
+from qpconn.mail.transaction import Transaction
 from qpconn.plugins import PluginLoadError, load_plugin
-from qpconn.transaction import Transaction
 from tests.support.process import ipv6_loopback
 from tests.support.server import in_thread
 

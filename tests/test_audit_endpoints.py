@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from qpconn.service import DEFAULT_LISTEN
-from qpconn.tap import Options
+from qpconn.app.options import Options
+from qpconn.app.service import DEFAULT_LISTEN
 from tests.support.process import free_port, logged_process, twistd_command, wait_for_port
 
 

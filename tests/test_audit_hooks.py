@@ -16,9 +16,9 @@ import pytest_twisted
 from twisted.internet import defer
 
 from qpconn import DENY
-from qpconn.address import Address
+from qpconn.hooks.results import Result
+from qpconn.mail.address import Address
 from qpconn.plugins import HOOKS, Plugin
-from qpconn.results import Result
 from tests.e2e_client import Client, logged_errors
 from tests.support.server import in_thread
 

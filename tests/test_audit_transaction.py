@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest_twisted
 
-from qpconn.address import Address
-from qpconn.connection import Connection
+from qpconn.mail.address import Address
+from qpconn.mail.connection import Connection
+from qpconn.mail.transaction import Transaction
 from qpconn.plugins import Plugin
-from qpconn.transaction import Transaction
 from tests.support.server import in_thread
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qpconn.connection import Connection, Notes
+from qpconn.mail.connection import Connection, Notes
 
 PEER = {
     "remote_ip": "127.0.0.9",

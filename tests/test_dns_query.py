@@ -1,9 +1,9 @@
-"""qpconn.dns.query against a real loopback DNS server."""
+"""qpconn.kit.dns.query against a real loopback DNS server."""
 
 import pytest_twisted
 from twisted.internet import reactor
 
-from qpconn.dns import query
+from qpconn.kit.dns import query
 from qpconn.server.lookup import make_resolver
 from tests.support.dnsserver import start_dns_server
 

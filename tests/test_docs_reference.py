@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 
+from qpconn.app.options import Options
 from qpconn.config import Config
+from qpconn.hooks.results import HookOutcome, Result, reply_for
 from qpconn.plugins import HOOKS
-from qpconn.results import HookOutcome, Result, reply_for
 from qpconn.server.factory import SMTPFactory
 from qpconn.server.peerinfo import LookupSettings
-from qpconn.tap import Options
 from tests.support.server import in_thread
 
 REPO = Path(__file__).resolve().parent.parent

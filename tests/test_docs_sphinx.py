@@ -35,7 +35,7 @@ def test_docs_build_with_warnings_as_errors(tmp_path):
         assert (html / f"{page}.html").is_file(), page
     api = (html / "api.html").read_text()
     # autodoc found the classes and their documented members
-    for name in ("qpconn.connection.Connection", "qpconn.transaction.Transaction",
+    for name in ("qpconn.mail.connection.Connection", "qpconn.mail.transaction.Transaction",
                  "add_recipient", "body_chunks", "remote_host_or_unknown"):  # fmt: skip
         assert name in api, name
 

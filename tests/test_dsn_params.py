@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 
-from qpconn.dsn import (
+from qpconn.mail.dsn import (
     DSNError,
     check_mail_dsn,
     check_rcpt_dsn,

@@ -23,9 +23,9 @@ import pytest_twisted
 from twisted.logger import formatEvent, globalLogPublisher
 
 from qpconn.config import Config
+from qpconn.hooks.results import DECLINED, OK
 from qpconn.plugins import Plugin, PluginLoadError, load_plugin
 from qpconn.plugins.auth.flat_file import hash_password
-from qpconn.results import DECLINED, OK
 from tests.e2e_client import Client, ehlo, split_message, watch_errors
 from tests.support.server import in_thread
 from tests.support.tlscerts import TlsFiles

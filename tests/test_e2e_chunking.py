@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import pytest_twisted
 
+from qpconn.hooks.results import DENY
 from qpconn.plugins import Plugin
-from qpconn.results import DENY
 from tests.e2e_client import Client, ehlo, plugin_of, split_message, watch_errors
 from tests.support.server import in_thread
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest_twisted
 
+from qpconn.hooks.results import DENY, DONE
 from qpconn.plugins import Plugin
-from qpconn.results import DENY, DONE
 from tests.e2e_client import ehlo, maildir_line, split_message
 from tests.support.server import in_thread
 

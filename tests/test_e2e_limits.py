@@ -16,8 +16,8 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor, task
 
+from qpconn.hooks.results import OK
 from qpconn.plugins import Plugin
-from qpconn.results import OK
 from tests.e2e_client import Client, ehlo, maildir_line, plugin_of, split_message, watch_errors
 from tests.support.server import in_thread
 

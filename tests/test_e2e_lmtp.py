@@ -10,11 +10,11 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
-from qpconn.lmtp import set_recipient_reply
+from qpconn.app.options import Options
+from qpconn.hooks.results import DENY, OK
+from qpconn.mail.outcomes import set_recipient_reply
 from qpconn.plugins import Plugin
-from qpconn.results import DENY, OK
 from qpconn.server.lmtp import LMTPListenerFactory
-from qpconn.tap import Options
 from tests.e2e_client import Client, watch_errors
 from tests.support.nexthop import Recorder, aiosmtpd_next_hop
 from tests.support.server import in_thread

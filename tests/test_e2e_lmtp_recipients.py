@@ -15,9 +15,9 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
-from qpconn.lmtp import set_recipient_reply
+from qpconn.hooks.results import OK
+from qpconn.mail.outcomes import set_recipient_reply
 from qpconn.plugins import Plugin
-from qpconn.results import OK
 from qpconn.server.lmtp import LMTPListenerFactory
 from tests.e2e_client import watch_errors
 from tests.support.server import in_thread

@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 import pytest_twisted
 
+from qpconn.app.options import Options, lookup_settings, makeService
+from qpconn.app.service import make_factory
 from qpconn.config import Config
 from qpconn.plugins import Plugin
 from qpconn.server.peerinfo import LookupSettings, clear_shared_cache
-from qpconn.service import make_factory
-from qpconn.tap import Options, lookup_settings, makeService
 from tests.e2e_client import Client
 from tests.support.dnsserver import DNSTestServer, start_dns_server
 from tests.support.identserver import IdentTestServer, start_ident_server, unused_port

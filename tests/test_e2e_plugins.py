@@ -16,8 +16,8 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, task
 
+from qpconn.hooks.results import DENY, OK
 from qpconn.plugins import Plugin
-from qpconn.results import DENY, OK
 from tests.e2e_client import Client, describe, ehlo, maildir_line, plugin_of, watch_errors
 from tests.support.server import in_thread
 

@@ -18,12 +18,12 @@ import pytest_twisted
 from twisted.logger import globalLogPublisher
 from twisted.python import usage
 
+from qpconn.app.options import Options, makeService, proxy_settings
+from qpconn.app.service import make_factory, make_service
 from qpconn.core.proxy import V2_SIGNATURE
 from qpconn.server.factory import SMTPFactory
 from qpconn.server.peerinfo import LookupSettings
 from qpconn.server.proxy import ProxySettings
-from qpconn.service import make_factory, make_service
-from qpconn.tap import Options, makeService, proxy_settings
 from tests.support.dnsserver import DNSTestServer, start_dns_server
 from tests.support.server import RunningServer, in_thread
 from tests.test_e2e_lookups import (

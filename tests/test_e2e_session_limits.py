@@ -1,4 +1,4 @@
-"""End-to-end: the per-message, per-session and per-server limits of ``qpconn.limits``.
+"""End-to-end: the per-message, per-session and per-server limits of ``qpconn.smtp.limits``.
 
 ``max_rcpt`` (452 4.5.3), ``data_timeout`` and the idle ``timeout`` in each phase
 (421 4.4.2), ``max_errors`` (421 4.7.0), ``max_connections`` and
@@ -16,10 +16,10 @@ import pytest
 import pytest_twisted
 
 from qpconn.config import Config, ConfigError
-from qpconn.limits import SessionLimits
 from qpconn.plugins import Plugin
 from qpconn.server.factory import SMTPFactory
 from qpconn.server.peerinfo import LookupSettings
+from qpconn.smtp.limits import SessionLimits
 from tests.e2e_client import Client, ehlo, split_message, watch_errors
 from tests.support.server import in_thread, read_until_quiet
 from tests.support.timing import assert_data_timed_out, timed_reply

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest_twisted
 
+from qpconn.mail.smtputf8 import a_label
 from qpconn.plugins import Plugin
-from qpconn.smtputf8 import a_label
 from tests.e2e_client import ehlo, plugin_of, split_message
 from tests.support.server import in_thread
 
@@ -112,9 +112,9 @@ async def test_smtputf8_with_bdat_and_an_a_label_recipient(qpconn_server, tmp_pa
 
 
 def test_received_words_for_every_combination() -> None:
-    from qpconn.connection import Connection
-    from qpconn.smtputf8 import received_protocol
-    from qpconn.transaction import Transaction
+    from qpconn.mail.connection import Connection
+    from qpconn.mail.smtputf8 import received_protocol
+    from qpconn.mail.transaction import Transaction
 
     conn = Connection(remote_ip="127.0.0.1")
     conn.hello = "ehlo"

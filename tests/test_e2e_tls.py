@@ -21,8 +21,8 @@ from twisted.internet import reactor
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
+from qpconn.app.options import Options
 from qpconn.plugins import Plugin
-from qpconn.tap import Options
 from tests.e2e_client import Client, ehlo, split_message, watch_errors
 from tests.support.server import in_thread
 from tests.support.tlscerts import TlsFiles, make_pki

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import pytest_twisted
 
+from qpconn.hooks.results import DENY, DENY_DISCONNECT
 from qpconn.plugins import Plugin
-from qpconn.results import DENY, DENY_DISCONNECT
 from tests.e2e_client import Client, ehlo, maildir_line, plugin_of, watch_errors
 from tests.support.server import in_thread
 

@@ -1,4 +1,4 @@
-"""``twistd --logger=qpconn.logs.fast_text``: the same lines as twistd's text log, every one
+"""``--logger=qpconn.log.observers.fast_text``: the same lines as twistd's text log, every one
 of them, in order, also those written while the server shuts down."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import LogLevel, formatEventAsClassicLogText, formatTime
 from twisted.python.failure import Failure
 
-from qpconn.fastlog import FLUSH_DELAY, MAX_PENDING, FastTextObserver
+from qpconn.log.fasttext import FLUSH_DELAY, MAX_PENDING, FastTextObserver
 from tests.support.process import free_port, running, twistd_command
 from tests.support.server import write_config
 
@@ -159,7 +159,7 @@ def test_twistd_writes_every_line_in_order_through_shutdown(tmp_path):
         {"plugins": ["rcpt_ok", "queue/discard"], "rcpthosts": "mx.test\n"},
     )
     command = twistd_command(
-        "--logger=qpconn.logs.fast_text",
+        "--logger=qpconn.log.observers.fast_text",
         "qpconn",
         "--listen",
         f"tcp:{port}:interface=127.0.0.1",

@@ -26,8 +26,8 @@ from typing import Any
 import pytest
 import pytest_twisted
 
+from qpconn.hooks.results import DENY
 from qpconn.plugins import Plugin
-from qpconn.results import DENY
 from tests.support import forwarding
 from tests.support.nexthop import Recorder, aiosmtpd_next_hop
 from tests.support.server import in_thread

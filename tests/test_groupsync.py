@@ -1,4 +1,4 @@
-"""qpconn.groupsync: concurrent directory fsyncs are shared, and none is skipped.
+"""qpconn.kit.groupsync: concurrent directory fsyncs are shared, and none is skipped.
 
 Worker threads call :class:`DirectorySync.sync` on a real directory; ``os.fsync`` is
 wrapped (the real call still happens) to record when each fsync starts and ends on one
@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from qpconn import groupsync
-from qpconn.groupsync import DirectorySync, sync_directory
+from qpconn.kit import groupsync
+from qpconn.kit.groupsync import DirectorySync, sync_directory
 
 CALLERS = 8
 

@@ -11,9 +11,9 @@ import pytest
 from twisted.internet import task
 
 from qpconn import DECLINED
+from qpconn.kit.threads import inline_pools, run_in_pool
 from qpconn.plugins import Plugin
 from qpconn.testing import DNSTable, Harness, run_session
-from qpconn.workers import inline_pools, run_in_pool
 
 DOC = (Path(__file__).parent.parent / "docs" / "testing.md").read_text()
 
@@ -88,7 +88,7 @@ def test_inline_pools_run_in_the_callers_thread_only_inside_the_block():
         assert done.called and done.result == here
         failed = run_in_pool("greylist", lambda: 1 / 0)
         failed.addErrback(lambda failure: failure.trap(ZeroDivisionError))
-    import qpconn.workers as workers
+    import qpconn.kit.threads as workers
 
     assert workers._INLINE == {}
 

@@ -16,11 +16,11 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.logger import LogLevel, globalLogPublisher
 
-from qpconn.loglevel import LevelLogger, current_level, parse_level, set_level
+from qpconn.app.service import make_service
+from qpconn.hooks.results import DECLINED
+from qpconn.log.level import LevelLogger, current_level, parse_level, set_level
 from qpconn.plugins import Plugin
-from qpconn.results import DECLINED
 from qpconn.server.peerinfo import LookupSettings
-from qpconn.service import make_service
 from tests.support.server import in_thread, write_config
 
 

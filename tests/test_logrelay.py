@@ -1,4 +1,4 @@
-"""Worker log events on their way to the parent (qpconn.server.logrelay).
+"""Worker log events on their way to the parent (qpconn.log.relay).
 
 What the parent publishes must format to the very text the worker's event would have
 given, keep the structured fields, and keep a traceback; flat events take the cheap
@@ -15,9 +15,9 @@ import pytest
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-from qpconn.fastlog import FastTextObserver
-from qpconn.loglevel import LevelLogger
-from qpconn.server.logrelay import PLAIN, RelayObserver, decode, encode
+from qpconn.log.fasttext import FastTextObserver
+from qpconn.log.level import LevelLogger
+from qpconn.log.relay import PLAIN, RelayObserver, decode, encode
 
 
 def _capture(emit: Any) -> dict[str, Any]:

@@ -132,7 +132,7 @@ async def test_a_deferred_message_has_one_summary_naming_the_queue_plugin(qpconn
 def test_twistd_logger_writes_json_lines_with_every_field(tmp_path):
     port = free_port()
     command = twistd_command(
-        "--logger=qpconn.logs.json_file",
+        "--logger=qpconn.log.observers.json_file",
         "qpconn",
         "--listen",
         f"tcp:{port}:interface=127.0.0.1",

@@ -12,7 +12,7 @@ from typing import Any
 import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
 
-from qpconn.metrics import metrics_service
+from qpconn.app.metrics import metrics_service
 from qpconn.server.peerinfo import LookupSettings, clear_shared_cache
 from tests.support.dnsserver import start_dns_server
 from tests.support.identserver import start_ident_server

@@ -8,7 +8,7 @@ import urllib.request
 import pytest
 import pytest_twisted
 
-from qpconn.pytest_plugin import qpconn_start  # noqa: F401 - the fixture
+from qpconn.testing.pytest_plugin import qpconn_start  # noqa: F401 - the fixture
 from tests.support.process import free_port
 
 
@@ -134,9 +134,9 @@ async def test_the_tac_recipe_reloads_on_sighup_in_process(tmp_path, config):
 
     from twisted.internet import reactor, task
 
-    from qpconn.metrics import metrics_service
-    from qpconn.reload import ReloadOnSignal
-    from qpconn.service import make_service
+    from qpconn.app.metrics import metrics_service
+    from qpconn.app.reload import ReloadOnSignal
+    from qpconn.app.service import make_service
 
     top = make_service(["tcp:0:interface=127.0.0.1"], str(config))
     top.factory.config.freeze()

@@ -1,4 +1,4 @@
-"""qpconn.testing (scripted in-process sessions) and qpconn.pytest_plugin (a real server)."""
+"""qpconn.testing (scripted in-process sessions) and its pytest_plugin (a real server)."""
 
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ from twisted.internet import defer, task
 
 from qpconn import DENY, OK
 from qpconn.plugins import Plugin
-from qpconn.pytest_plugin import (  # noqa: F401 - fixtures
+from qpconn.testing import DNSTable, run_session, send_message
+from qpconn.testing.pytest_plugin import (  # noqa: F401 - fixtures
     qpconn_address,
     qpconn_config_dir,
     qpconn_start,
 )
-from qpconn.testing import DNSTable, run_session, send_message
 
 SESSION = ["EHLO client.example", "MAIL FROM:<a@example.org>", "RCPT TO:<u@mx.test>"]
 

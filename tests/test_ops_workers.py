@@ -1,4 +1,4 @@
-"""``twistd qpconn --workers N``: worker processes sharing the listeners (qpconn.server.prefork).
+"""``twistd qpconn --workers N``: worker processes sharing the listeners (qpconn.app.prefork).
 
 Which worker served a message is read from what the server itself leaves behind: the
 Maildir file name carries the pid of the process that stored it (``...P<pid>Q...``), and
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from qpconn.pytest_plugin import qpconn_start  # noqa: F401 - the fixture
+from qpconn.testing.pytest_plugin import qpconn_start  # noqa: F401 - the fixture
 from tests.support.process import free_port
 
 MAILDIR_PID = re.compile(r"P(\d+)Q")

@@ -11,9 +11,9 @@ import pytest
 import pytest_twisted
 
 from qpconn.config import Config
+from qpconn.kit.scanclient import ScanError
 from qpconn.plugins import PluginLoadError, load_plugin
 from qpconn.plugins.virus.clamdscan import CHUNK, instream, parse_answer
-from qpconn.scanclient import ScanError
 from tests.e2e_client import watch_errors
 from tests.support.mail import header_fields
 from tests.support.scanners import EICAR, ClamdTestServer, deliver

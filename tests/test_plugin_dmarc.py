@@ -10,7 +10,7 @@ import dkim as dkimpy
 import pytest
 import pytest_twisted
 
-from qpconn import psl
+from qpconn.kit import psl
 from qpconn.plugins.dmarc import aligned, ascii_domain
 from tests.e2e_client import watch_errors
 from tests.support.dkimkey import PRIVATE_KEY, key_record

@@ -17,7 +17,7 @@ import redis
 from twisted.logger import LogLevel, globalLogPublisher
 
 from qpconn.config import Config
-from qpconn.greyredis import KEY_PREFIX
+from qpconn.kit.greyredis import KEY_PREFIX
 from qpconn.plugins import PluginLoadError, load_plugin
 from tests.e2e_client import watch_errors
 from tests.support.redisserver import redis_binary, redis_server

@@ -225,8 +225,8 @@ def test_command_is_found_on_the_path():
 
 
 def test_placeholders_are_filled_in_one_pass():
-    from qpconn.address import Address
-    from qpconn.transaction import Transaction
+    from qpconn.mail.address import Address
+    from qpconn.mail.transaction import Transaction
 
     plugin = load_plugin(Config(None), "queue/exec", "sh", "-f%s", "%i", "--", "%r")
     txn = Transaction(None, id="Q1")

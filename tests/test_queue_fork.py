@@ -16,10 +16,10 @@ import pytest_twisted
 from twisted.logger import globalLogPublisher
 
 from qpconn.config import Config
+from qpconn.hooks.results import DECLINED, DENY, DENYSOFT, OK
+from qpconn.mail.transaction import Transaction
 from qpconn.plugins import Plugin, PluginLoadError, load_plugin
 from qpconn.plugins.queue.fork import Fork, PathTransaction, split_paths
-from qpconn.results import DECLINED, DENY, DENYSOFT, OK
-from qpconn.transaction import Transaction
 from tests.e2e_client import Client
 from tests.support.server import in_thread
 
@@ -267,7 +267,7 @@ def test_fork_timeout_exceeds_its_paths():
 
 
 def test_path_transaction_shares_the_body_but_not_the_rest():
-    from qpconn.connection import Connection
+    from qpconn.mail.connection import Connection
 
     connection = Connection(remote_ip="127.0.0.9", hello_host="h.test")
     connection.notes["k"] = 1

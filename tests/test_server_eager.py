@@ -1,4 +1,4 @@
-"""qpconn.server.eager: a handler that never waits runs without a Deferred; one that
+"""qpconn.server.fastpath.eager: a handler that never waits runs without a Deferred; one that
 waits behaves exactly as under ``Deferred.fromCoroutine`` (results, failures thrown back
 in, cancellation). The end-to-end tests cover it in the protocol; these pin the cases
 one by one, each checked against ``fromCoroutine`` itself where they can be compared.
@@ -12,7 +12,7 @@ import pytest
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from qpconn.server.eager import start
+from qpconn.server.fastpath.eager import start
 
 
 async def immediate() -> str:

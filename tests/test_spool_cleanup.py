@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 import pytest_twisted
 
+from qpconn.hooks.results import DENY
+from qpconn.mail.spool import clean_stale_spool
 from qpconn.plugins import Plugin
-from qpconn.results import DENY
-from qpconn.spool import clean_stale_spool
 from tests.e2e_client import Client
 from tests.support.nexthop import wait_until
 from tests.support.server import in_thread

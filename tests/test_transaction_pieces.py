@@ -12,8 +12,8 @@ import itertools
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qpconn.header import Header, is_field_line, split_header
-from qpconn.transaction import MAX_HEADER_BYTES, Transaction
+from qpconn.mail.header import Header, is_field_line, split_header
+from qpconn.mail.transaction import MAX_HEADER_BYTES, Transaction
 from tests.support.fuzz import FUZZ_SETTINGS
 
 _LINE = st.sampled_from(

@@ -1,4 +1,4 @@
-"""Replies held to the end of a reactor turn (SMTPServerProtocol._flush, qpconn.turnend).
+"""Replies held to the end of a reactor turn (SMTPServerProtocol._flush, fastpath.turnend).
 
 With more than one session open the server sends the replies of one reactor turn
 together at its end. Whatever a session writes at once -- a closing 221, the 220 before a
@@ -18,8 +18,8 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor, task
 
+from qpconn.hooks.results import OK
 from qpconn.plugins import Plugin
-from qpconn.results import OK
 from tests.e2e_client import Client, ehlo, maildir_line, watch_errors
 from tests.support.server import in_thread, read_until_quiet, reply_codes
 

@@ -1,4 +1,4 @@
-"""qpconn.turnend: work left for the end of a reactor turn, one callLater(0) for all."""
+"""fastpath.turnend: work left for the end of a reactor turn, one callLater(0) for all."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor, task
 
-from qpconn.turnend import at_turn_end
+from qpconn.server.fastpath.turnend import at_turn_end
 from tests.e2e_client import watch_errors
 
 

@@ -22,8 +22,8 @@ from twisted.logger import ILogObserver
 from twisted.python.logfile import LogFile
 from twisted.scripts.twistd import ServerOptions
 
-from qpconn.fastlog import FastTextObserver
-from qpconn.twistdlog import default_observer
+from qpconn.log.fasttext import FastTextObserver
+from qpconn.log.twistd import default_observer
 from tests.support.process import free_port, running, twistd_command
 from tests.support.server import write_config
 
@@ -72,7 +72,7 @@ def test_nodaemon_without_logfile_logs_to_stdout(tmp_path):
 @pytest.mark.parametrize(
     "args",
     [
-        pytest.param(("-n", "--logger=qpconn.logs.json_stdout"), id="logger"),
+        pytest.param(("-n", "--logger=qpconn.log.observers.json_stdout"), id="logger"),
         pytest.param(("-n", "--syslog"), id="syslog"),
     ],
 )

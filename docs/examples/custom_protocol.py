@@ -11,7 +11,7 @@
   request line, before the ``unrecognized_command`` hook runs.
 
 Run it with ``twistd -n -y`` and a .tac file that passes ``protocol=StatsProtocol`` to
-:func:`qpconn.service.make_service` (see docs/examples/qpconn.tac).
+:func:`qpconn.app.service.make_service` (see docs/examples/qpconn.tac).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 from qpconn.core.events import MessageEnd
 from qpconn.core.reply import Reply
 from qpconn.server.protocol import SMTPServerProtocol
-from qpconn.smtp import HandlerResult
+from qpconn.smtp.commands import HandlerResult
 
 #: Request methods a web client or an open-proxy scanner starts with.
 HTTP_VERBS = frozenset({"GET", "HEAD", "POST", "PUT", "CONNECT", "OPTIONS"})

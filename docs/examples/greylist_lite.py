@@ -28,9 +28,9 @@ import time
 from typing import Any
 
 from qpconn import DECLINED, DENYSOFT
-from qpconn.address import Address
+from qpconn.hooks.results import Result
+from qpconn.mail.address import Address
 from qpconn.plugins import Plugin
-from qpconn.results import Result
 
 Triplet = tuple[str, str, str]
 

@@ -23,7 +23,7 @@ from twisted.application import service
 
 from qpconn.config import DEFAULT_PLUGINS, Config
 from qpconn.plugins import load_plugin
-from qpconn.service import DEFAULT_LISTEN, make_service
+from qpconn.app.service import DEFAULT_LISTEN, make_service
 
 listen = os.environ.get("QPCONN_LISTEN", DEFAULT_LISTEN).split()
 config_dir = os.environ.get("QPCONN_CONFIG") or None

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from qpconn.dsn import forward_mail_params, forward_rcpt_params
-from qpconn.smtputf8 import ascii_path, needs_smtputf8
+from qpconn.mail.dsn import forward_mail_params, forward_rcpt_params
+from qpconn.mail.smtputf8 import ascii_path, needs_smtputf8
 
 __all__ = ["smtputf8_refusal", "envelope_lines", "extension_mail_params"]
 

@@ -41,9 +41,9 @@ from qpconn.client.extensions import (
 )
 from qpconn.client.pool import STARTTLS_MODES, ConnectionPool, Destination
 from qpconn.client.smtp import ClientReply, NextHopError, SMTPClient
-from qpconn.lmtp import set_recipient_reply
-from qpconn.plugins import Plugin
-from qpconn.results import DONE, OK, Result
+from qpconn.hooks.plugin import Plugin
+from qpconn.hooks.results import DONE, OK, Result
+from qpconn.mail.outcomes import set_recipient_reply
 
 __all__ = ["ForwardingQueue"]
 
@@ -220,7 +220,7 @@ class ForwardingQueue(Plugin):
     def lmtp_verdict(self, txn: Any, results: list[tuple[str, ClientReply]]) -> Verdict:
         """Rule 6 for LMTP's one reply per recipient.
 
-        Each recipient's own reply is also kept (qpconn.lmtp), so when our client speaks
+        Each recipient's own reply is also kept (qpconn.mail.outcomes), so when our client speaks
         LMTP to us it learns exactly who got the message: no duplicate on its retry.
         """
         for rcpt, reply in results:

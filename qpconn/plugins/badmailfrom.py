@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from qpconn.address import Address
-from qpconn.listed import ListedAddressCheck
+from qpconn.kit.listcheck import ListedAddressCheck
+from qpconn.mail.address import Address
 
 DEFAULT_REASON = "Your envelope sender is in my badmailfrom list"
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from qpconn.hooks.verdicts import RejectPolicy, record
 from qpconn.plugins import Plugin
-from qpconn.verdicts import RejectPolicy, record
 
 _POLICIES = {
     "log": RejectPolicy(reject="0"),

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from qpconn.hooks.results import DECLINED, DENY_DISCONNECT, Result
 from qpconn.plugins import Plugin
-from qpconn.results import DECLINED, DENY_DISCONNECT, Result
 
 _NOTE = "unrec_cmd_count"
 

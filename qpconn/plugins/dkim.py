@@ -2,7 +2,7 @@
 
 Verification and signing use dkimpy, the maintained Python DKIM library (also behind
 Debian's dkimpy-milter). dkimpy is synchronous and does its own DNS, so both run in the
-bounded ``auth`` worker pool (:mod:`qpconn.workers`) with a ``dnsfunc`` that asks the
+bounded ``auth`` worker pool (:mod:`qpconn.kit.threads`) with a ``dnsfunc`` that asks the
 server's resolver, with the server's DNS timeout, from the reactor. A resolver that
 fails gives ``temperror`` for that signature, never a hang.
 
@@ -28,12 +28,12 @@ from typing import Any
 import dkim as dkimpy
 from dkim.util import parse_tag_value
 
-from qpconn import authresults
-from qpconn.checks import parse_options
+from qpconn.hooks.results import DECLINED, DENY, DENYSOFT
+from qpconn.hooks.verdicts import record
+from qpconn.kit import authresults
+from qpconn.kit.policy import parse_options
+from qpconn.kit.threads import DNSFunction, dns_bridge, run_in_pool
 from qpconn.plugins import Plugin
-from qpconn.results import DECLINED, DENY, DENYSOFT
-from qpconn.verdicts import record
-from qpconn.workers import DNSFunction, dns_bridge, run_in_pool
 
 __all__ = ["DKIM", "NOTE", "MAX_SIGNATURES"]
 

@@ -8,7 +8,7 @@ domain>``, RFC 7489 §6.6.3), through the server's resolver and DNS timeout.
 The message passes when SPF passed for a domain *aligned* with the From domain, or a DKIM
 signature passed for one (``aspf``/``adkim``: ``r`` relaxed, the same organizational
 domain, the default; ``s`` strict, the same name). Organizational domains come from the
-Public Suffix List (:mod:`qpconn.psl`; setting ``public_suffix_list``).
+Public Suffix List (:mod:`qpconn.kit.psl`; setting ``public_suffix_list``).
 
 When it fails, the policy decides (``sp=`` for a subdomain whose record is the
 organizational domain's, ``pct=`` samples):
@@ -40,12 +40,12 @@ import re
 from email.utils import getaddresses
 from typing import Any
 
-from qpconn import authresults, psl
-from qpconn.address import Address, AddressError
-from qpconn.checks import ask, parse_options
+from qpconn.hooks.results import DECLINED, DENYSOFT, DONE
+from qpconn.hooks.verdicts import record
+from qpconn.kit import authresults, psl
+from qpconn.kit.policy import ask, parse_options
+from qpconn.mail.address import Address, AddressError
 from qpconn.plugins import Plugin
-from qpconn.results import DECLINED, DENYSOFT, DONE
-from qpconn.verdicts import record
 
 __all__ = ["Dmarc", "NOTE", "parse_record", "aligned", "ascii_domain", "author_domain"]
 

@@ -21,11 +21,11 @@ from typing import Any
 
 from twisted.internet import defer
 
-from qpconn.address import Address
-from qpconn.blocklist import Outcome, check, parse_zones, reversed_ip
-from qpconn.checks import NetworkList, parse_options
+from qpconn.hooks.verdicts import POLICY_CHOICES, POLICY_DEFAULTS, RejectPolicy, record
+from qpconn.kit.blocklist import Outcome, check, parse_zones, reversed_ip
+from qpconn.kit.policy import NetworkList, parse_options
+from qpconn.mail.address import Address
 from qpconn.plugins import Plugin
-from qpconn.verdicts import POLICY_CHOICES, POLICY_DEFAULTS, RejectPolicy, record
 
 #: mail to these local parts is never refused for a listing
 EXEMPT = frozenset({"postmaster", "abuse"})

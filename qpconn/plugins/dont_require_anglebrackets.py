@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from qpconn.hooks.results import OK
+from qpconn.hooks.verdicts import record
 from qpconn.plugins import Plugin
-from qpconn.results import OK
-from qpconn.verdicts import record
 
 
 def bracketed(arg: str) -> str | None:

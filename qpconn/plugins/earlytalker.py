@@ -29,9 +29,9 @@ from typing import Any
 from twisted.internet import task
 from twisted.internet.defer import Deferred
 
+from qpconn.hooks.results import DECLINED, DENY, DENYSOFT, Result
+from qpconn.hooks.verdicts import with_class
 from qpconn.plugins import Plugin
-from qpconn.results import DECLINED, DENY, DENYSOFT, Result
-from qpconn.verdicts import with_class
 
 __all__ = ["EarlyTalker"]
 

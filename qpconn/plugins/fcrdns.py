@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from qpconn.checks import parse_options
+from qpconn.hooks.verdicts import POLICY_CHOICES, POLICY_DEFAULTS, RejectPolicy, record
+from qpconn.kit.policy import parse_options
 from qpconn.plugins import Plugin
-from qpconn.verdicts import POLICY_CHOICES, POLICY_DEFAULTS, RejectPolicy, record
 
 #: rdns_error words (see qpconn.server.lookup.ReverseDNS) that mean "could not find out"
 TEMPORARY = frozenset({"timeout", "servfail", "refused", "error"})

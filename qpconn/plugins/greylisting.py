@@ -19,7 +19,7 @@ would have happened (a verdict) without deferring anyone.
 State lives in an SQLite file (``db PATH``, default ``./greylist.db``), embedded, read and
 written in the bounded ``greylist`` worker pool so the reactor never waits on the disk;
 several processes of one server may share it (SQLite locks the file). With
-``redis URL`` the triplets live in Redis instead (:mod:`qpconn.greyredis`), so that
+``redis URL`` the triplets live in Redis instead (:mod:`qpconn.kit.greyredis`), so that
 several servers behind one name share them; Redis forgets them by itself (TTLs), and a
 failed Redis is left alone for a few seconds before it is asked again. A
 database or Redis that cannot be used lets mail through (logged as a warning, verdict
@@ -37,13 +37,13 @@ import sqlite3
 from contextlib import closing
 from typing import Any
 
-from qpconn.address import Address
-from qpconn.checks import parse_ip, parse_options
-from qpconn.greyredis import RedisGreyStore
+from qpconn.hooks.results import DECLINED, DENYSOFT
+from qpconn.hooks.verdicts import record
+from qpconn.kit.greyredis import RedisGreyStore
+from qpconn.kit.policy import parse_ip, parse_options
+from qpconn.kit.threads import run_in_pool
+from qpconn.mail.address import Address
 from qpconn.plugins import Plugin
-from qpconn.results import DECLINED, DENYSOFT
-from qpconn.verdicts import record
-from qpconn.workers import run_in_pool
 
 __all__ = ["Greylisting", "GreyStore", "triplet_network"]
 

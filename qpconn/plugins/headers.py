@@ -24,9 +24,9 @@ import datetime
 import email.utils
 from typing import Any
 
-from qpconn.checks import parse_options
+from qpconn.hooks.verdicts import RejectPolicy, record
+from qpconn.kit.policy import parse_options
 from qpconn.plugins import Plugin
-from qpconn.verdicts import RejectPolicy, record
 
 #: fields RFC 5322 §3.6 allows at most once
 SINGULAR = (

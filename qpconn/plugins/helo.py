@@ -24,9 +24,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from qpconn.checks import ask_all, parse_ip, parse_options
+from qpconn.hooks.verdicts import POLICY_CHOICES, POLICY_DEFAULTS, RejectPolicy, record
+from qpconn.kit.policy import ask_all, parse_ip, parse_options
 from qpconn.plugins import Plugin
-from qpconn.verdicts import POLICY_CHOICES, POLICY_DEFAULTS, RejectPolicy, record
 
 POLICIES = ("lenient", "rfc", "strict")
 _LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)\Z")

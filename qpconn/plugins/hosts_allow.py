@@ -21,10 +21,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from qpconn.checks import parse_ip, parse_network, parse_options
+from qpconn.hooks.results import DENY_DISCONNECT, DENYSOFT_DISCONNECT, Result
+from qpconn.hooks.verdicts import record, with_class
+from qpconn.kit.policy import parse_ip, parse_network, parse_options
 from qpconn.plugins import Plugin
-from qpconn.results import DENY_DISCONNECT, DENYSOFT_DISCONNECT, Result
-from qpconn.verdicts import record, with_class
 
 _ACTIONS: dict[str, Result | None] = {
     "allow": None,

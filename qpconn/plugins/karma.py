@@ -13,7 +13,7 @@ from the penalty box would never leave it. Relay clients are neither judged nor 
 The database (``db PATH``, else the setting ``karma_db``, else ``./karma.db``) holds one
 row per address (good, bad, connections, last seen, last bad). It is read once per
 connection and written once per connection that scored, each time in the bounded ``karma``
-worker pool (:mod:`qpconn.workers`) with a fresh SQLite connection, so several server
+worker pool (:mod:`qpconn.kit.threads`) with a fresh SQLite connection, so several server
 processes may share it. Time (the age of the last bad point) is the server's clock
 (``self.server.clock``: the reactor, or the fake clock of :mod:`qpconn.testing`).
 If the file cannot be used the plugin logs a warning and judges nobody.
@@ -32,11 +32,11 @@ import sqlite3
 from contextlib import closing
 from typing import Any
 
-from qpconn.checks import parse_options
+from qpconn.hooks.results import DONE, OK
+from qpconn.hooks.verdicts import RejectPolicy, naughty_mark, record
+from qpconn.kit.policy import parse_options
+from qpconn.kit.threads import run_in_pool
 from qpconn.plugins import Plugin
-from qpconn.results import DONE, OK
-from qpconn.verdicts import RejectPolicy, naughty_mark, record
-from qpconn.workers import run_in_pool
 
 NOTE = "karma"
 DAY = 86400.0

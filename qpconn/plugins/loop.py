@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from qpconn.hooks.results import DONE
+from qpconn.hooks.verdicts import record
 from qpconn.plugins import Plugin
-from qpconn.results import DONE
-from qpconn.verdicts import record
 
 DEFAULT_MAX_HOPS = 100
 

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from qpconn.hooks.results import DENY, DENY_DISCONNECT, DENYSOFT, DENYSOFT_DISCONNECT, Result
+from qpconn.hooks.verdicts import naughty_mark, record, with_class
 from qpconn.plugins import Plugin
-from qpconn.results import DENY, DENY_DISCONNECT, DENYSOFT, DENYSOFT_DISCONNECT, Result
-from qpconn.verdicts import naughty_mark, record, with_class
 
 STAGES = ("connect", "mail", "rcpt", "data", "data_post")
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from qpconn.address import Address
+from qpconn.hooks.results import DENY, OK, Result
+from qpconn.mail.address import Address
+from qpconn.mail.smtputf8 import a_label, address_a_label
 from qpconn.plugins import Plugin
-from qpconn.results import DENY, OK, Result
-from qpconn.smtputf8 import a_label, address_a_label
 
 
 class RcptOk(Plugin):

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import ipaddress
 
+from qpconn.hooks.results import DECLINED, Result
 from qpconn.plugins import Plugin
-from qpconn.results import DECLINED, Result
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from qpconn.address import Address, AddressError
-from qpconn.checks import ask, ask_all, parse_options
+from qpconn.hooks.verdicts import POLICY_CHOICES, POLICY_DEFAULTS, RejectPolicy, record
+from qpconn.kit.policy import ask, ask_all, parse_options
+from qpconn.mail.address import Address, AddressError
 from qpconn.plugins import Plugin
-from qpconn.verdicts import POLICY_CHOICES, POLICY_DEFAULTS, RejectPolicy, record
 
 Failure = tuple[str, str, bool]  # (message, reason, temporary)
 

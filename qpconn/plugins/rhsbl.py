@@ -3,7 +3,7 @@
 At ``MAIL``, the sender's domain is looked up in every zone at once
 (``spam.example.dbl.example``); a listing refuses the sender with ``550 5.7.1``. The null
 sender, address literals and relay clients are not checked. Zone lines have the same
-form as ``dnsbl_zones`` (see :mod:`qpconn.blocklist`); ``%IP%`` in a zone's message
+form as ``dnsbl_zones`` (see :mod:`qpconn.kit.blocklist`); ``%IP%`` in a zone's message
 stands for the domain here.
 
 Arguments: ``reject 1|0|naughty``, ``reject_type perm|temp|disconnect``,
@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from qpconn.address import Address, AddressError
-from qpconn.blocklist import check, parse_zones
-from qpconn.checks import parse_options
+from qpconn.hooks.verdicts import POLICY_CHOICES, POLICY_DEFAULTS, RejectPolicy, record
+from qpconn.kit.blocklist import check, parse_zones
+from qpconn.kit.policy import parse_options
+from qpconn.mail.address import Address, AddressError
 from qpconn.plugins import Plugin
-from qpconn.verdicts import POLICY_CHOICES, POLICY_DEFAULTS, RejectPolicy, record
 
 
 class Rhsbl(Plugin):

@@ -7,7 +7,7 @@ receiver needs exactly: macros, ``exp=``, the processing limits (10 DNS-querying
 is built to audit a domain's records, not to give a receiver's verdict for one client.
 
 pyspf is synchronous and asks DNS itself. The check runs in the bounded ``auth`` worker
-pool (:mod:`qpconn.workers`) and pyspf's DNS function is replaced by a dispatcher: in our
+pool (:mod:`qpconn.kit.threads`) and pyspf's DNS function is replaced by a dispatcher: in our
 workers it sends every question back to the reactor, to the server's resolver with the
 server's DNS timeout; anywhere else in the process pyspf keeps its own behaviour. A
 resolver that fails or times out gives ``temperror``, never a hang: each question is
@@ -24,14 +24,14 @@ from typing import Any
 
 import spf
 
-from qpconn import authresults
-from qpconn.address import Address
-from qpconn.checks import parse_options
-from qpconn.dns import TYPES
+from qpconn.hooks.results import DECLINED, DENY, DENYSOFT, Result
+from qpconn.hooks.verdicts import record
+from qpconn.kit import authresults
+from qpconn.kit.dns import TYPES
+from qpconn.kit.policy import parse_options
+from qpconn.kit.threads import DNSFunction, dns_bridge, run_in_pool
+from qpconn.mail.address import Address
 from qpconn.plugins import Plugin
-from qpconn.results import DECLINED, DENY, DENYSOFT, Result
-from qpconn.verdicts import record
-from qpconn.workers import DNSFunction, dns_bridge, run_in_pool
 
 __all__ = ["SenderPermittedFrom", "NOTE"]
 

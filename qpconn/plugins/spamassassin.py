@@ -37,13 +37,13 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from qpconn.checks import parse_options
+from qpconn.hooks.results import DECLINED, DONE
+from qpconn.hooks.verdicts import record
+from qpconn.kit.policy import parse_options
+from qpconn.kit.scanclient import ScanError, endpoint, exchange
+from qpconn.kit.threads import run_in_pool
 from qpconn.plugins import Plugin
 from qpconn.plugins.dkim import message_bytes
-from qpconn.results import DECLINED, DONE
-from qpconn.scanclient import ScanError, endpoint, exchange
-from qpconn.verdicts import record
-from qpconn.workers import run_in_pool
 
 __all__ = ["SpamAssassin", "NOTE", "parse_answer"]
 

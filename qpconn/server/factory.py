@@ -2,7 +2,7 @@
 
 The factory is where a listening endpoint meets qpconn: it builds one
 :class:`~qpconn.server.protocol.SMTPServerProtocol` per TCP connection and the
-:class:`~qpconn.connection.Connection` describing that connection's two ends.
+:class:`~qpconn.mail.connection.Connection` describing that connection's two ends.
 """
 
 from __future__ import annotations
@@ -16,19 +16,19 @@ from twisted.internet.interfaces import IAddress, IReactorTime, ITransport
 from twisted.internet.protocol import ServerFactory
 
 from qpconn.config import Config
-from qpconn.connection import Connection
 from qpconn.core.session import Limits
-from qpconn.hooks import HookRunner
-from qpconn.limits import ConnectionCounter, SessionLimits
-from qpconn.plugins import Plugin, load_plugins
+from qpconn.hooks.plugin import Plugin, load_plugins
+from qpconn.hooks.runner import HookRunner
+from qpconn.mail.connection import Connection
+from qpconn.mail.smtputf8 import smtputf8_offered
+from qpconn.mail.spool import clean_stale_spool
 from qpconn.server.lookup import make_resolver
 from qpconn.server.peerinfo import LookupSettings, PeerInfo
 from qpconn.server.protocol import SMTPServerProtocol
 from qpconn.server.proxy import ProxySettings
 from qpconn.server.tls import tls_from_config
-from qpconn.smtp_security import read_security_settings
-from qpconn.smtputf8 import smtputf8_offered
-from qpconn.spool import clean_stale_spool
+from qpconn.smtp.limits import ConnectionCounter, SessionLimits
+from qpconn.smtp.security import read_security_settings
 
 __all__ = ["SMTPFactory", "address_parts"]
 
@@ -177,7 +177,7 @@ class SMTPFactory(ServerFactory):
     def session_started(self, session: SMTPServerProtocol) -> None:
         self.sessions.add(session)
         self.connections_total += 1
-        if getattr(self, "metrics", None) is not None:  # qpconn.metrics, --workers mode
+        if getattr(self, "metrics", None) is not None:  # qpconn.app.metrics, --workers mode
             self.metrics.session_changed(True)
 
     def session_ended(self, session: SMTPServerProtocol) -> None:

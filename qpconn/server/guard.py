@@ -3,7 +3,7 @@ and noticing a client that talks before the greeting.
 
 A mixin of :class:`~qpconn.server.protocol.SMTPServerProtocol`, kept apart so that the
 adapter stays about moving bytes. The limits themselves are read by
-:class:`qpconn.limits.SessionLimits`; the rules applied here:
+:class:`qpconn.smtp.limits.SessionLimits`; the rules applied here:
 
 * **Connections.** Once the client's address is final (after a PROXY header, if any) and
   before any lookup or hook, a session over ``max_connections`` or
@@ -35,9 +35,9 @@ from qpconn.core.session import State
 if TYPE_CHECKING:
     from twisted.logger import Logger
 
-    from qpconn.connection import Connection
     from qpconn.core.events import Command
     from qpconn.core.session import ServerSession
+    from qpconn.mail.connection import Connection
     from qpconn.server.factory import SMTPFactory
 
 # Plain names: an Enum member looked up on its class costs ten times a global.

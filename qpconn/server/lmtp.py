@@ -5,7 +5,7 @@ builds its sessions with :func:`lmtp_protocol`: the greeting says LMTP, ``LHLO``
 the place of HELO/EHLO (which get 500; the ``ehlo`` hook judges LHLO), the Received
 field says ``with LMTP`` (``UTF8LMTP``, ``LMTPS``, ...), and the end of a message -- the
 final ``.`` or a ``BDAT ... LAST`` -- is answered once per accepted recipient, in RCPT
-order, with what the queue hook decided for each (:mod:`qpconn.lmtp`). So qpconn can
+order, with what the queue hook decided for each (:mod:`qpconn.mail.outcomes`). So qpconn can
 sit behind Postfix as a content filter or a final delivery agent.
 
 Every listener shares one :class:`~qpconn.server.factory.SMTPFactory` (its plugins,
@@ -22,8 +22,8 @@ from twisted.internet.protocol import Protocol, ServerFactory
 from qpconn.core.bdat import ChunkEnd
 from qpconn.core.events import AuthResponse, Command, MessageEnd
 from qpconn.core.reply import Reply
-from qpconn.lmtp import recipient_replies
-from qpconn.smtp import SOFTWARE, HandlerResult
+from qpconn.mail.outcomes import recipient_replies
+from qpconn.smtp.commands import SOFTWARE, HandlerResult
 
 if TYPE_CHECKING:
     from qpconn.server.factory import SMTPFactory

@@ -32,7 +32,7 @@ from qpconn.server.lookup import (
 )
 
 if TYPE_CHECKING:
-    from qpconn.connection import Connection
+    from qpconn.mail.connection import Connection
 
 __all__ = ["LookupSettings", "PeerInfo", "HostsFile", "clear_shared_cache"]
 

@@ -1,7 +1,7 @@
 """The Twisted adapter: bytes from the transport into the session core, replies back out.
 
 This class adds only what needs a reactor: the transport, timers, flow control. The SMTP
-logic is in :class:`qpconn.smtp.SMTPCommands` (hooks and replies) and
+logic is in :class:`qpconn.smtp.commands.SMTPCommands` (hooks and replies) and
 :class:`qpconn.core.session.ServerSession` (grammar and state).
 
 While a hook answers asynchronously the transport is paused and buffered pipelined
@@ -33,13 +33,13 @@ from qpconn.core.events import Command, MessageData, ProtocolError
 from qpconn.core.proxy import ProxyHeaderParser, ProxyProtocolError
 from qpconn.core.reply import Reply
 from qpconn.core.session import NEED_DATA, PAUSED, ServerSession, State
-from qpconn.loglevel import LevelLogger
-from qpconn.server import eager, fastwrite
+from qpconn.log.level import LevelLogger
+from qpconn.server.fastpath import eager, fastwrite
+from qpconn.server.fastpath.turnend import at_turn_end
 from qpconn.server.guard import SessionGuard
 from qpconn.server.proxy import apply_proxy_info
 from qpconn.server.tls import TLSAdapter
-from qpconn.smtp import HandlerResult, SMTPCommands
-from qpconn.turnend import at_turn_end
+from qpconn.smtp.commands import HandlerResult, SMTPCommands
 
 if TYPE_CHECKING:
     from qpconn.server.factory import SMTPFactory

@@ -3,7 +3,7 @@
 The byte-level parser is :mod:`qpconn.core.proxy` (sans-I/O). This module holds what
 needs policy rather than grammar: :class:`ProxySettings` (is the header required, from
 which balancers is it believed, how long may it take) and :func:`apply_proxy_info`, which
-rewrites a :class:`~qpconn.connection.Connection` from a parsed header.
+rewrites a :class:`~qpconn.mail.connection.Connection` from a parsed header.
 
 Why a whitelist: a PROXY header *replaces* the client address every later decision is
 made on (relaying, rate limits, DNSBLs, the Received header). Believing it from anyone
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from qpconn.core.proxy import ProxyInfo
 
 if TYPE_CHECKING:
-    from qpconn.connection import Connection
+    from qpconn.mail.connection import Connection
 
 __all__ = ["ProxySettings", "LOOPBACK", "apply_proxy_info", "parse_networks"]
 
@@ -45,7 +45,7 @@ def parse_networks(texts: Sequence[str]) -> tuple[Network, ...]:
 class ProxySettings:
     """Whether connections must start with a PROXY header, and whose headers are believed.
 
-    A ``.tac`` file passes one to :func:`qpconn.service.make_service` (``proxy=``); the
+    A ``.tac`` file passes one to :func:`qpconn.app.service.make_service` (``proxy=``); the
     ``--proxy-protocol`` and ``--proxy-from`` options build one. The setting applies to
     every listener of the factory: give a listener that must not require the header its
     own factory.

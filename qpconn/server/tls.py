@@ -1,7 +1,7 @@
 """TLS for the Twisted adapter: the server's certificate, STARTTLS, implicit TLS.
 
 What needs a reactor and OpenSSL lives here; the SMTP side of STARTTLS (the 220, the
-state reset) is in :mod:`qpconn.smtp_security` and the byte-level rule (nothing sent
+state reset) is in :mod:`qpconn.smtp.security` and the byte-level rule (nothing sent
 after STARTTLS and before the handshake is ever read) in :mod:`qpconn.core.tls_auth`.
 
 * :func:`load_tls_options` reads ``tls_cert``/``tls_key`` once, at start-up, so a wrong

@@ -8,7 +8,7 @@ from twisted.application.service import ServiceMaker
 
 qpconn = ServiceMaker(
     "qpconn",
-    "qpconn.tap",
+    "qpconn.app.options",
     "An SMTP server framework with qpsmtpd-style plugins",
     "qpconn",
 )

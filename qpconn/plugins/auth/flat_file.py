@@ -31,9 +31,9 @@ from typing import Any
 
 from twisted.internet import threads
 
-from qpconn.auth import Credentials, cram_md5_matches
+from qpconn.core.sasl import Credentials, cram_md5_matches
+from qpconn.hooks.results import DECLINED, DENY, OK, Result
 from qpconn.plugins import Plugin
-from qpconn.results import DECLINED, DENY, OK, Result
 
 __all__ = ["FlatFile", "hash_password", "verify_password"]
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from qpconn.hooks.results import OK, Result
 from qpconn.plugins import Plugin
-from qpconn.results import OK, Result
 
 
 class Discard(Plugin):

@@ -40,8 +40,8 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
 from qpconn.client.stream import ChunkProducer, to_lf
+from qpconn.hooks.results import DONE, OK, Result
 from qpconn.plugins import Plugin
-from qpconn.results import DONE, OK, Result
 
 __all__ = ["Exec"]
 

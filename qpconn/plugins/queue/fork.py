@@ -43,13 +43,13 @@ from dataclasses import dataclass
 
 from twisted.internet import defer
 
-from qpconn.connection import Notes
 from qpconn.core.reply import Reply
-from qpconn.header import Header
-from qpconn.hooks import HookRunner
+from qpconn.hooks.results import DENY, DENYSOFT, DONE, OK, HookOutcome, Result, reply_for
+from qpconn.hooks.runner import HookRunner
+from qpconn.mail.connection import Notes
+from qpconn.mail.header import Header
+from qpconn.mail.transaction import Transaction
 from qpconn.plugins import Plugin, PluginLoadError, load_plugin
-from qpconn.results import DENY, DENYSOFT, DONE, OK, HookOutcome, Result, reply_for
-from qpconn.transaction import Transaction
 
 __all__ = ["Fork", "PathTransaction", "split_paths"]
 

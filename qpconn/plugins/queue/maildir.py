@@ -10,10 +10,10 @@ PATH may hold qpsmtpd's templates: ``%d`` (recipient domain), ``%l`` (local part
 Maildir gets its own copy (one copy per distinct directory), each durable before the 250.
 
 The disk work (write, fsync, rename, directory fsync) runs in a bounded pool of worker
-threads of its own (:func:`qpconn.workers.worker_pool` ``"maildir"``), so many sessions
+threads of its own (:func:`qpconn.kit.threads.worker_pool` ``"maildir"``), so many sessions
 flush in parallel instead of queueing behind one fsync, and the reactor thread never waits
 for the disk. Renames into the same ``new/`` that happen together share one directory
-fsync (:mod:`qpconn.groupsync`): each delivery still waits for an fsync of ``new/`` begun
+fsync (:mod:`qpconn.kit.groupsync`): each delivery still waits for an fsync of ``new/`` begun
 after its own rename, so the order file fsync, rename, directory fsync, 250 is unchanged.
 
 A crash (or kill -9) while a message is being written leaves its file in ``tmp/``, where
@@ -34,10 +34,10 @@ from collections.abc import Iterable
 from itertools import count
 from typing import Any
 
-from qpconn.groupsync import sync_directory
+from qpconn.hooks.results import DENYSOFT, DONE, OK, Result
+from qpconn.kit.groupsync import sync_directory
+from qpconn.kit.threads import run_in_pool, worker_pool
 from qpconn.plugins import Plugin
-from qpconn.results import DENYSOFT, DONE, OK, Result
-from qpconn.workers import run_in_pool, worker_pool
 
 __all__ = ["Maildir", "clean_tmp", "deliver", "ensure_maildir"]
 

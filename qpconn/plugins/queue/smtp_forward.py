@@ -20,8 +20,8 @@ from typing import Any
 from qpconn.client.dsn import build_dsn, remote_mta_name
 from qpconn.client.forward import ForwardingQueue, Verdict
 from qpconn.client.smtp import ClientReply, NextHopError, SMTPClient
-from qpconn.dsn import wants_failure_notice
-from qpconn.results import DONE
+from qpconn.hooks.results import DONE
+from qpconn.mail.dsn import wants_failure_notice
 
 __all__ = ["SMTPForward"]
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 from qpconn import DECLINED, DENY
+from qpconn.hooks.results import Result
 from qpconn.plugins import Plugin
-from qpconn.results import Result
 
 __all__ = ["NoBounces"]
 

@@ -1,0 +1,1 @@
+"""The application: twistd options and service, workers, reload, config check, metrics."""

@@ -1,0 +1,205 @@
+"""``twistd qpconn``: command-line options and the service they describe."""
+
+from __future__ import annotations
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from qpconn.app.service import DEFAULT_LISTEN, make_service
+from qpconn.config import ConfigError
+from qpconn.hooks.plugin import PluginLoadError
+from qpconn.server.peerinfo import LookupSettings
+from qpconn.server.proxy import ProxySettings, parse_networks
+
+__all__ = ["Options", "makeService"]
+
+
+class Options(usage.Options):
+    """Options of ``twistd qpconn``."""
+
+    synopsis = (
+        "[--listen ENDPOINT ...] [--lmtp ENDPOINT ...] [--config DIR] [--hostname NAME] "
+        "[--proxy-protocol [--proxy-from CIDR ...]]"
+    )
+    longdesc = (
+        "An SMTP server with qpsmtpd-style plugins. With no --config it accepts mail for "
+        "localhost and this host's name and stores it in ./maildir."
+    )
+    optParameters = [
+        ["config", "c", None, "qpsmtpd-style config directory (plugins, me, rcpthosts, ...)"],
+        ["hostname", None, None, "name of this server (overrides the config file 'me')"],
+        ["ident-port", None, 113, "port of the peers' ident service", int],
+        ["metrics", None, None, "endpoint serving Prometheus metrics (tcp:9125:interface=...)"],
+        ["tls-cert", None, None, "PEM certificate (and chain) for STARTTLS (config tls_cert)"],
+        ["tls-key", None, None, "PEM private key for --tls-cert if not in it (config tls_key)"],
+        [
+            "workers",
+            None,
+            None,
+            "N worker processes sharing the listeners, supervised by this one "
+            "(qpconn.app.prefork); default: this process serves",
+            int,
+        ],
+    ]
+    optFlags = [
+        ["no-rdns", None, "do not look up the peer's name (remote_host stays None)"],
+        ["ident", None, "ask the peer's RFC 1413 ident service (sets remote_info)"],
+        [
+            "proxy-protocol",
+            None,
+            "require a HAProxy PROXY header (v1 or v2) from trusted balancers on every "
+            "connection; other peers are refused (config proxy_timeout, default 5 s)",
+        ],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+        self["dns-server"] = []
+        self["proxy-from"] = []
+
+    def opt_dns_server(self, server: str) -> None:
+        """DNS server HOST[:PORT] or [IPv6]:PORT instead of resolv.conf, repeatable"""
+        try:
+            self["dns-server"].append(parse_host_port(server, 53))
+        except ValueError as exc:
+            raise usage.UsageError(f"--dns-server {server!r}: {exc}") from None
+
+    def opt_proxy_from(self, cidr: str) -> None:
+        """trusted balancer CIDR, repeatable; implies --proxy-protocol [default: loopback]"""
+        try:
+            parse_networks([cidr])
+        except ValueError as exc:
+            raise usage.UsageError(f"--proxy-from {cidr!r}: {exc}") from None
+        self["proxy-from"].append(cidr)
+
+    def opt_listen(self, endpoint: str) -> None:
+        """Twisted server endpoint string, repeatable [default: tcp:2525:interface=127.0.0.1]"""
+        self["listen"].append(endpoint)
+
+    def opt_lmtp(self, endpoint: str) -> None:
+        """endpoint that speaks LMTP (RFC 2033), repeatable; same as --listen lmtp:ENDPOINT"""
+        self["listen"].append("lmtp:" + endpoint)
+
+    def postOptions(self) -> None:
+        """Build the service now, so that a bad config is a usage error, not a traceback.
+
+        twistd reports exceptions from option parsing as a short message and exits 1;
+        the same exception from makeService would print a stack trace.
+        """
+        if not self["listen"]:
+            self["listen"] = [DEFAULT_LISTEN]
+        try:
+            if self["workers"] is not None:  # before make_service parses the endpoints
+                from qpconn.app.prefork import check_shareable
+
+                check_shareable(self["listen"])
+            self["service"] = make_service(
+                self["listen"],
+                self["config"],
+                hostname=self["hostname"],
+                lookups=lookup_settings(self),
+                proxy=proxy_settings(self),
+                tls_cert=self["tls-cert"],
+                tls_key=self["tls-key"],
+            )
+            if self["workers"] is not None:
+                self["service"] = prefork_service(self)
+            else:
+                add_operations(self["service"], self["metrics"])
+        except (ConfigError, PluginLoadError, ValueError, OSError) as exc:
+            # OSError: an endpoint naming a file that cannot be read (ssl:...:privateKey=).
+            raise usage.UsageError(str(exc)) from exc
+
+
+def add_operations(top: IService, metrics: str | None) -> None:
+    """SIGHUP reloads the config (qpconn.app.reload); ``--metrics`` serves Prometheus figures."""
+    from qpconn.app.reload import ReloadOnSignal
+
+    factory = top.factory  # type: ignore[attr-defined]
+    factory.config.freeze()  # edits wait for the next SIGHUP, then apply all together
+    ReloadOnSignal(factory).setServiceParent(top)
+    if metrics:
+        from qpconn.app.metrics import metrics_service
+
+        metrics_service(metrics, factory, top)
+
+
+def prefork_service(options: Options) -> IService:
+    """``--workers N``: the parent of N worker processes (qpconn.app.prefork).
+
+    The single-process service was built first only to validate the config and the
+    endpoints (a mistake is a usage error here, not N crashing workers); it is dropped.
+    """
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import serverFromString
+
+    from qpconn.app.prefork import PreforkService, worker_spec
+
+    if options["workers"] < 1:
+        raise ValueError("--workers must be at least 1")
+    spec = worker_spec(
+        options["config"],
+        options["hostname"],
+        lookup_settings(options),
+        proxy_settings(options),
+        options["tls-cert"],
+        options["tls-key"],
+    )
+    if options["metrics"]:
+        serverFromString(reactor, options["metrics"])  # malformed: ValueError now
+    return PreforkService(options["listen"], spec, options["workers"], options["metrics"])
+
+
+def parse_host_port(text: str, default_port: int) -> tuple[str, int]:
+    """``host``, ``host:port``, ``[v6]:port`` or a bare IPv6 address, as (host, port)."""
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    else:
+        host, port = text, ""
+    if not host:
+        raise ValueError("no host")
+    if port and not port.isdigit():
+        raise ValueError("port must be a number")
+    number = int(port) if port else default_port
+    if not 0 < number < 65536:
+        raise ValueError("port out of range")
+    return host, number
+
+
+def lookup_settings(options: Options) -> LookupSettings:
+    """The peer lookups the options ask for (timeouts come from the config directory)."""
+    return LookupSettings(
+        rdns=not options["no-rdns"],
+        dns_servers=list(options["dns-server"]) or None,
+        ident=bool(options["ident"]),
+        ident_port=options["ident-port"],
+    )
+
+
+def proxy_settings(options: Options) -> ProxySettings:
+    """The PROXY protocol policy the options ask for.
+
+    ``--proxy-from`` alone turns the requirement on: naming trusted balancers means the
+    listener sits behind them. ``--proxy-protocol`` alone trusts loopback only.
+    """
+    trusted = list(options["proxy-from"])
+    enabled = bool(options["proxy-protocol"]) or bool(trusted)
+    return ProxySettings(enabled=enabled, trusted=trusted) if trusted else ProxySettings(enabled)
+
+
+def makeService(options: Options) -> IService:
+    """The service built (and validated) while the options were parsed.
+
+    Under twistd it comes wrapped so that twistd's text log (when no ``--logger`` or
+    ``--syslog`` is given) is written by qpconn's cheaper observer (qpconn.log.twistd).
+    """
+    parent = getattr(options, "parent", None)
+    if parent is None:
+        return options["service"]
+    from qpconn.log.twistd import DefaultTextLog
+
+    return DefaultTextLog(options["service"], parent)

@@ -1,0 +1,120 @@
+"""Building the server as a Twisted service, for ``twistd qpconn`` and for ``.tac`` files.
+
+:func:`make_service` is the public entry point: the twistd plugin calls it with the
+command-line options, and a ``.tac`` file calls it with the same arguments from Python.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IReactorCore
+
+from qpconn.config import Config
+from qpconn.hooks.plugin import Plugin
+from qpconn.log.level import parse_level, set_level
+from qpconn.server.factory import SMTPFactory
+from qpconn.server.lmtp import LMTP_PREFIX, LMTPListenerFactory
+from qpconn.server.peerinfo import LookupSettings
+from qpconn.server.protocol import SMTPServerProtocol
+from qpconn.server.proxy import ProxySettings
+from qpconn.server.shutdown import GracefulShutdown
+
+__all__ = ["make_service", "make_factory", "DEFAULT_LISTEN"]
+
+#: Loopback only, unprivileged port: a fresh install never listens on the world by accident.
+DEFAULT_LISTEN = "tcp:2525:interface=127.0.0.1"
+
+
+def make_factory(
+    config_dir: str | None = None,
+    *,
+    hostname: str | None = None,
+    plugins: Sequence[Plugin] | None = None,
+    protocol: type[SMTPServerProtocol] | None = None,
+    reactor: IReactorCore | None = None,
+    lookups: LookupSettings | None = None,
+    proxy: ProxySettings | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+) -> SMTPFactory:
+    """An SMTPFactory for a config directory (None: built-in defaults).
+
+    ``lookups`` and ``proxy`` are the peer lookups and the PROXY protocol policy; a
+    ``.tac`` file sets them here exactly as the command-line options do, e.g.
+    ``proxy=ProxySettings(enabled=True, trusted=["192.0.2.10/32"])``. ``tls_cert`` and
+    ``tls_key`` (PEM files) replace the config settings of those names, as ``--tls-cert``
+    and ``--tls-key`` do: STARTTLS is offered with that certificate.
+    """
+    overrides = {"me": hostname} if hostname else {}
+    if tls_cert:
+        overrides["tls_cert"] = tls_cert
+    if tls_key:
+        overrides["tls_key"] = tls_key
+    config = Config(config_dir, overrides)
+    return SMTPFactory(
+        config,
+        list(plugins) if plugins is not None else None,
+        protocol=protocol,
+        clock=reactor,
+        lookups=lookups,
+        proxy=proxy,
+    )
+
+
+def make_service(
+    listen: Sequence[str] = (DEFAULT_LISTEN,),
+    config_dir: str | None = None,
+    *,
+    hostname: str | None = None,
+    plugins: Sequence[Plugin] | None = None,
+    protocol: type[SMTPServerProtocol] | None = None,
+    lookups: LookupSettings | None = None,
+    proxy: ProxySettings | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+) -> service.MultiService:
+    """A service listening on every endpoint string in ``listen`` with one shared factory.
+
+    Endpoint strings are Twisted's (``tcp:25``, ``tcp6:2525:interface=\\:\\:1``,
+    ``unix:/run/qpconn.sock``, ``ssl:465:privateKey=...``, ``systemd:domain=INET:index=0``).
+    Prefixed with ``lmtp:`` (``lmtp:tcp:2424``) a listener speaks LMTP (RFC 2033).
+    Every listener shares the factory, so a ``proxy`` policy applies to all of them.
+    A malformed endpoint string raises ValueError before anything else is set up.
+    """
+    from twisted.internet import reactor
+
+    # "lmtp:ENDPOINT" speaks LMTP on that endpoint (qpconn.server.lmtp).
+    endpoints = [
+        (serverFromString(reactor, description.removeprefix(LMTP_PREFIX)),
+         description.startswith(LMTP_PREFIX))
+        for description in listen
+    ]  # fmt: skip
+    factory = make_factory(
+        config_dir,
+        hostname=hostname,
+        plugins=plugins,
+        protocol=protocol,
+        lookups=lookups,
+        proxy=proxy,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+    )
+    # A service is the whole process: its config's loglevel becomes the process's
+    # threshold for qpconn's own log events (qpconn.log.level).
+    set_level(parse_level(factory.config.get("loglevel") or "debug"))
+    top = service.MultiService()
+    top.setName("qpconn")
+    # Stops with the listeners: lets messages in flight finish, then 421 (shutdown.py).
+    GracefulShutdown(factory).setServiceParent(top)
+    for endpoint, lmtp in endpoints:
+        serving = LMTPListenerFactory(factory) if lmtp else factory
+        listener = StreamServerEndpointService(endpoint, serving)
+        # Fail start-up loudly (as strports.service does) when a port cannot be bound.
+        listener._raiseSynchronously = True
+        listener.setServiceParent(top)
+    top.factory = factory  # type: ignore[attr-defined]
+    return top

@@ -1,0 +1,147 @@
+"""The hook runner: plugins in config order, each result normalised, failures contained.
+
+A hook run stops at the first plugin that does not return DECLINED. Plugins may answer
+directly, with a Deferred or from ``async def``; a plugin that answers directly costs no
+Deferred at all, which keeps the common, synchronous case cheap. A plugin that raises,
+fails or overruns its timeout yields an *error* outcome (the command gets 451) and a
+logged traceback; the session and the server carry on.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
+
+from qpconn.core.sasl import MECHANISMS
+from qpconn.hooks.plugin import HOOKS, HookFunction, Plugin
+from qpconn.hooks.results import DECLINED_OUTCOME, DENYSOFT, HookOutcome, Result, normalize
+from qpconn.log.level import LevelLogger
+
+__all__ = ["HookRunner"]
+
+log = LevelLogger(namespace="qpconn.hooks")
+
+_OK_LIKE = (Result.OK, Result.DONE)
+
+#: what a synchronous plugin returns; isawaitable() (an ABC check) is skipped for these
+_PLAIN = frozenset({type(None), Result, tuple})
+
+#: log fields for a failing plugin's line, or a callable returning them
+LogContext = dict[str, Any] | Callable[[], dict[str, Any]] | None
+
+
+class HookRunner:
+    """Runs hooks for one plugin list; shared by every session that uses that list."""
+
+    def __init__(
+        self, plugins: Sequence[Plugin], clock: IReactorTime, timeout: float = 30.0
+    ) -> None:
+        self.plugins = list(plugins)
+        self.clock = clock
+        self.timeout = timeout
+        #: ``observer(hook, plugin_name, seconds, outcome)`` after every plugin call, or
+        #: None (metrics set it: qpconn.app.metrics); timing costs nothing while it is None
+        self.observer: Callable[[str, str, float, HookOutcome], None] | None = None
+        self._table: dict[str, list[tuple[Plugin, HookFunction]]] = {hook: [] for hook in HOOKS}
+        for plugin in self.plugins:
+            for hook, function in plugin.hooks():
+                self._table[hook].append((plugin, function))
+        #: the hooks some plugin implements: ``hook in runner.used`` is what :meth:`has`
+        #: answers, without a call (the session's hot path asks it for every hook)
+        self.used: frozenset[str] = frozenset(hook for hook, calls in self._table.items() if calls)
+        generic = "auth" in self.used
+        #: SASL mechanisms some plugin can judge (its own ``auth-<mech>`` hook, or
+        #: ``auth``): what EHLO offers, worked out once rather than per EHLO
+        self.auth_mechanisms: tuple[str, ...] = tuple(
+            m for m in MECHANISMS if generic or f"auth-{m.lower()}" in self.used
+        )
+
+    def has(self, hook: str) -> bool:
+        """True when some plugin implements ``hook`` (callers may skip work otherwise)."""
+        return hook in self.used
+
+    def plugins_for(self, hook: str) -> list[Plugin]:
+        """The plugins that run at ``hook``, in order (for ``check`` and the docs)."""
+        return [plugin for plugin, _ in self._table.get(hook, [])]
+
+    async def run(
+        self,
+        hook: str,
+        transaction: Any,
+        *args: Any,
+        log_context: LogContext = None,
+    ) -> HookOutcome:
+        """Run ``hook`` until a plugin decides; DECLINED when none does.
+
+        ``log_context``: fields for the log line of a failing plugin, or a callable that
+        returns them (called only then: the common, successful run builds nothing).
+        """
+        for plugin, function in self._table[hook]:
+            outcome = await self._call(hook, plugin, function, transaction, args, log_context)
+            if outcome.result is Result.DECLINED and not outcome.error:
+                continue
+            if hook not in ("deny", "ok"):
+                if outcome.error or outcome.result.is_deny:
+                    if "deny" in self.used:
+                        await self._notify("deny", transaction, outcome, hook)
+                elif outcome.result in _OK_LIKE and "ok" in self.used:
+                    await self._notify("ok", transaction, outcome, hook)
+            return outcome
+        return DECLINED_OUTCOME
+
+    async def run_all(self, hook: str, transaction: Any, *args: Any) -> None:
+        """Run every plugin of a notification hook (disconnect, queue_post ...); results ignored."""
+        for plugin, function in self._table[hook]:
+            await self._call(hook, plugin, function, transaction, args, None)
+
+    async def _notify(self, hook: str, transaction: Any, outcome: HookOutcome, source: str) -> None:
+        if self._table[hook]:
+            await self.run_all(
+                hook, transaction, outcome.plugin, source, outcome.result, outcome.message
+            )
+
+    async def _call(
+        self,
+        hook: str,
+        plugin: Plugin,
+        function: HookFunction,
+        transaction: Any,
+        args: tuple[Any, ...],
+        log_context: LogContext,
+    ) -> HookOutcome:
+        observer = self.observer
+        started = time.perf_counter() if observer is not None else 0.0
+        try:
+            value = function(transaction, *args)
+            if type(value) not in _PLAIN and inspect.isawaitable(value):
+                value = await self._bounded(value, plugin)
+            outcome = normalize(value, plugin.name)
+        except Exception:
+            failure = Failure()
+            context = log_context() if callable(log_context) else log_context
+            log.failure(
+                "plugin {plugin} failed in hook {hook}",
+                failure,
+                plugin=plugin.name,
+                hook=hook,
+                result="error",
+                **(context or {}),
+            )
+            outcome = HookOutcome(DENYSOFT, None, plugin.name, error=True)
+        if observer is not None:
+            observer(hook, plugin.name, time.perf_counter() - started, outcome)
+        return outcome
+
+    def _bounded(self, awaitable: Any, plugin: Plugin) -> defer.Deferred[Any]:
+        """The plugin's awaitable as a Deferred that fails with TimeoutError past its limit."""
+        deferred = defer.ensureDeferred(awaitable)
+        timeout = plugin.timeout if plugin.timeout is not None else self.timeout
+        if timeout and timeout > 0:
+            deferred.addTimeout(timeout, self.clock)
+        return deferred

@@ -1,0 +1,1 @@
+"""Helpers for plugin authors: option parsing, address and network lists, DNS, block lists, PSL."""

@@ -1,0 +1,1 @@
+"""Logging: the level filter every module logs through, and the observers twistd writes with."""

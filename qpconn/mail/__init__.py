@@ -1,0 +1,1 @@
+"""The mail model plugins see: Connection, Transaction, Address, Header, Received, DSN, spool."""

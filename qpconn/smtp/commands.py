@@ -1,0 +1,526 @@
+"""SMTP command handlers: each command becomes hook runs and one reply.
+
+This is qpsmtpd's ``Qpsmtpd::SMTP`` in Python: the session core has already checked the
+line and the command sequence; here the hooks run in order and their outcome picks the
+reply (through :func:`qpconn.hooks.results.reply_for`). Nothing here touches a socket: the
+protocol adapter calls :meth:`SMTPCommands.dispatch` and writes what comes back.
+
+Subclasses may override :meth:`greeting`, :meth:`ehlo_lines`, any ``smtp_<VERB>``
+handler, or add one for a new verb (``async def smtp_XCLIENT(self, arg)``); a handler
+returns a :class:`~qpconn.core.reply.Reply` or ``(Reply, close)``.
+"""
+
+from __future__ import annotations
+
+import errno
+import time
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
+
+from twisted.logger import LogLevel
+
+import qpconn
+from qpconn.core.bdat import ChunkEnd
+from qpconn.core.events import AuthResponse, Command, MessageEnd
+from qpconn.core.reply import Reply
+from qpconn.hooks.results import DECLINED_OUTCOME, DONE, OK, HookOutcome, reply_for
+from qpconn.log.level import LevelLogger
+from qpconn.mail.address import AddressError
+from qpconn.mail.received import received_value
+from qpconn.mail.transaction import Transaction
+from qpconn.smtp.extensions import MAIL_EXTENSION_PARAMS, ExtensionCommands
+from qpconn.smtp.limits import SessionLimits
+from qpconn.smtp.security import TLSAuthCommands
+
+if TYPE_CHECKING:
+    from qpconn.config import Config
+    from qpconn.core.session import ServerSession
+    from qpconn.hooks.runner import HookRunner
+    from qpconn.mail.connection import Connection
+
+__all__ = ["SMTPCommands", "HandlerResult"]
+
+HandlerResult = Reply | tuple[Reply, bool] | None
+SOFTWARE = f"qpconn {qpconn.__version__}"
+
+_MAIL_PARAMS = frozenset({"SIZE", "BODY"}) | MAIL_EXTENSION_PARAMS
+_BODY_TYPES = frozenset({"7BIT", "8BITMIME", "BINARYMIME"})
+_TRANSACTION_LINE = (
+    "{conn_id} {queue_id} {verdict} from={sender} to={rcpts} size={size} "
+    "reply={code} elapsed={elapsed:.3f}s"
+)
+# Replies that never change, built once (Reply objects are not modified once made)
+_OK = Reply(250, "2.0.0 OK")
+_GO_AHEAD = Reply(354, "End data with <CR><LF>.<CR><LF>")
+
+
+def _positive(decided: tuple[Reply, bool] | None) -> bool:
+    """No plugin refused (None), or a plugin's own reply is 2xx: the command takes effect.
+
+    The effect follows the reply the client gets, as the session core's state does, so
+    the two never disagree (a DONE plugin answering 250 to MAIL sets the sender).
+    """
+    return decided is None or 200 <= decided[0].code < 300
+
+
+class SMTPCommands(TLSAuthCommands, ExtensionCommands):
+    """Command handling shared by every protocol adapter; see the module docstring.
+
+    STARTTLS and AUTH are in :class:`qpconn.smtp.security.TLSAuthCommands`; BDAT, DSN
+    and SMTPUTF8 in :class:`qpconn.smtp.extensions.ExtensionCommands`.
+    """
+
+    log = LevelLogger(namespace="qpconn.smtp")
+
+    session: ServerSession
+    connection: Connection
+    transaction: Transaction
+    runner: HookRunner
+    config: Config
+    me: str
+    spool_dir: str | None
+    size_threshold: int
+    databytes: int
+    #: max_rcpt, max_errors, ... (the adapter sets the factory's; defaults otherwise)
+    session_limits: SessionLimits = SessionLimits()
+    _verdict: tuple[Reply, bool] | None = None
+    _tx_count = 0
+
+    # -- helpers ------------------------------------------------------------------------
+    def log_context(self) -> dict[str, Any]:
+        """Fields every log event of this session carries."""
+        transaction = getattr(self, "transaction", None)
+        return {
+            "conn_id": self.connection.id,
+            "txn_id": transaction.id if transaction is not None else None,
+            "remote_ip": self.connection.remote_ip,
+        }
+
+    async def run_hook(self, hook: str, *args: Any) -> HookOutcome:
+        """Run a hook with the current transaction and these arguments."""
+        runner = self.runner
+        if hook not in runner.used:
+            return DECLINED_OUTCOME  # most hooks have no plugin: nothing to run or log
+        return await runner.run(hook, self.transaction, *args, log_context=self.log_context)
+
+    def new_transaction(self) -> Transaction:
+        """A fresh transaction; its id (the queue id) is the connection id plus a counter."""
+        self._tx_count += 1
+        return Transaction(
+            self.connection,
+            id=f"{self.connection.id}.{self._tx_count}",
+            size_threshold=self.size_threshold,
+            spool_dir=self.spool_dir,
+        )
+
+    async def reset_transaction(self) -> None:
+        """End the current transaction (RSET, new HELO, end of DATA) and start a new one."""
+        await self.end_transaction(self.transaction)
+        self.transaction = self.new_transaction()
+
+    async def end_transaction(self, old: Transaction) -> None:
+        """Run reset_transaction hooks for a transaction that had an envelope; release it."""
+        if (old.sender is not None or old.recipients) and self.runner.has("reset_transaction"):
+            await self.runner.run_all("reset_transaction", old)
+        old.close()
+        self._verdict = None
+
+    # -- connection start ---------------------------------------------------------------
+    def greeting(self) -> str:
+        """The 220 text: config ``smtpgreeting`` (with ESMTP added) or a default."""
+        text = self.config.get("smtpgreeting")
+        if text:
+            return text if "ESMTP" in text.split() else f"{text} ESMTP"
+        return f"{self.me} ESMTP {SOFTWARE} ready"
+
+    async def start_session(self) -> tuple[Reply, bool]:
+        """pre-connection and connect hooks, then the greeting (or a refusal)."""
+        for hook in ("pre-connection", "connect"):
+            outcome = await self.run_hook(hook)
+            if outcome.result is DONE and not outcome.message:
+                break
+            decided = reply_for(hook, outcome)
+            if decided is not None:
+                self.log.info(
+                    "{conn_id} refused at {hook} by {plugin}: {code}",
+                    hook=hook,
+                    plugin=outcome.plugin,
+                    code=decided[0].code,
+                    event="rejection",
+                    result="rejected",
+                    **self.log_context(),
+                )
+                return decided
+        return Reply(220, self.greeting()), False
+
+    # -- dispatch -------------------------------------------------------------------------
+    def dispatch(
+        self, event: Command | MessageEnd | AuthResponse
+    ) -> Coroutine[Any, Any, HandlerResult]:
+        """The reply to one command (or to the end of a message, or to a SASL response).
+
+        It returns the handler's own coroutine, to be awaited: a coroutine of its own
+        around it would cost a layer on every command for nothing.
+        """
+        if type(event) is not Command:  # commands first: they are most of the traffic
+            if isinstance(event, MessageEnd):
+                return self.message_end(event)
+            if isinstance(event, ChunkEnd):
+                return self.chunk_end(event)
+            if isinstance(event, AuthResponse):
+                return self.auth_response(event.data)
+        verb = event.verb
+        handler = getattr(self, "smtp_" + verb, None) if verb.isascii() and verb.isalpha() else None
+        if handler is None:
+            return self.unrecognized_command(verb, event.arg)
+        coro: Coroutine[Any, Any, HandlerResult] = handler(event.arg)
+        return coro
+
+    async def unrecognized_command(self, verb: str, arg: str) -> HandlerResult:
+        outcome = await self.run_hook("unrecognized_command", verb, arg)
+        decided = reply_for("unrecognized_command", outcome)
+        return decided if decided is not None else Reply(500, "5.5.1 Unrecognized command")
+
+    # -- HELO / EHLO ----------------------------------------------------------------------
+    async def smtp_HELO(self, arg: str) -> HandlerResult:
+        return await self._hello("helo", arg)
+
+    async def smtp_EHLO(self, arg: str) -> HandlerResult:
+        return await self._hello("ehlo", arg)
+
+    def ehlo_lines(self) -> list[str]:
+        """The extensions advertised after EHLO, one per line."""
+        lines = ["PIPELINING", "8BITMIME", f"SIZE {self.databytes}", "ENHANCEDSTATUSCODES"]
+        lines += self.tls_auth_ehlo_lines()  # STARTTLS, AUTH ...: see smtp_security
+        lines += self.extension_ehlo_lines()  # CHUNKING, DSN, SMTPUTF8: smtp_extensions
+        extra = self.transaction.notes.get("capabilities") or []
+        return lines + [str(item) for item in extra]
+
+    async def _hello(self, kind: str, host: str) -> HandlerResult:
+        conn = self.connection
+        previous = conn.hello, conn.hello_host
+        # Empty while the hooks judge the name: a plugin must not trust what it is judging.
+        conn.hello = conn.hello_host = None
+        # The hooks judge on a fresh transaction (where an ehlo hook may note capabilities
+        # to advertise). The open one is set aside: a refused HELO changes nothing, as the
+        # core keeps its state too, so the transaction must keep its sender; dropping it
+        # would let the next RCPT and DATA store the message with a null sender that no
+        # mail hook ever judged.
+        old = self.transaction
+        decided = None
+        # Without a hook to judge the name, an untouched transaction simply goes on: a new
+        # one and the old one's end would change nothing.
+        if self.runner.has(kind) or not old.untouched:
+            self.transaction = self.new_transaction()
+            outcome = await self.run_hook(kind, host)
+            decided = reply_for(kind, outcome)
+            if not _positive(decided):
+                self.transaction.close()
+                self.transaction = old
+                conn.hello, conn.hello_host = previous
+                return decided
+            # An accepted HELO/EHLO ends the open transaction, as RSET would (RFC 5321
+            # §4.1.4).
+            await self.end_transaction(old)
+        conn.hello, conn.hello_host = kind, host
+        if decided is not None:
+            return decided
+        first = f"{self.me} Hi {conn.remote_host_or_unknown} [{conn.remote_ip or 'unix'}]"
+        if kind == "helo":
+            return Reply(250, first)
+        return Reply(250, [first, *self.ehlo_lines()])
+
+    # -- MAIL -----------------------------------------------------------------------------
+    async def smtp_MAIL(self, arg: str) -> HandlerResult:
+        refusal = self.tls_refusal_for_mail()  # tls_required: 530 before any hook
+        if refusal is not None:
+            return refusal
+        hooked = self.runner.used  # no coroutine for a hook no plugin implements
+        outcome = DECLINED_OUTCOME
+        if "mail_pre" in hooked:
+            outcome = await self.run_hook("mail_pre", arg)
+        if outcome.result is OK and outcome.message is not None:
+            arg = outcome.message
+        else:
+            decided = reply_for("mail_pre", outcome)
+            if decided is not None:
+                return decided
+        try:
+            sender, params = self.parse_mail_arg(arg)  # SMTPUTF8: see smtp_extensions
+        except AddressError as exc:
+            code = 553 if exc.utf8 else 501
+            return Reply(code, f"{'5.6.7' if exc.utf8 else '5.1.7'} Bad sender address syntax")
+        if params:  # without parameters there is nothing to check
+            problem = self.check_mail_params(params) or self.check_extension_mail_params(params)
+            if problem is not None:
+                return problem
+        outcome = DECLINED_OUTCOME
+        if "mail" in hooked:
+            outcome = await self.run_hook("mail", sender, params)
+        decided = reply_for("mail", outcome)
+        if not _positive(decided):
+            assert decided is not None
+            self._log_rejection("mail", outcome, decided[0], sender=sender.format())
+            return decided
+        self.transaction.sender = sender
+        self.transaction.mail_params = params
+        return decided or Reply(250, f"2.1.0 {sender.format()}, sender OK")
+
+    def check_mail_params(self, params: dict[str, str | None]) -> Reply | None:
+        """Refuse what MAIL parameters the server does not offer, or a SIZE too big."""
+        if params and not self.session.esmtp:
+            return Reply(555, "5.5.4 MAIL parameters require EHLO")
+        for key in params:
+            if key not in _MAIL_PARAMS:
+                return Reply(555, f"5.5.4 Unsupported option: {key}")
+        size = params.get("SIZE", "0")
+        if "SIZE" in params and (size is None or not size.isdigit() or len(size) > 20):
+            return Reply(501, "5.5.4 Syntax: SIZE=<number>")
+        if self.databytes and size is not None and int(size) > self.databytes:
+            return Reply(552, "5.3.4 Message size exceeds fixed maximum message size")
+        body = params.get("BODY", "7BIT")
+        if body is None or body.upper() not in _BODY_TYPES:
+            return Reply(501, "5.5.4 Syntax: BODY=7BIT|8BITMIME|BINARYMIME")
+        return None
+
+    # -- RCPT -----------------------------------------------------------------------------
+    async def smtp_RCPT(self, arg: str) -> HandlerResult:
+        limit = self.session_limits.max_rcpt
+        if limit and len(self.transaction.recipients) >= limit:
+            # Before any hook: past the limit nothing about the address matters.
+            return Reply(452, "4.5.3 Too many recipients")
+        hooked = self.runner.used  # no coroutine for a hook no plugin implements
+        outcome = DECLINED_OUTCOME
+        if "rcpt_pre" in hooked:
+            outcome = await self.run_hook("rcpt_pre", arg)
+        if outcome.result is OK and outcome.message is not None:
+            arg = outcome.message
+        else:
+            decided = reply_for("rcpt_pre", outcome)
+            if decided is not None:
+                return decided
+        try:
+            recipient, params = self.parse_rcpt_arg(arg)
+        except AddressError as exc:
+            code = 553 if exc.utf8 else 501
+            return Reply(code, f"{'5.6.7' if exc.utf8 else '5.1.3'} Bad recipient address syntax")
+        if recipient.is_null:
+            return Reply(501, "5.1.3 Bad recipient address syntax")
+        problem = self.check_rcpt_params(params)  # NOTIFY, ORCPT: see smtp_extensions
+        if problem is not None:
+            return problem
+        outcome = DECLINED_OUTCOME
+        if "rcpt" in hooked:
+            outcome = await self.run_hook("rcpt", recipient, params)
+        decided = reply_for("rcpt", outcome)
+        if not _positive(decided):
+            assert decided is not None
+            self._log_rejection("rcpt", outcome, decided[0], rcpt=recipient.format())
+            return decided
+        self.transaction.add_recipient(recipient, params)
+        return decided or Reply(250, f"2.1.5 {recipient.format()}, recipient ok")
+
+    # -- DATA -----------------------------------------------------------------------------
+    async def smtp_DATA(self, arg: str) -> HandlerResult:
+        if not self.transaction.recipients:
+            return Reply(554, "5.5.1 Error: no valid recipients")
+        refusal = self.data_refusal()  # BODY=BINARYMIME needs BDAT
+        if refusal is not None:
+            return refusal
+        outcome = DECLINED_OUTCOME
+        if "data" in self.runner.used:
+            outcome = await self.run_hook("data")
+        decided = reply_for("data", outcome)
+        if decided is not None:
+            return decided
+        self.transaction.notes["data_started"] = time.monotonic()
+        return _GO_AHEAD
+
+    async def message_data(self, data: bytes) -> None:
+        """Store a piece of message text; run data_headers_end once the header is complete."""
+        if not self.store_message_data(data):
+            await self._headers_end()
+
+    def store_message_data(self, data: bytes) -> bool:
+        """Store a piece of message text; False when the data_headers_end hook must run now.
+
+        Synchronous, so the adapter runs no coroutine per piece of text when no plugin
+        hooks data_headers_end (the common case).
+        """
+        if self._verdict is not None:
+            return True
+        try:
+            headers_done = self.transaction.body_write(data)
+        except OSError as exc:
+            # The spool disk is full or failing: the text is incomplete, so the message
+            # must not be accepted. The rest of the text is ignored; the end gets a 4xx.
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            text = "4.3.1 Insufficient system storage" if full else "4.3.0 Cannot store message"
+            self._verdict = (Reply(452 if full else 451, text), False)
+            return True
+        return not (headers_done and self.runner.has("data_headers_end"))
+
+    async def _headers_end(self) -> None:
+        if not self.runner.has("data_headers_end"):
+            return
+        outcome = await self.run_hook("data_headers_end")
+        decided = reply_for("data_headers_end", outcome)
+        if decided is not None:
+            # Remembered and given when the message ends; a disconnect can't wait.
+            self._verdict = decided
+            if decided[1]:
+                self.session.send_unsolicited(decided[0])
+
+    async def message_end(self, end: MessageEnd) -> HandlerResult:
+        """The reply to a whole message: size and line checks, data_post, then queue."""
+        try:
+            return await self._judge_message(end)
+        finally:
+            await self.reset_transaction()
+
+    async def _judge_message(self, end: MessageEnd) -> HandlerResult:
+        txn = self.transaction
+        refusal = self.refuse_message_text(end)
+        if refusal is not None:
+            self._log_transaction("rejected", refusal, hook="data")
+            return refusal
+        if txn.end_of_data() and self._verdict is None:
+            await self._headers_end()
+        if self._verdict is not None:
+            self._log_transaction("rejected", self._verdict[0], hook="data_headers_end")
+            return self._verdict
+        await self.add_received_header()
+        outcome = DECLINED_OUTCOME
+        if "data_post" in self.runner.used:
+            outcome = await self.run_hook("data_post")
+        decided = reply_for("data_post", outcome)
+        if decided is not None:
+            self._log_transaction("rejected", decided[0], plugin=outcome.plugin, hook="data_post")
+            return decided
+        return await self.queue_message()
+
+    def refuse_message_text(self, end: MessageEnd) -> Reply | None:
+        """The core's findings about the text itself: size, line length, bare CR/LF."""
+        if end.oversized:
+            return Reply(552, "5.3.4 Message too big")
+        if end.long_line:
+            return Reply(500, "5.5.2 Message has a line longer than 1000 octets")
+        if end.bare_lf or end.bare_cr:
+            if self.session.limits.normalize_newlines:
+                # bare_newline normalize: the core already stored them as CRLF.
+                self.transaction.notes["bare_newline"] = "normalized"
+                return None
+            return Reply(554, "5.5.2 Message contains a bare CR or LF; lines must end with CRLF")
+        return None
+
+    async def add_received_header(self) -> None:
+        """Prepend our Received field (a received_line plugin may supply the text)."""
+        txn = self.transaction
+        assert txn.header is not None
+        outcome = DECLINED_OUTCOME
+        if "received_line" in self.runner.used:
+            outcome = await self.run_hook("received_line")
+        if outcome.result is OK and outcome.message:
+            value = outcome.message
+        else:
+            value = received_value(
+                self.connection, txn, self.me, SOFTWARE, with_word=self.received_with()
+            )
+        txn.header.add("Received", value, index=0)
+
+    async def queue_message(self) -> HandlerResult:
+        """queue_pre, queue and queue_post: 250 only when a queue plugin said OK."""
+        hooked = self.runner.used  # no coroutine for a hook no plugin implements
+        outcome = DECLINED_OUTCOME
+        if "queue_pre" in hooked:
+            outcome = await self.run_hook("queue_pre")
+        decided = reply_for("queue_pre", outcome)
+        stage = "queue_pre"
+        if decided is None:
+            stage = "queue"
+            outcome = DECLINED_OUTCOME
+            if "queue" in hooked:
+                outcome = await self.run_hook("queue")
+            decided = reply_for("queue", outcome) or (
+                Reply(250, outcome.message or f"Queued as {self.transaction.id}", "2.0.0"),
+                False,
+            )
+        reply = decided[0]
+        self._log_transaction(
+            "accepted" if reply.code < 300 else "rejected", reply, plugin=outcome.plugin, hook=stage
+        )
+        if "queue_post" in hooked:
+            await self.runner.run_all("queue_post", self.transaction)
+        return decided
+
+    # -- small commands -------------------------------------------------------------------
+    async def smtp_RSET(self, arg: str) -> HandlerResult:
+        await self.reset_transaction()
+        return _OK
+
+    async def smtp_NOOP(self, arg: str) -> HandlerResult:
+        outcome = await self.run_hook("noop", arg)
+        return reply_for("noop", outcome) or _OK
+
+    async def smtp_VRFY(self, arg: str) -> HandlerResult:
+        outcome = await self.run_hook("vrfy", arg)
+        return reply_for("vrfy", outcome) or Reply(250, "2.1.5 User OK")
+
+    async def smtp_HELP(self, arg: str) -> HandlerResult:
+        outcome = await self.run_hook("help", arg)
+        decided = reply_for("help", outcome)
+        if decided is not None:
+            return decided
+        return Reply(
+            214,
+            [
+                f"2.0.0 This is {SOFTWARE}",
+                "Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP",
+            ],
+        )
+
+    async def smtp_QUIT(self, arg: str) -> HandlerResult:
+        outcome = await self.run_hook("quit")
+        decided = reply_for("quit", outcome)
+        return (decided[0] if decided else Reply(221, f"2.0.0 {self.me} closing connection")), True
+
+    # -- logging --------------------------------------------------------------------------
+    def _log_rejection(self, stage: str, outcome: HookOutcome, reply: Reply, **fields: Any) -> None:
+        self.log.info(
+            "{conn_id} {stage} rejected by {plugin}: {code} {text}",
+            stage=stage,
+            hook=stage,
+            event="rejection",
+            result="rejected",
+            plugin=outcome.plugin or "-",
+            code=reply.code,
+            text=reply.text,
+            **fields,
+            **self.log_context(),
+        )
+
+    def _log_transaction(
+        self, verdict: str, reply: Reply, plugin: str | None = None, hook: str = "queue"
+    ) -> None:
+        """The one summary line of a transaction that reached the end of DATA (``event``
+        ``transaction``); ``hook`` is where it was decided. Metrics count these events."""
+        txn = self.transaction
+        started = txn.notes.get("data_started")
+        recipients = txn.recipients
+        # One dict, handed over as the event itself (info(**fields) would copy it again).
+        fields = {
+            **self.log_context(),
+            "queue_id": txn.id,
+            "verdict": verdict,
+            "sender": txn.sender.format() if txn.sender else "<>",
+            "rcpts": ",".join([r.format() for r in recipients]),
+            "size": txn.data_size,
+            "code": reply.code,
+            "plugin": plugin,
+            "hook": hook,
+            "result": verdict,
+            "recipients": len(recipients),
+            "event": "transaction",
+            "elapsed": (time.monotonic() - started) if started else 0.0,
+        }
+        self.log.emit_fields(LogLevel.info, _TRANSACTION_LINE, fields)
