@@ -132,7 +132,7 @@ def test_tac_file_with_a_config_directory_and_protocol_subclass(tmp_path):
     env = {
         "QPCONN_LISTEN": f"tcp:{port}:interface=127.0.0.1",
         "QPCONN_CONFIG": str(config),
-        "QPCONN_PROTOCOL": "docs.examples.custom_protocol:StatsProtocol",
+        "QPCONN_COMMANDS": "docs.examples.custom_commands:StatsCommands",
     }
     with running_twistd(["-y", str(TAC)], port, tmp_path, env):
         with smtplib.SMTP(timeout=10) as smtp:

@@ -107,13 +107,13 @@ async def test_defer_reject_greets_and_refuses_at_mail(qpconn_server):
 async def test_action_log_only_notes_and_the_early_commands_are_answered(qpconn_server):
     server = start(qpconn_server, "action", "log")
     seen: list[Any] = []
-    original = server.factory.protocol.greeting
 
-    def spy(self: Any) -> str:
-        seen.append(dict(self.connection.notes))
-        return original(self)
+    class Spy(server.factory.commands):  # type: ignore[misc,name-defined]
+        def greeting(self) -> str:
+            seen.append(dict(self.connection.notes))
+            return super().greeting()
 
-    server.factory.protocol = type("Spy", (server.factory.protocol,), {"greeting": spy})
+    server.factory.commands = Spy
     data = await in_thread(talk_first, server.address, b"EHLO bot.example\r\nNOOP\r\n")
     assert codes(data) == [b"220", b"250", b"250"]
     assert seen == [{"early_talker": True}]

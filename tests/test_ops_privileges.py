@@ -11,6 +11,7 @@ import socket
 import sys
 import sysconfig
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -110,9 +111,16 @@ def test_root_binds_a_privileged_port_then_runs_as_nobody(shared_dir):
         "--no-rdns",
     ]
     with running(command, port, str(shared_dir), env) as process:
-        status = Path(f"/proc/{process.pid}/status").read_text()
-        uids = next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:]
-        gids = next(line for line in status.splitlines() if line.startswith("Gid:")).split()[1:]
+        # twistd listens first (as root: the port is privileged), then switches user; a
+        # loaded machine can accept a connection in between, so wait for the switch.
+        deadline = time.monotonic() + 60
+        while True:
+            status = Path(f"/proc/{process.pid}/status").read_text()
+            fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+            uids, gids = fields["Uid"].split(), fields["Gid"].split()
+            if uids == [str(NOBODY)] * 4 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         assert uids == [str(NOBODY)] * 4, status
         assert gids == [str(NOBODY)] * 4, status
         with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:

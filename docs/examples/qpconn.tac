@@ -10,7 +10,7 @@ QPCONN_LISTEN    endpoint strings separated by spaces   [tcp:2525:interface=127.
 QPCONN_CONFIG    config directory                       [none: built-in defaults]
 QPCONN_HOSTNAME  this server's name (overrides ``me``)  [config ``me``, else the FQDN]
 QPCONN_MAILDIR   Maildir for the built-in plugin list   [./maildir]
-QPCONN_PROTOCOL  "module:Class" of a protocol subclass  [qpconn's own protocol]
+QPCONN_COMMANDS  "module:Class" of an SMTPCommands subclass  [qpconn's own handlers]
 
 QPCONN_MAILDIR applies only without QPCONN_CONFIG: a config directory's ``plugins`` file
 names its own queue plugin.
@@ -42,13 +42,13 @@ if config_dir is None:
     ]
     plugins.append(load_plugin(config, "queue/maildir", maildir))
 
-protocol = None
-if os.environ.get("QPCONN_PROTOCOL"):
-    module_name, _, class_name = os.environ["QPCONN_PROTOCOL"].partition(":")
-    protocol = getattr(importlib.import_module(module_name), class_name)
+commands = None  # None: qpconn's own command handlers
+if os.environ.get("QPCONN_COMMANDS"):
+    module_name, _, class_name = os.environ["QPCONN_COMMANDS"].partition(":")
+    commands = getattr(importlib.import_module(module_name), class_name)
 
 # twistd looks for a variable named "application".
 application = service.Application("qpconn")
 make_service(
-    listen, config_dir, hostname=hostname, plugins=plugins, protocol=protocol
+    listen, config_dir, hostname=hostname, plugins=plugins, commands=commands
 ).setServiceParent(application)

@@ -22,6 +22,7 @@ from qpconn.server.peerinfo import LookupSettings
 from qpconn.server.protocol import SMTPServerProtocol
 from qpconn.server.proxy import ProxySettings
 from qpconn.server.shutdown import GracefulShutdown
+from qpconn.smtp.commands import SMTPCommands
 
 __all__ = ["make_service", "make_factory", "DEFAULT_LISTEN"]
 
@@ -35,6 +36,8 @@ def make_factory(
     hostname: str | None = None,
     plugins: Sequence[Plugin] | None = None,
     protocol: type[SMTPServerProtocol] | None = None,
+    commands: type[SMTPCommands] | None = None,
+    lmtp_commands: type[SMTPCommands] | None = None,
     reactor: IReactorCore | None = None,
     lookups: LookupSettings | None = None,
     proxy: ProxySettings | None = None,
@@ -47,7 +50,9 @@ def make_factory(
     ``.tac`` file sets them here exactly as the command-line options do, e.g.
     ``proxy=ProxySettings(enabled=True, trusted=["192.0.2.10/32"])``. ``tls_cert`` and
     ``tls_key`` (PEM files) replace the config settings of those names, as ``--tls-cert``
-    and ``--tls-key`` do: STARTTLS is offered with that certificate.
+    and ``--tls-key`` do: STARTTLS is offered with that certificate. ``commands`` and
+    ``lmtp_commands`` are the command handler classes of SMTP and LMTP sessions
+    (``docs/protocol.md``).
     """
     overrides = {"me": hostname} if hostname else {}
     if tls_cert:
@@ -59,6 +64,8 @@ def make_factory(
         config,
         list(plugins) if plugins is not None else None,
         protocol=protocol,
+        commands=commands,
+        lmtp_commands=lmtp_commands,
         clock=reactor,
         lookups=lookups,
         proxy=proxy,
@@ -72,6 +79,8 @@ def make_service(
     hostname: str | None = None,
     plugins: Sequence[Plugin] | None = None,
     protocol: type[SMTPServerProtocol] | None = None,
+    commands: type[SMTPCommands] | None = None,
+    lmtp_commands: type[SMTPCommands] | None = None,
     lookups: LookupSettings | None = None,
     proxy: ProxySettings | None = None,
     tls_cert: str | None = None,
@@ -98,6 +107,8 @@ def make_service(
         hostname=hostname,
         plugins=plugins,
         protocol=protocol,
+        commands=commands,
+        lmtp_commands=lmtp_commands,
         lookups=lookups,
         proxy=proxy,
         tls_cert=tls_cert,

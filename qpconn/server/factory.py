@@ -27,7 +27,9 @@ from qpconn.server.peerinfo import LookupSettings, PeerInfo
 from qpconn.server.protocol import SMTPServerProtocol
 from qpconn.server.proxy import ProxySettings
 from qpconn.server.tls import tls_from_config
+from qpconn.smtp.commands import SMTPCommands
 from qpconn.smtp.limits import ConnectionCounter, SessionLimits
+from qpconn.smtp.lmtp import LMTPCommands
 from qpconn.smtp.security import read_security_settings
 
 __all__ = ["SMTPFactory", "address_parts"]
@@ -64,15 +66,20 @@ class SMTPFactory(ServerFactory):
     """Builds SMTP sessions for one listening configuration.
 
     ``config`` is a :class:`~qpconn.config.Config` (defaults when omitted); ``plugins``
-    overrides the config's plugin list (handy in tests and ``.tac`` files); ``protocol``
-    plugs in a subclass of :class:`SMTPServerProtocol`; ``lookups`` chooses the peer
-    lookups (:class:`~qpconn.server.peerinfo.LookupSettings`) and ``proxy`` the PROXY
-    protocol policy (:class:`~qpconn.server.proxy.ProxySettings`). Timeouts left None in
-    either come from the config files ``dns_timeout``, ``ident_timeout`` and
-    ``proxy_timeout``.
+    overrides the config's plugin list (handy in tests and ``.tac`` files); ``commands``
+    plugs in a subclass of :class:`~qpconn.smtp.commands.SMTPCommands` (what the sessions
+    say) and ``lmtp_commands`` one of :class:`~qpconn.smtp.lmtp.LMTPCommands` for LMTP
+    listeners; ``protocol`` a subclass of :class:`SMTPServerProtocol` (how bytes move);
+    ``lookups`` chooses the peer lookups (:class:`~qpconn.server.peerinfo.LookupSettings`)
+    and ``proxy`` the PROXY protocol policy (:class:`~qpconn.server.proxy.ProxySettings`).
+    Timeouts left None in either come from the config files ``dns_timeout``,
+    ``ident_timeout`` and ``proxy_timeout``.
     """
 
     protocol = SMTPServerProtocol
+    #: the command handlers of SMTP sessions, and of sessions on LMTP listeners
+    commands: type[SMTPCommands] = SMTPCommands
+    lmtp_commands: type[SMTPCommands] = LMTPCommands
     #: connections accepted since start-up (metrics: ``qpconn_connections_total``)
     connections_total = 0
 
@@ -82,6 +89,8 @@ class SMTPFactory(ServerFactory):
         plugins: list[Plugin] | None = None,
         *,
         protocol: type[SMTPServerProtocol] | None = None,
+        commands: type[SMTPCommands] | None = None,
+        lmtp_commands: type[SMTPCommands] | None = None,
         clock: IReactorTime | None = None,
         lookups: LookupSettings | None = None,
         proxy: ProxySettings | None = None,
@@ -118,6 +127,10 @@ class SMTPFactory(ServerFactory):
         )
         if protocol is not None:
             self.protocol = protocol
+        if commands is not None:
+            self.commands = commands
+        if lmtp_commands is not None:
+            self.lmtp_commands = lmtp_commands
         lookups = lookups or LookupSettings()
         self.lookups = dataclasses.replace(
             lookups,

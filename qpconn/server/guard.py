@@ -1,8 +1,8 @@
 """The adapter's defences that need a reactor: connection limits, error limit, DATA timeout,
 and noticing a client that talks before the greeting.
 
-A mixin of :class:`~qpconn.server.protocol.SMTPServerProtocol`, kept apart so that the
-adapter stays about moving bytes. The limits themselves are read by
+A component that :class:`~qpconn.server.protocol.SMTPServerProtocol` owns (one per
+session), kept apart so that the adapter stays about moving bytes. The limits themselves are read by
 :class:`qpconn.smtp.limits.SessionLimits`; the rules applied here:
 
 * **Connections.** Once the client's address is final (after a PROXY header, if any) and
@@ -25,7 +25,7 @@ adapter stays about moving bytes. The limits themselves are read by
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from qpconn.core.bdat import ChunkEnd
 from qpconn.core.events import Command, MessageEnd
@@ -33,17 +33,7 @@ from qpconn.core.reply import Reply
 from qpconn.core.session import State
 
 if TYPE_CHECKING:
-    from twisted.logger import Logger
-
-    from qpconn.core.events import Command
-    from qpconn.core.session import ServerSession
-    from qpconn.mail.connection import Connection
-    from qpconn.server.factory import SMTPFactory
-
-# Plain names: an Enum member looked up on its class costs ten times a global.
-_GREETING = State.GREETING
-_DATA = State.DATA
-_CLOSED = State.CLOSED
+    from qpconn.server.protocol import SMTPServerProtocol
 
 __all__ = ["SessionGuard", "EARLY_TALK_BUFFER"]
 
@@ -52,84 +42,88 @@ EARLY_TALK_BUFFER = 4096
 
 
 class SessionGuard:
-    """Limits for :class:`SMTPServerProtocol`; see the module docstring."""
+    """The limits of one session; see the module docstring.
 
-    factory: SMTPFactory
-    session: ServerSession
-    connection: Connection
-    transport: Any
-    log: Logger
-    me: str
-    errors: int
-    timeOut: float | None
-    _lost: bool
-    _admitted: bool = False
-    _admitted_ip: str | None = None
+    It acts on the session through its protocol: the idle timer, pausing the transport,
+    the 421 written before a refused session is closed.
+    """
 
-    if TYPE_CHECKING:
-
-        def setTimeout(self, period: float | None) -> float | None: ...
-        def _pause(self) -> None: ...
-        def _flush(self) -> None: ...
-        def log_context(self) -> dict[str, Any]: ...
+    def __init__(self, protocol: SMTPServerProtocol) -> None:
+        self.protocol = protocol
+        factory = protocol.factory
+        self.limits = factory.session_limits
+        self.counter = factory.connection_counter
+        self.session = protocol.session
+        #: protocol errors and 5xx replies since the last delivered message
+        self.errors = 0
+        self._admitted_ip: str | None = None
+        self._admitted = False
 
     # -- connection limits ----------------------------------------------------------------
     def admit(self) -> bool:
         """Count this session against the connection limits, or refuse it with 421."""
-        factory = self.factory
-        ip = self.connection.remote_ip
-        reason = factory.connection_counter.admit(ip, factory.session_limits)
+        protocol = self.protocol
+        connection = protocol.commands.connection
+        ip = connection.remote_ip
+        reason = self.counter.admit(ip, self.limits)
         if reason is None:
             self._admitted, self._admitted_ip = True, ip
             if self.session.buffered:
                 # Bytes that came with the PROXY header: the client did not wait either.
-                self.connection.notes["early_talker"] = True
+                connection.notes["early_talker"] = True
             return True
-        self.log.warn(
+        protocol.log.warn(
             "{conn_id} refused {remote_ip}:{remote_port}: {reason}",
-            remote_port=self.connection.remote_port,
+            remote_port=connection.remote_port,
             reason=reason,
-            **self.log_context(),
+            **protocol.commands.log_context(),
         )
         text = "Too many connections from your address" if "address" in reason else (
             "Too many connections"
         )
         self.session.close()
-        self.transport.write(Reply(421, f"4.7.0 {self.me} {text}, try again later").to_bytes())
-        self.transport.loseConnection()
+        transport = protocol.transport
+        refusal = Reply(421, f"4.7.0 {protocol.factory.me} {text}, try again later")
+        transport.write(refusal.to_bytes())
+        transport.loseConnection()
         return False
 
     def release_slot(self) -> None:
         """The connection is gone: it no longer counts (idempotent)."""
         if self._admitted:
             self._admitted = False
-            self.factory.connection_counter.release(self._admitted_ip)
+            self.counter.release(self._admitted_ip)
 
     # -- early talk -----------------------------------------------------------------------
     def reading_before_greeting(self) -> bool:
         """True while the greeting is being prepared: keep reading to notice early talk."""
-        return self.session.state is _GREETING
+        return self.session.state is State.GREETING
 
     def note_early_talk(self) -> None:
         """Bytes arrived before the greeting: note it; stop reading past a bound."""
-        self.connection.notes["early_talker"] = True
+        self.protocol.commands.connection.notes["early_talker"] = True
         if self.session.buffered > EARLY_TALK_BUFFER:
-            self._pause()  # resumed when the greeting's hooks are done
+            self.protocol.pause_reading()  # resumed when the greeting's hooks are done
 
     # -- errors and the DATA timeout --------------------------------------------------------
     def count_error(self) -> None:
         """One more protocol error or 5xx reply; at ``max_errors``, 421 and close."""
         self.errors += 1
-        limit = self.factory.session_limits.max_errors
+        limit = self.limits.max_errors
         if limit and self.errors >= limit and not self.session.closed:
-            self.log.info(
-                "{conn_id} too many errors ({errors})", errors=self.errors, **self.log_context()
+            protocol = self.protocol
+            protocol.log.info(
+                "{conn_id} too many errors ({errors})",
+                errors=self.errors,
+                **protocol.commands.log_context(),
             )
-            self.session.send_unsolicited(Reply(421, f"4.7.0 {self.me} Too many errors"))
+            self.session.send_unsolicited(
+                Reply(421, f"4.7.0 {protocol.factory.me} Too many errors")
+            )
 
     def after_reply(self, answered: Command | MessageEnd | ChunkEnd | None, reply: Reply) -> None:
         """Book-keeping once a reply went out: the error count and the phase's timeout."""
-        if self.session.state is _CLOSED:
+        if self.session.state is State.CLOSED:
             return
         code = reply.code
         if 500 <= code < 600:
@@ -144,18 +138,19 @@ class SessionGuard:
                 self.errors = 0
         self.phase_timeout()
 
-    def _chunk_started(self, _result: object) -> None:
+    def chunk_started(self, _result: object) -> None:
         """A BDAT chunk's octets follow: they are message text (``data_timeout``)."""
         self.phase_timeout()
 
     def phase_timeout(self) -> None:
         """``data_timeout`` while message text is read, ``timeout`` otherwise."""
-        if self._lost:
+        protocol = self.protocol
+        if protocol.lost:
             return
-        idle = self.factory.timeout
-        if self.session.state is _DATA or self.session.reading_chunk:
-            want = self.factory.session_limits.data_timeout_or(idle)
+        idle = protocol.factory.timeout
+        if self.session.state is State.DATA or self.session.reading_chunk:
+            want = self.limits.data_timeout_or(idle)
         else:
             want = idle
-        if self.timeOut != want:
-            self.setTimeout(want)
+        if protocol.timeOut != want:
+            protocol.setTimeout(want)

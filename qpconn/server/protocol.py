@@ -1,8 +1,11 @@
 """The Twisted adapter: bytes from the transport into the session core, replies back out.
 
-This class adds only what needs a reactor: the transport, timers, flow control. The SMTP
-logic is in :class:`qpconn.smtp.commands.SMTPCommands` (hooks and replies) and
-:class:`qpconn.core.session.ServerSession` (grammar and state).
+This class adds only what needs a reactor: the transport, timers, flow control. It owns
+its parts rather than inheriting them: the session core
+(:class:`qpconn.core.session.ServerSession`: grammar and state), the command handlers
+(:class:`qpconn.smtp.commands.SMTPCommands`: hooks and replies, one object per
+connection, given the session explicitly), the guard (:mod:`qpconn.server.guard`:
+connection and error limits, the DATA timeout) and the TLS layer (:mod:`qpconn.server.tls`).
 
 While a hook answers asynchronously the transport is paused and buffered pipelined
 commands wait, so replies leave in order; all replies produced in one pass are written
@@ -22,7 +25,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IHandshakeListener
 from twisted.internet.protocol import Protocol
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
@@ -38,7 +41,7 @@ from qpconn.server.fastpath import eager, fastwrite
 from qpconn.server.fastpath.turnend import at_turn_end
 from qpconn.server.guard import SessionGuard
 from qpconn.server.proxy import apply_proxy_info
-from qpconn.server.tls import TLSAdapter
+from qpconn.server.tls import TLSLayer
 from qpconn.smtp.commands import HandlerResult, SMTPCommands
 
 if TYPE_CHECKING:
@@ -47,47 +50,65 @@ if TYPE_CHECKING:
 __all__ = ["SMTPServerProtocol"]
 
 _INTERNAL_ERROR = Reply(451, "4.3.0 Internal error - try again later")
-# States whose reply must be on its way before anything else happens (close, TLS), as
-# plain names: an Enum member looked up on its class costs ten times a global.
-_CLOSED = State.CLOSED
-_STARTTLS = State.STARTTLS
 
 
-@implementer(IHalfCloseableProtocol)
-class SMTPServerProtocol(SessionGuard, TLSAdapter, SMTPCommands, Protocol, TimeoutMixin):
-    """One SMTP session over a Twisted transport. Subclass it to change behaviour.
+@implementer(IHalfCloseableProtocol, IHandshakeListener)
+class SMTPServerProtocol(Protocol, TimeoutMixin):
+    """One SMTP session over a Twisted transport.
 
-    Documented extension points (see ``docs/protocol.md``): :meth:`greeting`,
-    :meth:`ehlo_lines`, ``smtp_<VERB>`` handlers (override one, or add a new verb), and
-    :meth:`unrecognized_command`. Plug a subclass in with ``SMTPFactory(protocol=...)``.
+    What the session *says* is decided by its handler object, :attr:`commands`: to change
+    the greeting, a command or add one, subclass :class:`~qpconn.smtp.commands.SMTPCommands`
+    and give it to the factory (``SMTPFactory(commands=...)``, see ``docs/protocol.md``).
+    Subclass this class only to change how bytes, timers and the transport are handled.
     """
 
     log = LevelLogger(namespace="qpconn.protocol")
     factory: SMTPFactory
+    #: the handler class for this session; None: the factory's (``SMTPFactory(commands=)``)
+    commands_class: type[SMTPCommands] | None = None
+    #: the connection is gone (nothing more is written or read)
+    lost = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Refuse handler methods on a protocol subclass: they would never be called.
+
+        Before 0.2 the handlers were base classes of the protocol; code that overrides
+        ``smtp_RCPT`` or ``greeting`` here must move them to an SMTPCommands subclass.
+        """
+        super().__init_subclass__(**kwargs)
+        misplaced = sorted(
+            name
+            for name in vars(cls)
+            if not name.startswith("__")
+            and (name.startswith("smtp_") or hasattr(SMTPCommands, name))
+            and not hasattr(Protocol, name)
+        )
+        if misplaced:
+            raise TypeError(
+                f"{cls.__qualname__} defines {', '.join(misplaced)}: command handlers belong "
+                "to a subclass of qpconn.smtp.commands.SMTPCommands, given to the factory as "
+                "SMTPFactory(commands=...) or make_service(..., commands=...) "
+                "(docs/protocol.md)"
+            )
 
     def connectionMade(self) -> None:
         factory = self.factory
         # Bound once: a Logger class attribute builds a new bound Logger on every access.
-        # The bound Logger holds this protocol (its log_source): _release_log breaks that
+        # The bound Logger holds this protocol (its log_source): _release breaks that
         # cycle when the session ends, so the session's objects go when their last
         # reference does, not at the garbage collector's next pass.
         self.log = self.log
-        self.config = factory.config
-        self.runner = factory.runner
-        self.me = factory.me
-        self.databytes = factory.databytes
-        self.size_threshold = factory.size_threshold
-        self.spool_dir = factory.spool_dir
-        self.session_limits = factory.session_limits
-        self.security = factory.security
-        self.connection = factory.build_connection(self.transport)
         self.session = ServerSession(factory.limits.copy())
-        self.transaction = self.new_transaction()
-        self.errors = 0
+        handlers = self.commands_class or factory.commands
+        #: the command handlers of this session (they own its Connection and Transaction)
+        self.commands = handlers(
+            factory, self.session, factory.build_connection(self.transport), self.log
+        )
+        self.guard = SessionGuard(self)
+        self.tls = TLSLayer(self)
         self._busy = False
         self._driving = False
         self._paused = False
-        self._lost = False
         self._read_closed = False
         #: reply bytes held until the end of this reactor turn (see _flush)
         self._unsent: list[bytes] = []
@@ -104,8 +125,8 @@ class SMTPServerProtocol(SessionGuard, TLSAdapter, SMTPCommands, Protocol, Timeo
         factory.session_started(self)
         proxy = factory.proxy
         if not proxy.enabled:
-            self._begin()
-        elif not proxy.trusts(self.connection.remote_ip):
+            self.begin_session()
+        elif not proxy.trusts(self.commands.connection.remote_ip):
             self._refuse("PROXY header required, peer is not a trusted proxy")
         else:
             self._proxy_parser = ProxyHeaderParser(proxy.max_v2_length)
@@ -113,14 +134,36 @@ class SMTPServerProtocol(SessionGuard, TLSAdapter, SMTPCommands, Protocol, Timeo
                 proxy.timeout or 5.0, self._refuse, "no complete PROXY header in time"
             )
 
-    def _begin(self) -> None:
+    @property
+    def connection(self) -> Any:
+        """The session's Connection (the handlers own it; STARTTLS replaces it)."""
+        return self.commands.connection
+
+    @property
+    def transaction(self) -> Any:
+        """The session's current Transaction (owned by the handlers)."""
+        return self.commands.transaction
+
+    def log_context(self) -> dict[str, Any]:
+        """Fields every log event of this session carries."""
+        return self.commands.log_context()
+
+    def pause_reading(self) -> None:
+        """Stop reading from the client until the handler at work is done (flow control)."""
+        self._pause()
+
+    def handshakeCompleted(self) -> None:
+        """IHandshakeListener: the TLS layer finished its handshake."""
+        self.tls.handshake_completed()
+
+    def begin_session(self) -> None:
         """Start the SMTP session proper: lookups, pre-connection/connect hooks, greeting."""
-        if self.tls_handshake_pending():
+        if self.tls.handshake_pending():
             return  # implicit TLS: called again once the handshake is done (tls.py)
-        if not self.admit():
+        if not self.guard.admit():
             return  # over a connection limit: 421 sent, nothing else runs (guard.py)
         self._started = True
-        conn = self.connection
+        conn = self.commands.connection
         self.log.info(
             "{conn_id} connect from {remote_ip}:{remote_port} to {local_ip}:{local_port}",
             remote_port=conn.remote_port,
@@ -132,8 +175,8 @@ class SMTPServerProtocol(SessionGuard, TLSAdapter, SMTPCommands, Protocol, Timeo
         self._run(self._open(), self._greet)
 
     async def _open(self) -> tuple[Reply, bool]:
-        await self.factory.lookup_peer(self.connection)
-        return await self.start_session()
+        await self.factory.lookup_peer(self.commands.connection)
+        return await self.commands.start_session()
 
     # -- PROXY protocol -------------------------------------------------------------------
     def _proxy_data(self, parser: ProxyHeaderParser, data: bytes) -> None:
@@ -150,8 +193,9 @@ class SMTPServerProtocol(SessionGuard, TLSAdapter, SMTPCommands, Protocol, Timeo
         if self._proxy_timer is not None and self._proxy_timer.active():
             self._proxy_timer.cancel()
         self._proxy_timer = None
-        balancer = f"{self.connection.remote_ip}:{self.connection.remote_port}"
-        apply_proxy_info(self.connection, info)
+        conn = self.commands.connection
+        balancer = f"{conn.remote_ip}:{conn.remote_port}"
+        apply_proxy_info(conn, info)
         self.log.debug(
             "{conn_id} PROXY v{version} {command} from balancer {balancer}",
             version=info.version,
@@ -162,18 +206,18 @@ class SMTPServerProtocol(SessionGuard, TLSAdapter, SMTPCommands, Protocol, Timeo
         # Early talk that came with the header waits in the core until the greeting is
         # out; it must be buffered before _begin, which may greet synchronously.
         self.session.receive_data(rest)
-        self._begin()
+        self.begin_session()
 
     def _refuse(self, reason: str) -> None:
         """Close before the SMTP session began: no banner, no hooks, one log line."""
-        if self._started or self._lost:
+        if self._started or self.lost:
             return
         self._proxy_parser = None
         if self._proxy_timer is not None and self._proxy_timer.active():
             self._proxy_timer.cancel()
         self._proxy_timer = None
         self.session.close()
-        conn = self.connection
+        conn = self.commands.connection
         self.log.warn(
             "{conn_id} refused {remote_ip}:{remote_port}: {reason}",
             remote_port=conn.remote_port,
@@ -190,16 +234,17 @@ class SMTPServerProtocol(SessionGuard, TLSAdapter, SMTPCommands, Protocol, Timeo
             return  # refused: whatever else arrives is dropped unread
         self.resetTimeout()
         self.session.receive_data(data)
-        if self.reading_before_greeting():
-            self.note_early_talk()  # guard.py: evidence for earlytalker
+        if self.guard.reading_before_greeting():
+            self.guard.note_early_talk()  # evidence for earlytalker
         self._drive()
 
     def _drive(self) -> None:
         """Turn buffered input into events until a hook goes asynchronous or input runs out."""
-        if self._driving or self._lost:
+        if self._driving or self.lost:
             return
         self._driving = True
         session = self.session
+        commands = self.commands
         try:
             while not self._busy:
                 event = session.next_event()
@@ -207,21 +252,21 @@ class SMTPServerProtocol(SessionGuard, TLSAdapter, SMTPCommands, Protocol, Timeo
                     break
                 kind = type(event)
                 if kind is Command:
-                    self._run(self.dispatch(event), self._answer)
+                    self._run(commands.dispatch(event), self._answer)
                 elif kind is MessageData:
-                    if not self.store_message_data(event.data):
-                        self._run(self._headers_end(), None)  # data_headers_end may wait
+                    if not commands.store_message_data(event.data):
+                        self._run(commands.headers_end(), None)  # data_headers_end may wait
                 elif isinstance(event, ChunkStart):
-                    # BDAT: smtp_extensions; then the chunk is read under data_timeout
-                    self._run(self.chunk_start(event), self._chunk_started)
+                    # BDAT (smtp/extensions.py); then the chunk is read under data_timeout
+                    self._run(commands.chunk_start(event), self.guard.chunk_started)
                 elif isinstance(event, ProtocolError):
                     self.protocol_error(event)
                 else:
-                    self._run(self.dispatch(event), self._answer)
+                    self._run(commands.dispatch(event), self._answer)
         finally:
             self._driving = False
         self._flush()
-        if self._read_closed and not self._busy and not self._lost:
+        if self._read_closed and not self._busy and not self.lost:
             # The client half-closed and everything it sent has been answered.
             self.send_unsent()
             self.transport.loseConnection()
@@ -250,7 +295,7 @@ class SMTPServerProtocol(SessionGuard, TLSAdapter, SMTPCommands, Protocol, Timeo
             text=event.reply.text,
             **self.log_context(),
         )
-        self.count_error()  # at max_errors: 421 and close (guard.py)
+        self.guard.count_error()  # at max_errors: 421 and close
 
     # -- running handlers -----------------------------------------------------------------
     def _run(
@@ -271,14 +316,14 @@ class SMTPServerProtocol(SessionGuard, TLSAdapter, SMTPCommands, Protocol, Timeo
         deferred.addBoth(self._finished, apply)
         if self._busy:
             self._inflight = deferred
-            if not self.reading_before_greeting():  # early talk must be seen (guard.py)
+            if not self.guard.reading_before_greeting():  # early talk must be seen
                 self._pause()
             self._idle_saved = self.setTimeout(None)
 
     def _finished(self, result: Any, apply: Callable[[Any], None] | None) -> None:
         self._busy = False
         self._inflight = None
-        if self._idle_saved is not None and not self._lost:
+        if self._idle_saved is not None and not self.lost:
             self.setTimeout(self._idle_saved)
         self._idle_saved = None
         self._apply(result, apply)
@@ -289,7 +334,7 @@ class SMTPServerProtocol(SessionGuard, TLSAdapter, SMTPCommands, Protocol, Timeo
         if isinstance(result, Failure):
             self.log.failure("{conn_id} handler failed", result, **self.log_context())
             result = (_INTERNAL_ERROR, False)
-        if not self._lost and apply is not None:
+        if not self.lost and apply is not None:
             apply(result)
         if self._paused:
             self._resume()
@@ -308,30 +353,30 @@ class SMTPServerProtocol(SessionGuard, TLSAdapter, SMTPCommands, Protocol, Timeo
             result = _INTERNAL_ERROR
         reply, close = (result, False) if isinstance(result, Reply) else result
         session.send(reply, close)
-        self.after_reply(answered, reply)  # max_errors, data_timeout (guard.py)
+        self.guard.after_reply(answered, reply)  # max_errors, data_timeout
 
     def _pause(self) -> None:
-        if not self._paused and not self._lost:
+        if not self._paused and not self.lost:
             self._paused = True
             self.transport.pauseProducing()
 
     def _resume(self) -> None:
         self._paused = False
-        if not self._lost:
+        if not self.lost:
             self.transport.resumeProducing()
 
     # -- output ---------------------------------------------------------------------------
     def _flush(self) -> None:
         session = self.session
         data = session.data_to_send()
-        if self._lost:
+        if self.lost:
             return
         state = session.state
         if data:
             if (
                 self._may_hold
-                and state is not _CLOSED
-                and state is not _STARTTLS
+                and state is not State.CLOSED
+                and state is not State.STARTTLS
                 and len(self.factory.sessions) > 1
             ):
                 # Sent with the other sessions' replies at the end of this turn.
@@ -340,16 +385,16 @@ class SMTPServerProtocol(SessionGuard, TLSAdapter, SMTPCommands, Protocol, Timeo
                 self._unsent.append(data)
                 return
             self.send_unsent()  # anything held goes first: bytes stay in order
-            if state is _CLOSED:
+            if state is State.CLOSED:
                 # The last reply (221, 421): Twisted sends it and closes in one step, so
                 # the session's end is handled before the client can see that reply.
                 self.transport.write(data)
             else:
                 fastwrite.write(self.transport, data)  # at once when nothing is queued
-            if state is _STARTTLS:
-                self.tls_after_flush()  # the 220 to STARTTLS is out: handshake now (tls.py)
+            if state is State.STARTTLS:
+                self.tls.after_flush()  # the 220 to STARTTLS is out: handshake now
             state = session.state  # a TLS failure may have closed it
-        if state is _CLOSED:
+        if state is State.CLOSED:
             self.send_unsent()
             self.transport.loseConnection()
 
@@ -360,32 +405,34 @@ class SMTPServerProtocol(SessionGuard, TLSAdapter, SMTPCommands, Protocol, Timeo
             return
         data = unsent[0] if len(unsent) == 1 else b"".join(unsent)
         unsent.clear()
-        if not self._lost:
+        if not self.lost:
             fastwrite.write(self.transport, data)
 
     def timeoutConnection(self) -> None:
         """Idle too long: say so (RFC 5321 §4.5.3.2 wants a 421) and close."""
         self.log.info("{conn_id} idle timeout", **self.log_context())
-        self.session.send_unsolicited(Reply(421, f"4.4.2 {self.me} Error: timeout exceeded"))
+        self.session.send_unsolicited(
+            Reply(421, f"4.4.2 {self.factory.me} Error: timeout exceeded")
+        )
         self._flush()
 
     # -- end ------------------------------------------------------------------------------
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self._lost = True
+        self.lost = True
         self._unsent.clear()
         self.setTimeout(None)
-        self._tls_cancel_timer()
-        self.release_slot()  # max_connections* count live connections (guard.py)
+        self.tls.cancel_timer()
+        self.guard.release_slot()  # max_connections* count live connections
         self.session.close()
         if not self._started:
             # Refused or gone before a PROXY header completed: nothing ran, nothing to undo.
             if self._proxy_timer is not None and self._proxy_timer.active():
                 self._proxy_timer.cancel()
             self._proxy_parser = self._proxy_timer = None
-            self.transaction.close()
+            self.commands.transaction.close()
             self.factory.session_ended(self)
-            self.connection.reset()
-            self._release_log()
+            self.commands.connection.reset()
+            self._release()
             return
         if self._inflight is not None:
             # A handler is still at work (e.g. queueing the message): the transaction is
@@ -406,19 +453,19 @@ class SMTPServerProtocol(SessionGuard, TLSAdapter, SMTPCommands, Protocol, Timeo
 
     async def _close(self) -> None:
         try:
-            runner = self.runner
-            for hook in ("disconnect", "post-connection"):
-                if runner.has(hook):
-                    await runner.run_all(hook, self.transaction)
+            await self.commands.close()  # disconnect hooks; the transaction is released
         finally:
-            try:
-                self.transaction.close()
-            finally:
-                self.factory.session_ended(self)
-                self.log.info("{conn_id} disconnect", **self.log_context())
-                self.connection.reset()
-                self._release_log()
+            self.factory.session_ended(self)
+            self.log.info("{conn_id} disconnect", **self.log_context())
+            self.commands.connection.reset()
+            self._release()
 
-    def _release_log(self) -> None:
-        """Drop the bound Logger (it refers back to us); a later event binds a new one."""
+    def _release(self) -> None:
+        """Break the session's reference cycles, so that it is freed by reference counting.
+
+        The bound Logger refers back to this protocol (its log_source; a later event binds
+        a new one), and so do the guard and the TLS layer it owns.
+        """
         self.__dict__.pop("log", None)
+        self.commands.log = type(self).log  # the handlers held the same bound Logger
+        del self.guard.protocol, self.tls.protocol

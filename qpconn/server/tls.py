@@ -7,7 +7,7 @@ after STARTTLS and before the handshake is ever read) in :mod:`qpconn.core.tls_a
 * :func:`load_tls_options` reads ``tls_cert``/``tls_key`` once, at start-up, so a wrong
   path or a key that does not match the certificate stops the server instead of failing
   every STARTTLS later.
-* :class:`TLSAdapter` (mixed into the protocol) starts TLS right after the 220 reply is
+* :class:`TLSLayer` (owned by the protocol) starts TLS right after the 220 reply is
   written, bounds the handshake in time, and on ``handshakeCompleted`` tells the SMTP
   side, with the version and cipher. On an ``ssl:`` listener (implicit TLS, RFC 8314)
   the session itself (lookups, hooks, greeting) waits for the handshake, so every plugin
@@ -18,18 +18,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.interfaces import IDelayedCall, IHandshakeListener
-from twisted.logger import Logger
-from zope.interface import implementer
+from twisted.internet.interfaces import IDelayedCall
 
 from qpconn.config import ConfigError
+from qpconn.core.session import State
 
 if TYPE_CHECKING:
     from qpconn.config import Config
-    from qpconn.core.session import ServerSession
-    from qpconn.server.factory import SMTPFactory
+    from qpconn.server.protocol import SMTPServerProtocol
 
-__all__ = ["TLSAdapter", "load_tls_options", "tls_details", "tls_from_config"]
+__all__ = ["TLSLayer", "load_tls_options", "tls_details", "tls_from_config"]
 
 
 def load_tls_options(cert_path: str, key_path: str | None = None) -> Any:
@@ -115,76 +113,73 @@ def tls_details(transport: Any) -> dict[str, str]:
     return details
 
 
-@implementer(IHandshakeListener)
-class TLSAdapter:
-    """STARTTLS and implicit TLS for :class:`~qpconn.server.protocol.SMTPServerProtocol`."""
+class TLSLayer:
+    """STARTTLS and implicit TLS for one session of
+    :class:`~qpconn.server.protocol.SMTPServerProtocol`, which owns it.
 
-    log: Logger
-    factory: SMTPFactory
-    transport: Any
-    session: ServerSession
-    _tls_timer: IDelayedCall | None = None
-    #: startTLS() was called (after the 220 to STARTTLS went out)
-    _tls_starting = False
-    #: an ssl: listener: the session starts when the handshake is done
-    _tls_implicit = False
-    _tls_done = False
+    The protocol is the transport's IHandshakeListener and hands the news on to
+    :meth:`handshake_completed`; this class decides what follows: the session starts (an
+    ``ssl:`` listener) or starts over on a clone of the connection (after STARTTLS).
+    """
 
-    if TYPE_CHECKING:  # provided by the protocol and SMTPCommands
+    def __init__(self, protocol: SMTPServerProtocol) -> None:
+        self.protocol = protocol
+        self._timer: IDelayedCall | None = None
+        #: startTLS() was called (after the 220 to STARTTLS went out)
+        self._starting = False
+        #: an ssl: listener: the session starts when the handshake is done
+        self._implicit = False
+        self._done = False
 
-        def _begin(self) -> None: ...
-        def tls_established(self, details: dict[str, str]) -> None: ...
-        def setTimeout(self, period: float | None) -> float | None: ...
-        def log_context(self) -> dict[str, Any]: ...
-
-    def tls_handshake_pending(self) -> bool:
+    def handshake_pending(self) -> bool:
         """True (and wait) on an implicit-TLS transport whose handshake is not done."""
-        if self._tls_done or _ssl_handle(self.transport) is None:
+        if self._done or _ssl_handle(self.protocol.transport) is None:
             return False
-        if not self._tls_implicit:
-            self._tls_implicit = True
-            self._tls_bound_handshake()
+        if not self._implicit:
+            self._implicit = True
+            self._bound_handshake()
         return True
 
-    def tls_after_flush(self) -> None:
+    def after_flush(self) -> None:
         """After the 220 to STARTTLS is written: switch the transport to TLS, once."""
-        from qpconn.core.session import State
-
-        if self._tls_starting or self.session.state is not State.STARTTLS:
+        protocol = self.protocol
+        if self._starting or protocol.session.state is not State.STARTTLS:
             return
-        self._tls_starting = True
+        self._starting = True
         # The handshake has its own bound; the idle timer would write a 421 into a TLS
         # layer that cannot send it yet.
-        self.setTimeout(None)
-        self._tls_bound_handshake()
-        self.transport.startTLS(self.factory.security.tls)
+        protocol.setTimeout(None)
+        self._bound_handshake()
+        protocol.transport.startTLS(protocol.factory.security.tls)
 
-    def _tls_bound_handshake(self) -> None:
-        self._tls_timer = self.factory.clock.callLater(
-            self.factory.timeout or 300.0, self._tls_handshake_timeout
-        )
+    def _bound_handshake(self) -> None:
+        factory = self.protocol.factory
+        self._timer = factory.clock.callLater(factory.timeout or 300.0, self._handshake_timeout)
 
-    def _tls_handshake_timeout(self) -> None:
-        self._tls_timer = None
-        self.log.info("{conn_id} TLS handshake timed out", **self.log_context())
-        self.transport.abortConnection()
+    def _handshake_timeout(self) -> None:
+        self._timer = None
+        protocol = self.protocol
+        protocol.log.info("{conn_id} TLS handshake timed out", **protocol.commands.log_context())
+        protocol.transport.abortConnection()
 
-    def _tls_cancel_timer(self) -> None:
-        if self._tls_timer is not None and self._tls_timer.active():
-            self._tls_timer.cancel()
-        self._tls_timer = None
+    def cancel_timer(self) -> None:
+        """The session is over: no handshake deadline any more."""
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
 
-    def handshakeCompleted(self) -> None:
-        """IHandshakeListener: the TLS layer finished its handshake."""
-        self._tls_cancel_timer()
-        if self._tls_done:
+    def handshake_completed(self) -> None:
+        """The TLS layer finished its handshake: tell the handlers, then go on."""
+        self.cancel_timer()
+        if self._done:
             return  # a renegotiation: nothing starts over
-        self._tls_done = True
-        details = tls_details(self.transport)
-        if self._tls_implicit:
-            self.tls_established(details)
-            self._begin()
+        self._done = True
+        protocol = self.protocol
+        details = tls_details(protocol.transport)
+        if self._implicit:
+            protocol.commands.tls_established(details)
+            protocol.begin_session()
             return
-        if self._tls_starting:
-            self.tls_established(details)
-            self.setTimeout(self.factory.timeout)
+        if self._starting:
+            protocol.commands.tls_established(details)
+            protocol.setTimeout(protocol.factory.timeout)

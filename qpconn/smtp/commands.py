@@ -3,11 +3,13 @@
 This is qpsmtpd's ``Qpsmtpd::SMTP`` in Python: the session core has already checked the
 line and the command sequence; here the hooks run in order and their outcome picks the
 reply (through :func:`qpconn.hooks.results.reply_for`). Nothing here touches a socket: the
-protocol adapter calls :meth:`SMTPCommands.dispatch` and writes what comes back.
+protocol adapter owns one :class:`SMTPCommands` per connection, calls
+:meth:`SMTPCommands.dispatch` and writes what comes back.
 
-Subclasses may override :meth:`greeting`, :meth:`ehlo_lines`, any ``smtp_<VERB>``
-handler, or add one for a new verb (``async def smtp_XCLIENT(self, arg)``); a handler
-returns a :class:`~qpconn.core.reply.Reply` or ``(Reply, close)``.
+Subclass it to change the conversation: override :meth:`greeting`, :meth:`ehlo_lines`,
+any ``smtp_<VERB>`` handler, or add one for a new verb (``async def smtp_XCLIENT(self,
+arg)``); a handler returns a :class:`~qpconn.core.reply.Reply` or ``(Reply, close)``. Plug
+the subclass in with ``SMTPFactory(commands=...)`` or ``make_service(..., commands=...)``.
 """
 
 from __future__ import annotations
@@ -15,40 +17,25 @@ from __future__ import annotations
 import errno
 import time
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any
-
-from twisted.logger import LogLevel
+from typing import Any
 
 import qpconn
 from qpconn.core.bdat import ChunkEnd
 from qpconn.core.events import AuthResponse, Command, MessageEnd
 from qpconn.core.reply import Reply
-from qpconn.hooks.results import DECLINED_OUTCOME, DONE, OK, HookOutcome, reply_for
-from qpconn.log.level import LevelLogger
+from qpconn.hooks.results import DECLINED_OUTCOME, DONE, OK, reply_for
 from qpconn.mail.address import AddressError
 from qpconn.mail.received import received_value
-from qpconn.mail.transaction import Transaction
+from qpconn.smtp.context import HandlerResult
 from qpconn.smtp.extensions import MAIL_EXTENSION_PARAMS, ExtensionCommands
-from qpconn.smtp.limits import SessionLimits
 from qpconn.smtp.security import TLSAuthCommands
-
-if TYPE_CHECKING:
-    from qpconn.config import Config
-    from qpconn.core.session import ServerSession
-    from qpconn.hooks.runner import HookRunner
-    from qpconn.mail.connection import Connection
 
 __all__ = ["SMTPCommands", "HandlerResult"]
 
-HandlerResult = Reply | tuple[Reply, bool] | None
 SOFTWARE = f"qpconn {qpconn.__version__}"
 
 _MAIL_PARAMS = frozenset({"SIZE", "BODY"}) | MAIL_EXTENSION_PARAMS
 _BODY_TYPES = frozenset({"7BIT", "8BITMIME", "BINARYMIME"})
-_TRANSACTION_LINE = (
-    "{conn_id} {queue_id} {verdict} from={sender} to={rcpts} size={size} "
-    "reply={code} elapsed={elapsed:.3f}s"
-)
 # Replies that never change, built once (Reply objects are not modified once made)
 _OK = Reply(250, "2.0.0 OK")
 _GO_AHEAD = Reply(354, "End data with <CR><LF>.<CR><LF>")
@@ -64,66 +51,13 @@ def _positive(decided: tuple[Reply, bool] | None) -> bool:
 
 
 class SMTPCommands(TLSAuthCommands, ExtensionCommands):
-    """Command handling shared by every protocol adapter; see the module docstring.
+    """The handlers of one session; see the module docstring.
 
     STARTTLS and AUTH are in :class:`qpconn.smtp.security.TLSAuthCommands`; BDAT, DSN
-    and SMTPUTF8 in :class:`qpconn.smtp.extensions.ExtensionCommands`.
+    and SMTPUTF8 in :class:`qpconn.smtp.extensions.ExtensionCommands`; the state they all
+    share (connection, transaction, settings, hooks, logging) in
+    :class:`qpconn.smtp.context.CommandContext`.
     """
-
-    log = LevelLogger(namespace="qpconn.smtp")
-
-    session: ServerSession
-    connection: Connection
-    transaction: Transaction
-    runner: HookRunner
-    config: Config
-    me: str
-    spool_dir: str | None
-    size_threshold: int
-    databytes: int
-    #: max_rcpt, max_errors, ... (the adapter sets the factory's; defaults otherwise)
-    session_limits: SessionLimits = SessionLimits()
-    _verdict: tuple[Reply, bool] | None = None
-    _tx_count = 0
-
-    # -- helpers ------------------------------------------------------------------------
-    def log_context(self) -> dict[str, Any]:
-        """Fields every log event of this session carries."""
-        transaction = getattr(self, "transaction", None)
-        return {
-            "conn_id": self.connection.id,
-            "txn_id": transaction.id if transaction is not None else None,
-            "remote_ip": self.connection.remote_ip,
-        }
-
-    async def run_hook(self, hook: str, *args: Any) -> HookOutcome:
-        """Run a hook with the current transaction and these arguments."""
-        runner = self.runner
-        if hook not in runner.used:
-            return DECLINED_OUTCOME  # most hooks have no plugin: nothing to run or log
-        return await runner.run(hook, self.transaction, *args, log_context=self.log_context)
-
-    def new_transaction(self) -> Transaction:
-        """A fresh transaction; its id (the queue id) is the connection id plus a counter."""
-        self._tx_count += 1
-        return Transaction(
-            self.connection,
-            id=f"{self.connection.id}.{self._tx_count}",
-            size_threshold=self.size_threshold,
-            spool_dir=self.spool_dir,
-        )
-
-    async def reset_transaction(self) -> None:
-        """End the current transaction (RSET, new HELO, end of DATA) and start a new one."""
-        await self.end_transaction(self.transaction)
-        self.transaction = self.new_transaction()
-
-    async def end_transaction(self, old: Transaction) -> None:
-        """Run reset_transaction hooks for a transaction that had an envelope; release it."""
-        if (old.sender is not None or old.recipients) and self.runner.has("reset_transaction"):
-            await self.runner.run_all("reset_transaction", old)
-        old.close()
-        self._verdict = None
 
     # -- connection start ---------------------------------------------------------------
     def greeting(self) -> str:
@@ -175,11 +109,6 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
             return self.unrecognized_command(verb, event.arg)
         coro: Coroutine[Any, Any, HandlerResult] = handler(event.arg)
         return coro
-
-    async def unrecognized_command(self, verb: str, arg: str) -> HandlerResult:
-        outcome = await self.run_hook("unrecognized_command", verb, arg)
-        decided = reply_for("unrecognized_command", outcome)
-        return decided if decided is not None else Reply(500, "5.5.1 Unrecognized command")
 
     # -- HELO / EHLO ----------------------------------------------------------------------
     async def smtp_HELO(self, arg: str) -> HandlerResult:
@@ -260,7 +189,7 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         decided = reply_for("mail", outcome)
         if not _positive(decided):
             assert decided is not None
-            self._log_rejection("mail", outcome, decided[0], sender=sender.format())
+            self.log_rejection("mail", outcome, decided[0], sender=sender.format())
             return decided
         self.transaction.sender = sender
         self.transaction.mail_params = params
@@ -315,7 +244,7 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         decided = reply_for("rcpt", outcome)
         if not _positive(decided):
             assert decided is not None
-            self._log_rejection("rcpt", outcome, decided[0], rcpt=recipient.format())
+            self.log_rejection("rcpt", outcome, decided[0], rcpt=recipient.format())
             return decided
         self.transaction.add_recipient(recipient, params)
         return decided or Reply(250, f"2.1.5 {recipient.format()}, recipient ok")
@@ -339,7 +268,7 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
     async def message_data(self, data: bytes) -> None:
         """Store a piece of message text; run data_headers_end once the header is complete."""
         if not self.store_message_data(data):
-            await self._headers_end()
+            await self.headers_end()
 
     def store_message_data(self, data: bytes) -> bool:
         """Store a piece of message text; False when the data_headers_end hook must run now.
@@ -360,7 +289,8 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
             return True
         return not (headers_done and self.runner.has("data_headers_end"))
 
-    async def _headers_end(self) -> None:
+    async def headers_end(self) -> None:
+        """The header is complete: run ``data_headers_end``; a refusal is given at the end."""
         if not self.runner.has("data_headers_end"):
             return
         outcome = await self.run_hook("data_headers_end")
@@ -382,12 +312,12 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         txn = self.transaction
         refusal = self.refuse_message_text(end)
         if refusal is not None:
-            self._log_transaction("rejected", refusal, hook="data")
+            self.log_transaction("rejected", refusal, hook="data")
             return refusal
         if txn.end_of_data() and self._verdict is None:
-            await self._headers_end()
+            await self.headers_end()
         if self._verdict is not None:
-            self._log_transaction("rejected", self._verdict[0], hook="data_headers_end")
+            self.log_transaction("rejected", self._verdict[0], hook="data_headers_end")
             return self._verdict
         await self.add_received_header()
         outcome = DECLINED_OUTCOME
@@ -395,7 +325,7 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
             outcome = await self.run_hook("data_post")
         decided = reply_for("data_post", outcome)
         if decided is not None:
-            self._log_transaction("rejected", decided[0], plugin=outcome.plugin, hook="data_post")
+            self.log_transaction("rejected", decided[0], plugin=outcome.plugin, hook="data_post")
             return decided
         return await self.queue_message()
 
@@ -446,7 +376,7 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
                 False,
             )
         reply = decided[0]
-        self._log_transaction(
+        self.log_transaction(
             "accepted" if reply.code < 300 else "rejected", reply, plugin=outcome.plugin, hook=stage
         )
         if "queue_post" in hooked:
@@ -483,44 +413,3 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         outcome = await self.run_hook("quit")
         decided = reply_for("quit", outcome)
         return (decided[0] if decided else Reply(221, f"2.0.0 {self.me} closing connection")), True
-
-    # -- logging --------------------------------------------------------------------------
-    def _log_rejection(self, stage: str, outcome: HookOutcome, reply: Reply, **fields: Any) -> None:
-        self.log.info(
-            "{conn_id} {stage} rejected by {plugin}: {code} {text}",
-            stage=stage,
-            hook=stage,
-            event="rejection",
-            result="rejected",
-            plugin=outcome.plugin or "-",
-            code=reply.code,
-            text=reply.text,
-            **fields,
-            **self.log_context(),
-        )
-
-    def _log_transaction(
-        self, verdict: str, reply: Reply, plugin: str | None = None, hook: str = "queue"
-    ) -> None:
-        """The one summary line of a transaction that reached the end of DATA (``event``
-        ``transaction``); ``hook`` is where it was decided. Metrics count these events."""
-        txn = self.transaction
-        started = txn.notes.get("data_started")
-        recipients = txn.recipients
-        # One dict, handed over as the event itself (info(**fields) would copy it again).
-        fields = {
-            **self.log_context(),
-            "queue_id": txn.id,
-            "verdict": verdict,
-            "sender": txn.sender.format() if txn.sender else "<>",
-            "rcpts": ",".join([r.format() for r in recipients]),
-            "size": txn.data_size,
-            "code": reply.code,
-            "plugin": plugin,
-            "hook": hook,
-            "result": verdict,
-            "recipients": len(recipients),
-            "event": "transaction",
-            "elapsed": (time.monotonic() - started) if started else 0.0,
-        }
-        self.log.emit_fields(LogLevel.info, _TRANSACTION_LINE, fields)

@@ -1,4 +1,4 @@
-"""CHUNKING/BINARYMIME, DSN and SMTPUTF8 command handling, mixed into SMTPCommands.
+"""CHUNKING/BINARYMIME, DSN and SMTPUTF8 command handling, one part of SMTPCommands.
 
 Like :mod:`qpconn.smtp.commands`, nothing here touches a socket. The session core frames BDAT
 chunks (:mod:`qpconn.core.bdat`); this module answers them with the same hooks and the
@@ -19,7 +19,7 @@ same :class:`~qpconn.mail.transaction.Transaction` as DATA:
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from qpconn.core.bdat import ChunkEnd, ChunkStart
 from qpconn.core.events import MessageEnd
@@ -28,16 +28,9 @@ from qpconn.hooks.results import reply_for
 from qpconn.mail.address import Address, AddressError, parse_params, split_path_and_params
 from qpconn.mail.dsn import DSNError, check_mail_dsn, check_rcpt_dsn
 from qpconn.mail.smtputf8 import is_smtputf8, received_protocol
-
-if TYPE_CHECKING:
-    from qpconn.core.session import ServerSession
-    from qpconn.hooks.results import HookOutcome
-    from qpconn.mail.connection import Connection
-    from qpconn.mail.transaction import Transaction
+from qpconn.smtp.context import CommandContext, HandlerResult
 
 __all__ = ["ExtensionCommands", "MAIL_EXTENSION_PARAMS", "RCPT_PARAMS"]
-
-HandlerResult = Reply | tuple[Reply, bool] | None
 
 #: MAIL parameters this module checks (SIZE and BODY are checked in qpconn.smtp.commands)
 MAIL_EXTENSION_PARAMS = frozenset({"SMTPUTF8", "RET", "ENVID"})
@@ -45,24 +38,15 @@ MAIL_EXTENSION_PARAMS = frozenset({"SMTPUTF8", "RET", "ENVID"})
 RCPT_PARAMS = frozenset({"NOTIFY", "ORCPT"})
 
 
-class ExtensionCommands:
+class ExtensionCommands(CommandContext):
     """The handlers; see the module docstring."""
 
-    #: speak LMTP (set by qpconn.server.lmtp); changes the Received word
+    #: speak LMTP (:class:`qpconn.smtp.lmtp.LMTPCommands`); changes the Received word
     lmtp_mode = False
 
-    if TYPE_CHECKING:  # provided by SMTPCommands
-        session: ServerSession
-        connection: Connection
-        transaction: Transaction
-        _verdict: tuple[Reply, bool] | None
+    if TYPE_CHECKING:  # the one handler of the base commands a BDAT ... LAST chunk ends in
 
-        async def run_hook(self, hook: str, *args: Any) -> HookOutcome: ...
-        async def reset_transaction(self) -> None: ...
         async def message_end(self, end: MessageEnd) -> HandlerResult: ...
-        def _log_transaction(
-            self, verdict: str, reply: Reply, plugin: str | None = None
-        ) -> None: ...
 
     # -- EHLO -----------------------------------------------------------------------------
     def extension_ehlo_lines(self) -> list[str]:
@@ -152,7 +136,7 @@ class ExtensionCommands:
             return await self.message_end(MessageEnd(size=end.total))
         if refusal is None:
             return Reply(250, f"2.0.0 {end.size} octets received")
-        self._log_transaction("rejected", refusal[0])
+        self.log_transaction("rejected", refusal[0])
         await self.reset_transaction()
         return refusal
 

@@ -1,4 +1,4 @@
-"""STARTTLS (RFC 3207) and AUTH (RFC 4954) command handlers, mixed into SMTPCommands.
+"""STARTTLS (RFC 3207) and AUTH (RFC 4954) command handlers, one part of SMTPCommands.
 
 Like :mod:`qpconn.smtp.commands`, nothing here touches a socket. The session core decides when
 these commands are legal and what a reply does to the state (a 220 to STARTTLS drops all
@@ -14,25 +14,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from twisted.logger import Logger
-
 from qpconn.config import ConfigError
 from qpconn.core import sasl as auth
 from qpconn.core.reply import Reply
 from qpconn.hooks.results import DECLINED, reply_for
 from qpconn.mail.received import header_safe
+from qpconn.smtp.context import CommandContext, HandlerResult
 
 if TYPE_CHECKING:
     from qpconn.config import Config
-    from qpconn.core.session import ServerSession
-    from qpconn.hooks.results import HookOutcome
-    from qpconn.hooks.runner import HookRunner
-    from qpconn.mail.connection import Connection
-    from qpconn.mail.transaction import Transaction
 
 __all__ = ["SecuritySettings", "TLSAuthCommands", "read_security_settings"]
-
-HandlerResult = Reply | tuple[Reply, bool] | None
 
 _TRUE = frozenset({"1", "yes", "true", "on"})
 _FALSE = frozenset({"0", "no", "false", "off"})
@@ -76,26 +68,11 @@ def read_security_settings(config: Config, tls: Any = None) -> SecuritySettings:
     )
 
 
-class TLSAuthCommands:
-    """The handlers; see the module docstring. ``security`` is set by the adapter."""
+class TLSAuthCommands(CommandContext):
+    """The handlers; see the module docstring."""
 
-    security: SecuritySettings = SecuritySettings()
     _sasl_exchange: auth.Exchange | None = None
     _auth_failures = 0
-
-    if TYPE_CHECKING:  # provided by SMTPCommands
-        log: Logger
-        session: ServerSession
-        connection: Connection
-        transaction: Transaction
-        runner: HookRunner
-        me: str
-        _verdict: tuple[Reply, bool] | None
-
-        def log_context(self) -> dict[str, Any]: ...
-        async def run_hook(self, hook: str, *args: Any) -> HookOutcome: ...
-        async def unrecognized_command(self, verb: str, arg: str) -> HandlerResult: ...
-        def new_transaction(self) -> Transaction: ...
 
     # -- what is offered ----------------------------------------------------------------
     def auth_mechanisms(self) -> list[str]:

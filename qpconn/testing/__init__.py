@@ -401,13 +401,16 @@ def _drive(
     assert proto is not None
     proto.callLater = clock.callLater  # type: ignore[attr-defined] # TimeoutMixin's timers
     created: list[Any] = []
-    original = proto.new_transaction
+    handlers = proto.commands_class or factory.commands
 
-    def recording() -> Any:
-        created.append(original())
-        return created[-1]
+    class Recording(handlers):  # type: ignore[misc,valid-type]
+        """The session's own handler class, remembering each transaction it makes."""
 
-    proto.new_transaction = recording  # type: ignore[method-assign]
+        def new_transaction(self) -> Any:
+            created.append(super().new_transaction())
+            return created[-1]
+
+    proto.commands_class = Recording
     proto.makeConnection(transport)
     if early and not transport.disconnecting:
         proto.dataReceived(early)  # while the connect hooks still hold the greeting back

@@ -22,6 +22,7 @@ from qpconn.plugins import Plugin
 from qpconn.server.factory import SMTPFactory
 from qpconn.server.peerinfo import LookupSettings
 from qpconn.server.protocol import SMTPServerProtocol
+from qpconn.smtp.commands import SMTPCommands
 from qpconn.testing import load_listed_plugins
 
 T = TypeVar("T")
@@ -92,6 +93,7 @@ def start_server(
     files: Mapping[str, str | Sequence[str]] | None = None,
     plugins: Iterable[Plugin | type[Plugin] | str] | None = None,
     protocol: type[SMTPServerProtocol] | None = None,
+    commands: type[SMTPCommands] | None = None,
     factory_class: type[SMTPFactory] = SMTPFactory,
     interface: str = "127.0.0.1",
     lookups: LookupSettings | None = None,
@@ -116,7 +118,11 @@ def start_server(
     config = Config(config_dir)
     loaded = load_listed_plugins(config, plugins) if plugins is not None else None
     factory = factory_class(
-        config, loaded, protocol=protocol, lookups=lookups or LookupSettings(rdns=False)
+        config,
+        loaded,
+        protocol=protocol,
+        commands=commands,
+        lookups=lookups or LookupSettings(rdns=False),
     )
     port = reactor.listenTCP(0, factory, interface=interface)
     return RunningServer(factory, port, maildir, config_dir, host=interface)

@@ -1,4 +1,4 @@
-"""docs/examples/custom_protocol.py through a real server, as docs/protocol.md shows it."""
+"""docs/examples/custom_commands.py through a real server, as docs/protocol.md shows it."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import smtplib
 
 import pytest_twisted
 
-from docs.examples.custom_protocol import StatsProtocol
+from docs.examples.custom_commands import StatsCommands
 from qpconn import DENY
 from qpconn.plugins import Plugin
 from tests.support.server import in_thread, raw_session, reply_codes
@@ -24,7 +24,7 @@ class RefuseBlocked(Plugin):
 def start(qpconn_server, tmp_path):
     maildir = tmp_path / "maildir"
     return qpconn_server(
-        plugins=[RefuseBlocked, "rcpt_ok", f"queue/maildir {maildir}"], protocol=StatsProtocol
+        plugins=[RefuseBlocked, "rcpt_ok", f"queue/maildir {maildir}"], commands=StatsCommands
     )
 
 

@@ -1,4 +1,4 @@
-"""A protocol subclass: a new greeting, a new command, one handler changed. See docs/protocol.md.
+"""An SMTPCommands subclass: a new greeting, a new command, handlers changed (docs/protocol.md).
 
 * ``greeting()`` gives the 220 text (``config/smtpgreeting`` is ignored from here on).
 * ``ehlo_lines()`` advertises ``XSTATS`` after the standard extensions.
@@ -10,7 +10,7 @@
 * ``unrecognized_command`` answers EXPN with 502 and closes the connection on an HTTP
   request line, before the ``unrecognized_command`` hook runs.
 
-Run it with ``twistd -n -y`` and a .tac file that passes ``protocol=StatsProtocol`` to
+Run it with ``twistd -n -y`` and a .tac file that passes ``commands=StatsCommands`` to
 :func:`qpconn.app.service.make_service` (see docs/examples/qpconn.tac).
 """
 
@@ -18,8 +18,7 @@ from __future__ import annotations
 
 from qpconn.core.events import MessageEnd
 from qpconn.core.reply import Reply
-from qpconn.server.protocol import SMTPServerProtocol
-from qpconn.smtp.commands import HandlerResult
+from qpconn.smtp.commands import HandlerResult, SMTPCommands
 
 #: Request methods a web client or an open-proxy scanner starts with.
 HTTP_VERBS = frozenset({"GET", "HEAD", "POST", "PUT", "CONNECT", "OPTIONS"})
@@ -32,7 +31,7 @@ def code_of(result: HandlerResult) -> int | None:
     return result.code if isinstance(result, Reply) else result[0].code
 
 
-class StatsProtocol(SMTPServerProtocol):
+class StatsCommands(SMTPCommands):
     """One instance per connection, so plain attributes are per-session state."""
 
     recipients_accepted = 0
