@@ -182,7 +182,7 @@ def read_package(root: Path, package: str, moved: Mapping[str, str] | None = Non
         raw[name] = [
             Edge(name, target, rel, node.lineno, deferred)  # type: ignore[attr-defined]
             for node, deferred in _imports(tree)
-            for target in resolver.targets(node, name)
+            for target in dict.fromkeys(resolver.targets(node, name))  # once per statement
         ]
     runs_imports = {
         name
