@@ -5,7 +5,7 @@ from __future__ import annotations
 from twisted.application.service import IService
 from twisted.python import usage
 
-from qpconn.app.service import DEFAULT_LISTEN, make_service
+from qpconn.app.service import DEFAULT_LISTEN, add_operations, make_service
 from qpconn.config import ConfigError
 from qpconn.hooks.plugin import PluginLoadError
 from qpconn.server.peerinfo import LookupSettings
@@ -110,19 +110,6 @@ class Options(usage.Options):
         except (ConfigError, PluginLoadError, ValueError, OSError) as exc:
             # OSError: an endpoint naming a file that cannot be read (ssl:...:privateKey=).
             raise usage.UsageError(str(exc)) from exc
-
-
-def add_operations(top: IService, metrics: str | None) -> None:
-    """SIGHUP reloads the config (qpconn.app.reload); ``--metrics`` serves Prometheus figures."""
-    from qpconn.app.reload import ReloadOnSignal
-
-    factory = top.factory  # type: ignore[attr-defined]
-    factory.config.freeze()  # edits wait for the next SIGHUP, then apply all together
-    ReloadOnSignal(factory).setServiceParent(top)
-    if metrics:
-        from qpconn.app.metrics import metrics_service
-
-        metrics_service(metrics, factory, top)
 
 
 def prefork_service(options: Options) -> IService:

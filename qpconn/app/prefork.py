@@ -340,8 +340,7 @@ class _Aggregate:
 def _build_worker(spec: dict[str, Any]) -> MultiService:
     from twisted.internet import reactor
 
-    from qpconn.app.options import add_operations
-    from qpconn.app.service import make_service
+    from qpconn.app.service import add_operations, make_service
     from qpconn.server.lmtp import LMTPListenerFactory
 
     proxy = spec["proxy"]

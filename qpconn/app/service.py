@@ -24,7 +24,7 @@ from qpconn.server.proxy import ProxySettings
 from qpconn.server.shutdown import GracefulShutdown
 from qpconn.smtp.commands import SMTPCommands
 
-__all__ = ["make_service", "make_factory", "DEFAULT_LISTEN"]
+__all__ = ["make_service", "make_factory", "add_operations", "DEFAULT_LISTEN"]
 
 #: Loopback only, unprivileged port: a fresh install never listens on the world by accident.
 DEFAULT_LISTEN = "tcp:2525:interface=127.0.0.1"
@@ -129,3 +129,23 @@ def make_service(
         listener.setServiceParent(top)
     top.factory = factory  # type: ignore[attr-defined]
     return top
+
+
+def add_operations(top: service.MultiService, metrics: str | None) -> None:
+    """SIGHUP reloads the config (qpconn.app.reload); ``metrics`` (an endpoint string, or
+    None) serves Prometheus figures.
+
+    What a service from :func:`make_service` gets when it runs a whole process, under
+    ``twistd qpconn`` and in each ``--workers`` worker alike; it lives here, beside the
+    service it completes, so that qpconn.app.options and qpconn.app.prefork both take it
+    from here instead of from each other.
+    """
+    from qpconn.app.reload import ReloadOnSignal
+
+    factory = top.factory  # type: ignore[attr-defined]
+    factory.config.freeze()  # edits wait for the next SIGHUP, then apply all together
+    ReloadOnSignal(factory).setServiceParent(top)
+    if metrics:
+        from qpconn.app.metrics import metrics_service  # prometheus_client: only when asked
+
+        metrics_service(metrics, factory, top)

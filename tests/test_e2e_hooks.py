@@ -1,6 +1,6 @@
-"""Issue 2, "Plugins and hooks": every qpsmtpd hook exists and a real session calls it.
+"""End-to-end: every qpsmtpd hook exists, a real session calls each, and a failing one is 451.
 
-A plugin implementing every hook of the issue's list is put in front of the usual ones,
+A plugin implementing every hook of issue 2's list is put in front of the usual ones,
 and one session that exercises every command is run against the real server: each hook
 must have been called, with the arguments docs/plugins.md documents. A hook whose
 Deferred fails (rather than raising at once) gives 451 and a logged traceback, and the

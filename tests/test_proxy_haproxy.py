@@ -22,7 +22,7 @@ from tests.e2e_client import Client
 from tests.support.process import free_port
 from tests.support.server import in_thread
 from tests.test_e2e_lookups import BoundClient, received_line
-from tests.test_e2e_proxy import MESSAGE, start
+from tests.test_proxy_e2e import MESSAGE, start
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 CLIENT_IP = "127.0.0.2"

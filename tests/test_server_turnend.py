@@ -1,10 +1,14 @@
-"""Replies held to the end of a reactor turn (SMTPServerProtocol._flush, fastpath.turnend).
+"""The end of a reactor turn: work left for it (fastpath.turnend) and the replies held to it.
+
+``at_turn_end`` runs the calls of one turn after it, in order, with one ``callLater(0)`` for
+all of them; a failing call is logged and keeps no other from running; a call made while
+they run waits for the next turn.
 
 With more than one session open the server sends the replies of one reactor turn
-together at its end. Whatever a session writes at once -- a closing 221, the 220 before a
-TLS handshake, the replies owed to a client that half-closed -- must not overtake or lose
-replies held earlier in the same turn. Each test keeps a second session open so that the
-held path is the one taken.
+together at its end (SMTPServerProtocol._flush). Whatever a session writes at once -- a
+closing 221, the 220 before a TLS handshake, the replies owed to a client that half-closed
+-- must not overtake or lose replies held earlier in the same turn. Each of those tests
+keeps a second session open so that the held path is the one taken.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from twisted.internet import reactor, task
 
 from qpconn.hooks.results import OK
 from qpconn.plugins import Plugin
+from qpconn.server.fastpath.turnend import at_turn_end
 from tests.e2e_client import Client, ehlo, maildir_line, watch_errors
 from tests.support.server import in_thread, read_until_quiet, reply_codes
 
@@ -31,6 +36,43 @@ def errors() -> Iterator[list[dict[str, Any]]]:
     yield from watch_errors()
 
 
+# -- at_turn_end itself ----------------------------------------------------------------------
+@pytest_twisted.ensureDeferred
+async def test_calls_run_once_after_the_turn_in_order_with_one_delayed_call(errors):
+    done: list[str] = []
+    before = len(reactor.getDelayedCalls())
+    at_turn_end(lambda: done.append("a"))
+    at_turn_end(lambda: done.append("b"))
+    assert len(reactor.getDelayedCalls()) == before + 1  # one for the whole turn
+    assert done == []  # not before the turn ends
+
+    def broken() -> None:
+        done.append("c")
+        raise RuntimeError("one of them fails")
+
+    at_turn_end(broken)
+    at_turn_end(lambda: done.append("d"))
+    await task.deferLater(reactor, 0.01, lambda: None)
+    assert done == ["a", "b", "c", "d"]  # the failure kept no other call from running
+    assert [e["log_format"] for e in errors] == ["end-of-turn call {function!r} failed"]
+    errors.clear()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_call_made_while_they_run_waits_for_the_next_turn():
+    done: list[str] = []
+
+    def first() -> None:
+        done.append("first")
+        at_turn_end(lambda: done.append("later"))
+        assert done == ["first"]  # not run inside this pass
+
+    at_turn_end(first)
+    await task.deferLater(reactor, 0.01, lambda: None)
+    assert done == ["first", "later"]
+
+
+# -- replies held to the end of the turn ------------------------------------------------------
 @pytest_twisted.ensureDeferred
 async def test_pipelined_replies_then_quit_all_arrive_in_order(server):
     def client() -> tuple[list[int], bool]:

@@ -1,4 +1,11 @@
-"""Tests for the sans-I/O PROXY protocol parser (qpconn.core.proxy)."""
+"""The sans-I/O PROXY protocol parser (qpconn.core.proxy), driven with bytes only.
+
+Pins v1 and v2 headers accepted and refused (each refusal as early as the bytes allow),
+the bounded buffers, the bytes after the header handed back intact, and, as properties,
+round trips and "split anywhere gives the same outcome as whole". The server with
+hand-made headers is tests/test_proxy_e2e.py; behind a real HAProxy,
+tests/test_proxy_haproxy.py.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""PROXY protocol in front of a real qpconn, with hand-made headers.
+"""PROXY protocol in front of a real qpconn, with hand-made headers; its options and .tac settings.
 
 Every malformed case is checked from the outside: the connection is closed, no byte of
 banner was sent and no hook ran. Addresses inside the headers are loopback (or, with

@@ -1,8 +1,9 @@
-"""Issue 2, "Package and set-up": the layout, the README quick start and ``.ci/run``.
+"""The source tree a new user meets: its layout, the README quick start and ``.ci/run``.
 
 ``tests/test_packaging.py`` proves that ``pip install .`` and ``pip install -e .`` make
-``twistd qpconn`` work; this module checks what the issue fixes about the tree itself, so
-that a refactoring cannot quietly break what a new user types first.
+``twistd qpconn`` work; this module checks what issue 2 fixed about the tree itself (the
+files at the top, a two-command quick start, CI running the README's test command
+verbatim), so that a refactoring cannot quietly break what a new user types first.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Issue 2: "send it mail with any SMTP client". swaks (Debian's package), a client written
-by someone else in another language, delivers to the real server: plainly, pipelined,
-and with a dot-stuffed body, and each message lands in the Maildir intact.
+"""End-to-end with swaks: any SMTP client can send mail (issue 2). swaks (Debian's package), a
+client written by someone else in another language, delivers to the real server: plainly,
+pipelined, and with a dot-stuffed body, and each message lands in the Maildir intact.
 
 Skipped when swaks is not installed (``apt-get install swaks``; ``.ci/run`` does).
 """

@@ -1,4 +1,4 @@
-"""Issue 2, "Config directory": the file format and the ``relayclients`` entry forms.
+"""The config directory: its file format, and the forms a ``relayclients`` entry takes.
 
 The format is qpsmtpd's (one value per line, ``#`` comments, blank lines ignored), so its
 users can bring their directory; ``relayclients`` takes single addresses, CIDR networks
