@@ -375,6 +375,7 @@ class SMTPServerProtocol(SessionGuard, TLSAdapter, SMTPCommands, Protocol, Timeo
         self._unsent.clear()
         self.setTimeout(None)
         self._tls_cancel_timer()
+        self.tls_connection_lost(reason)  # a handshake under way failed: say why (tls.py)
         self.release_slot()  # max_connections* count live connections (guard.py)
         self.session.close()
         if not self._started:
