@@ -119,10 +119,9 @@ def handshake_failure_reason(reason: Failure | None) -> str:
         return "connection closed"
     if _SSL_ERROR is not None and isinstance(error, _SSL_ERROR):
         return openssl_reason(error)
-    if isinstance(error, ConnectionDone):
-        return "the client closed the connection"
-    if isinstance(error, ConnectionLost):
-        return "connection lost"
+    if isinstance(error, ConnectionDone | ConnectionLost):
+        # Twisted reports a TCP close in the middle of a TLS handshake as either
+        return "the connection closed before the handshake completed"
     return str(error).strip() or type(error).__name__
 
 
