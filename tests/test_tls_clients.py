@@ -475,3 +475,32 @@ async def test_posttls_finger_verifies_and_reuses_the_session(target):
     assert "Verified TLS connection established" in output, output
     assert "Reconnecting after 1 seconds" in output, output
     assert "session reused" in output.lower() or "Reusing" in output, output
+
+
+def test_an_ssl_listener_whose_key_does_not_fit_its_certificate_stops_the_server(
+    rsa_pki, tmp_path
+):
+    other = make_pki(str(tmp_path / "other"))
+    description = f"ssl:0:interface=127.0.0.1:privateKey={other.key}:certKey={rsa_pki.cert}"
+    with pytest.raises(usage.UsageError, match=r"^privateKey: .* does not fit "):
+        Options().parseOptions(["--listen", description])
+
+
+@needs_openssl
+@pytest_twisted.ensureDeferred
+async def test_an_ssl_listener_sends_its_extra_chain(rsa_pki):
+    """``extraCertChain=`` certificates follow the server's own in the handshake."""
+    port = free_port()
+    listen = (
+        f"ssl:{port}:interface=127.0.0.1:privateKey={rsa_pki.key}:certKey={rsa_pki.cert}"
+        f":extraCertChain={rsa_pki.ca_cert}"
+    )
+    service = make_service([listen])
+    service.startService()
+    try:
+        target = Target(("127.0.0.1", port), False, rsa_pki)
+        result = await in_thread(s_client, target, "-showcerts")
+    finally:
+        await service.stopService()
+    assert_session(result)
+    assert " 1 s:CN = qpconn test CA" in result.stdout, result.stdout

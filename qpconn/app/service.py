@@ -24,7 +24,7 @@ from qpconn.server.protocol import SMTPServerProtocol
 from qpconn.server.proxy import ProxySettings
 from qpconn.server.shutdown import GracefulShutdown
 from qpconn.server.tlscontext import read_tls_policy
-from qpconn.server.tlsendpoint import ImplicitTLSListen, parse_ssl_listen, ssl_endpoint
+from qpconn.server.tlsendpoint import load_listen_files, parse_ssl_listen, ssl_endpoint
 
 __all__ = ["make_service", "make_factory", "DEFAULT_LISTEN"]
 
@@ -96,7 +96,10 @@ def make_service(
     for description in listen:
         inner = description.removeprefix(LMTP_PREFIX)
         implicit = parse_ssl_listen(inner)
-        endpoint = implicit if implicit is not None else serverFromString(reactor, inner)
+        if implicit is not None:  # its files are read now, as Twisted's parser would
+            endpoint: Any = (implicit, load_listen_files(implicit))
+        else:
+            endpoint = serverFromString(reactor, inner)
         endpoints.append((endpoint, description.startswith(LMTP_PREFIX)))
     factory = make_factory(
         config_dir,
@@ -115,13 +118,12 @@ def make_service(
     top.setName("qpconn")
     # Stops with the listeners: lets messages in flight finish, then 421 (shutdown.py).
     GracefulShutdown(factory).setServiceParent(top)
-    if any(isinstance(endpoint, ImplicitTLSListen) for endpoint, _ in endpoints):
-        policy = read_tls_policy(factory.config)
-        endpoints = [
-            (ssl_endpoint(reactor, e, policy) if isinstance(e, ImplicitTLSListen) else e, lmtp)
-            for e, lmtp in endpoints
-        ]
+    policy = None
     for endpoint, lmtp in endpoints:
+        if isinstance(endpoint, tuple):  # ssl: under the config's TLS policy
+            policy = policy or read_tls_policy(factory.config)
+            listen, pair = endpoint
+            endpoint = ssl_endpoint(reactor, listen, policy, pair)
         serving = LMTPListenerFactory(factory) if lmtp else factory
         listener = StreamServerEndpointService(endpoint, serving)
         # Fail start-up loudly (as strports.service does) when a port cannot be bound.

@@ -45,10 +45,13 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_CIPHERS",
     "MIN_VERSIONS",
+    "KeyPair",
     "ServerTLS",
     "TLSPolicy",
+    "load_key_pair",
     "load_server_tls",
     "read_tls_policy",
+    "server_tls",
 ]
 
 #: TLS 1.2 suites offered by default: ephemeral key exchange (forward secrecy) with an
@@ -217,23 +220,34 @@ class ServerTLS:
         return self.context
 
 
-def load_server_tls(
+@dataclass(frozen=True)
+class KeyPair:
+    """A certificate chain (leaf first) and its private key, read and checked."""
+
+    chain: tuple[Any, ...]
+    key: Any
+    #: the setting that named the key file, for errors found later
+    key_name: str = "tls_key"
+    description: str = ""
+
+
+def load_key_pair(
     cert_path: str,
     key_path: str | None,
-    policy: TLSPolicy,
     *,
     chain_path: str | None = None,
     names: tuple[str, str] = ("tls_cert", "tls_key"),
-) -> ServerTLS:
-    """A :class:`ServerTLS` from PEM files: the certificate (then its chain), the key.
+) -> KeyPair:
+    """Read PEM files: the certificate (then its chain), the key; check that they fit.
 
     ``key_path`` None means the key is in the certificate file; ``chain_path`` is an extra
     file of chain certificates (``extraCertChain=`` of an ``ssl:`` listener). Errors are
-    ConfigErrors starting with ``names`` (the setting that named the file).
+    ConfigErrors starting with ``names`` (the setting that named the file). Separate from
+    building the context so that an ``ssl:`` listener's files are checked before anything
+    else is set up, and the context made once the config's policy is known.
     """
     from cryptography.hazmat.primitives import serialization
 
-    SSL = _openssl()
     cert_name, key_name = names
     key_path = key_path or cert_path
     chain = _certificates(cert_path, cert_name)
@@ -251,18 +265,40 @@ def load_server_tls(
         raise ConfigError(
             f"{key_name}: cannot load a private key from {key_path!r}: {exc}"
         ) from exc
+    description = f"{key_path!r} does not fit {cert_path!r}"
+    if chain[0].public_key() != key.public_key():
+        raise ConfigError(f"{key_name}: {description}: the public keys differ")
+    return KeyPair(tuple(chain), key, key_name, description)
+
+
+def server_tls(pair: KeyPair, policy: TLSPolicy) -> ServerTLS:
+    """The finished context for ``pair`` under ``policy``."""
+    SSL = _openssl()
     context = _new_context()
     # cryptography objects, as pyOpenSSL now wants them (its own X509/PKey are deprecated)
-    context.use_certificate(chain[0])
+    context.use_certificate(pair.chain[0])
     try:
-        context.use_privatekey(key)  # type: ignore[arg-type]
+        context.use_privatekey(pair.key)
         context.check_privatekey()
     except (SSL.Error, TypeError, ValueError) as exc:
-        raise ConfigError(f"{key_name}: {key_path!r} does not fit {cert_path!r}: {exc}") from exc
-    for extra_cert in chain[1:]:
+        raise ConfigError(f"{pair.key_name}: {pair.description}: {exc}") from exc
+    for extra_cert in pair.chain[1:]:
         context.add_extra_chain_cert(extra_cert)
     _apply_policy(context, policy)
     return ServerTLS(context, policy)
+
+
+def load_server_tls(
+    cert_path: str,
+    key_path: str | None,
+    policy: TLSPolicy,
+    *,
+    chain_path: str | None = None,
+    names: tuple[str, str] = ("tls_cert", "tls_key"),
+) -> ServerTLS:
+    """:func:`load_key_pair`, then :func:`server_tls`: a context from PEM files."""
+    pair = load_key_pair(cert_path, key_path, chain_path=chain_path, names=names)
+    return server_tls(pair, policy)
 
 
 def _certificates(path: str, name: str) -> list[Any]:

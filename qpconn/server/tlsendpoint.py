@@ -18,9 +18,15 @@ from typing import Any
 
 from twisted.internet.endpoints import SSL4ServerEndpoint
 
-from qpconn.server.tlscontext import TLSPolicy, load_server_tls
+from qpconn.server.tlscontext import KeyPair, TLSPolicy, load_key_pair, server_tls
 
-__all__ = ["ImplicitTLSListen", "parse_ssl_listen", "split_description", "ssl_endpoint"]
+__all__ = [
+    "ImplicitTLSListen",
+    "load_listen_files",
+    "parse_ssl_listen",
+    "split_description",
+    "ssl_endpoint",
+]
 
 _PREFIX = "ssl:"
 
@@ -123,17 +129,24 @@ def parse_ssl_listen(description: str) -> ImplicitTLSListen | None:
     return ImplicitTLSListen(port=port, **values)
 
 
-def ssl_endpoint(reactor: Any, listen: ImplicitTLSListen, policy: TLSPolicy) -> SSL4ServerEndpoint:
-    """The listening endpoint, its certificate loaded now (a bad file: ConfigError)."""
-    if listen.dh_params:
-        policy = dataclasses.replace(policy, dh_params=listen.dh_params)
-    tls = load_server_tls(
+def load_listen_files(listen: ImplicitTLSListen) -> KeyPair:
+    """The listener's certificate and key, read and checked (a bad file: ConfigError)."""
+    return load_key_pair(
         listen.cert or listen.private_key,
         listen.private_key,
-        policy,
         chain_path=listen.chain,
         names=("certKey" if listen.cert else "privateKey", "privateKey"),
     )
+
+
+def ssl_endpoint(
+    reactor: Any, listen: ImplicitTLSListen, policy: TLSPolicy, pair: KeyPair | None = None
+) -> SSL4ServerEndpoint:
+    """The listening endpoint under ``policy``; ``pair`` is :func:`load_listen_files`'s
+    result when the files were read already (else they are read now)."""
+    if listen.dh_params:
+        policy = dataclasses.replace(policy, dh_params=listen.dh_params)
+    tls = server_tls(pair or load_listen_files(listen), policy)
     return SSL4ServerEndpoint(
         reactor, listen.port, tls, backlog=listen.backlog, interface=listen.interface
     )
