@@ -6,12 +6,15 @@ after STARTTLS and before the handshake is ever read) in :mod:`qpconn.core.tls_a
 
 * :func:`load_tls_options` reads ``tls_cert``/``tls_key`` once, at start-up, so a wrong
   path or a key that does not match the certificate stops the server instead of failing
-  every STARTTLS later.
+  every STARTTLS later. The context itself, and the TLS policy (versions, suites, session
+  resumption, no ALPN), are :mod:`qpconn.server.tlscontext`'s; ``ssl:`` listeners get the
+  same through :mod:`qpconn.server.tlsendpoint`.
 * :class:`TLSAdapter` (mixed into the protocol) starts TLS right after the 220 reply is
   written, bounds the handshake in time, and on ``handshakeCompleted`` tells the SMTP
   side, with the version and cipher. On an ``ssl:`` listener (implicit TLS, RFC 8314)
   the session itself (lookups, hooks, greeting) waits for the handshake, so every plugin
-  sees ``connection.tls`` from the ``connect`` hook on.
+  sees ``connection.tls`` from the ``connect`` hook on. A handshake that fails, on either
+  kind of listener, is logged with the client's address and OpenSSL's reason.
 """
 
 from __future__ import annotations
