@@ -50,6 +50,7 @@ __all__ = [
     "TLSPolicy",
     "load_key_pair",
     "load_server_tls",
+    "openssl_reason",
     "read_tls_policy",
     "server_tls",
 ]
