@@ -35,10 +35,10 @@ from twisted.internet import defer, reactor, task
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python import usage
 
+from qpconn.app.options import Options
+from qpconn.app.service import make_service
 from qpconn.server.tlscontext import read_tls_policy
 from qpconn.server.tlsendpoint import parse_ssl_listen, ssl_endpoint
-from qpconn.service import make_service
-from qpconn.tap import Options
 from tests.e2e_client import watch_errors
 from tests.support.process import free_port
 from tests.support.server import RunningServer, in_thread

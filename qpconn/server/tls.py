@@ -38,8 +38,8 @@ if TYPE_CHECKING:
     from twisted.python.failure import Failure
 
     from qpconn.config import Config
-    from qpconn.connection import Connection
     from qpconn.core.session import ServerSession
+    from qpconn.mail.connection import Connection
     from qpconn.server.factory import SMTPFactory
 
 __all__ = [
