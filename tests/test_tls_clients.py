@@ -262,6 +262,25 @@ async def test_settings_let_an_administrator_allow_old_clients(tls_servers):
 
 @needs_openssl
 @pytest_twisted.ensureDeferred
+async def test_dhe_suites_need_tls_dhparams(tls_servers, tmp_path):
+    dh = str(tmp_path / "dh.pem")
+    made = subprocess.run(
+        [OPENSSL or "openssl", "genpkey", "-genparam", "-algorithm", "DH",
+         "-pkeyopt", "group:ffdhe2048", "-out", dh],
+        capture_output=True, timeout=30,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    dhe = ("-tls1_2", "-cipher", "DHE-RSA-AES128-GCM-SHA256")
+    without, _ = await tls_servers()
+    assert _refused(await in_thread(s_client, without, *dhe))
+    for target in await tls_servers({"tls_dhparams": dh}):
+        result = await in_thread(s_client, target, *dhe)
+        assert_session(result)
+        assert "Cipher is DHE-RSA-AES128-GCM-SHA256" in result.stdout, result.stdout
+
+
+@needs_openssl
+@pytest_twisted.ensureDeferred
 async def test_tls_ciphersuites_limits_the_tls13_suites(tls_servers):
     for target in await tls_servers({"tls_ciphersuites": "TLS_CHACHA20_POLY1305_SHA256"}):
         result = await in_thread(s_client, target, "-tls1_3")
