@@ -15,6 +15,7 @@ from qpconn.hooks.results import HookOutcome, Result, reply_for
 from qpconn.plugins import HOOKS
 from qpconn.server.factory import SMTPFactory
 from qpconn.server.peerinfo import LookupSettings
+from qpconn.server.tlscontext import read_tls_policy
 from tests.support.server import in_thread
 
 REPO = Path(__file__).resolve().parent.parent
@@ -105,6 +106,7 @@ def test_every_setting_the_code_reads_is_documented_and_nothing_else():
 def test_documented_defaults_are_the_effective_ones(tmp_path):
     config = Config(None)
     factory = SMTPFactory(config, [], lookups=LookupSettings(rdns=False))
+    tls = read_tls_policy(config)
     effective = {
         "databytes": factory.databytes,
         "timeout": factory.timeout,
@@ -114,6 +116,9 @@ def test_documented_defaults_are_the_effective_ones(tmp_path):
         "ident_timeout": factory.lookups.ident_timeout,
         "proxy_timeout": factory.proxy.timeout,
         "rcpthosts": "localhost",
+        "tls_min_version": tls.min_version,
+        "tls_ciphers": tls.ciphers,
+        "tls_session_timeout": tls.session_timeout,
     }
     for name, default in settings_table().items():
         if default == "none":

@@ -18,11 +18,12 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from qpconn.app.options import Options
 from qpconn.plugins import Plugin
+from qpconn.server.tlscontext import read_tls_policy
+from qpconn.server.tlsendpoint import parse_ssl_listen, ssl_endpoint
 from tests.e2e_client import Client, ehlo, split_message, watch_errors
 from tests.support.server import in_thread
 from tests.support.tlscerts import TlsFiles, make_pki
@@ -267,9 +268,10 @@ async def test_implicit_tls_on_an_ssl_endpoint_from_the_first_byte(qpconn_server
 
     maildir = str(tmp_path / "implicit-maildir")
     server = qpconn_server(plugins=[Rec, "rcpt_ok", f"queue/maildir {maildir}"])
-    endpoint = serverFromString(
-        reactor, f"ssl:0:interface=127.0.0.1:privateKey={pki.key}:certKey={pki.cert}"
-    )
+    # as `--listen ssl:...` makes it: qpconn's TLS context, not Twisted's (tlsendpoint.py)
+    listen = parse_ssl_listen(f"ssl:0:interface=127.0.0.1:privateKey={pki.key}:certKey={pki.cert}")
+    assert listen is not None
+    endpoint = ssl_endpoint(reactor, listen, read_tls_policy(server.factory.config))
     port = await endpoint.listen(server.factory)
     address = ("127.0.0.1", port.getHost().port)
 

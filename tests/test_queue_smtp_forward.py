@@ -300,7 +300,9 @@ async def test_starttls_required_but_not_offered_is_451(qpconn_server, tmp_path)
 
 
 @pytest_twisted.ensureDeferred
-async def test_starttls_with_an_untrusted_certificate_is_451(qpconn_server, tmp_path):
+async def test_starttls_with_an_untrusted_certificate_is_451_naming_the_certificate(
+    qpconn_server, tmp_path, events
+):
     import ssl
 
     from tests.support.certs import self_signed
@@ -317,6 +319,56 @@ async def test_starttls_with_an_untrusted_certificate_is_451(qpconn_server, tmp_
         code, text = await in_thread(send, server.address)
         assert code == 451, text
         assert hop.messages == []
+    # Our own verification failed: the reply and the log say so, and do not blame the hop.
+    why = "TLS certificate verification failed: self-signed certificate (depth 0, CN=localhost)"
+    assert text.startswith(f"4.7.5 Next hop 127.0.0.1:{controller.port} unavailable ({why})")
+    assert "closed by the next hop" not in text
+    (logged,) = [e for e in events if "not delivered" in e["log_format"]]
+    assert logged["reason"] == why
+
+
+@pytest_twisted.ensureDeferred
+async def test_starttls_to_a_certificate_for_another_name_is_451_naming_the_mismatch(
+    qpconn_server, tmp_path, events
+):
+    """The certificate is signed by the CA we trust but names ``other.test`` only."""
+    import datetime
+    import ssl
+
+    from cryptography import x509
+
+    from tests.support.tlscerts import (
+        cert_pem,
+        certificate,
+        common_name,
+        key_pem,
+        new_key,
+        write_files,
+    )
+
+    ca_key, key = new_key(), new_key()
+    now = datetime.datetime.now(datetime.UTC)
+    valid = (now - datetime.timedelta(hours=1), now + datetime.timedelta(days=1))
+    ca = certificate("mismatch CA", common_name("mismatch CA"), ca_key.public_key(), ca_key,
+                     valid, [(x509.BasicConstraints(ca=True, path_length=None), True)])
+    leaf = certificate("other.test", ca.subject, key.public_key(), ca_key, valid,
+                       [(x509.SubjectAlternativeName([x509.DNSName("other.test")]), False)])
+    ca_file, cert_file, key_file = (str(tmp_path / n) for n in ("mca.pem", "mc.pem", "mk.pem"))
+    write_files((ca_file, cert_pem(ca)), (cert_file, cert_pem(leaf)), (key_file, key_pem(key)))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_file, key_file)
+    with aiosmtpd_next_hop(tls_context=context, require_starttls=True) as (hop, controller):
+        server = forwarder(
+            qpconn_server, controller.port, "starttls=required", f"tls_ca={ca_file}", "timeout=3"
+        )
+        code, text = await in_thread(send, server.address)
+        assert code == 451, text
+        assert hop.messages == []
+    why = "TLS certificate verification failed: the certificate (CN=other.test) does not name"
+    assert text.startswith(f"4.7.5 Next hop 127.0.0.1:{controller.port} unavailable ({why} "
+                           "127.0.0.1)"), text  # fmt: skip
+    (logged,) = [e for e in events if "not delivered" in e["log_format"]]
+    assert logged["reason"].startswith(why)
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ command-line options, and a ``.tac`` file calls it with the same arguments from 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
@@ -22,6 +23,8 @@ from qpconn.server.peerinfo import LookupSettings
 from qpconn.server.protocol import SMTPServerProtocol
 from qpconn.server.proxy import ProxySettings
 from qpconn.server.shutdown import GracefulShutdown
+from qpconn.server.tlscontext import read_tls_policy
+from qpconn.server.tlsendpoint import load_listen_files, parse_ssl_listen, ssl_endpoint
 from qpconn.smtp.commands import SMTPCommands
 
 __all__ = ["make_service", "make_factory", "add_operations", "DEFAULT_LISTEN"]
@@ -96,12 +99,17 @@ def make_service(
     """
     from twisted.internet import reactor
 
-    # "lmtp:ENDPOINT" speaks LMTP on that endpoint (qpconn.server.lmtp).
-    endpoints = [
-        (serverFromString(reactor, description.removeprefix(LMTP_PREFIX)),
-         description.startswith(LMTP_PREFIX))
-        for description in listen
-    ]  # fmt: skip
+    # "lmtp:ENDPOINT" speaks LMTP on that endpoint (qpconn.server.lmtp). An "ssl:" one is
+    # parsed now and made once the config's TLS policy is known (qpconn.server.tlsendpoint).
+    endpoints: list[tuple[Any, bool]] = []
+    for description in listen:
+        inner = description.removeprefix(LMTP_PREFIX)
+        implicit = parse_ssl_listen(inner)
+        if implicit is not None:  # its files are read now, as Twisted's parser would
+            endpoint: Any = (implicit, load_listen_files(implicit))
+        else:
+            endpoint = serverFromString(reactor, inner)
+        endpoints.append((endpoint, description.startswith(LMTP_PREFIX)))
     factory = make_factory(
         config_dir,
         hostname=hostname,
@@ -121,7 +129,12 @@ def make_service(
     top.setName("qpconn")
     # Stops with the listeners: lets messages in flight finish, then 421 (shutdown.py).
     GracefulShutdown(factory).setServiceParent(top)
+    policy = None
     for endpoint, lmtp in endpoints:
+        if isinstance(endpoint, tuple):  # ssl: under the config's TLS policy
+            policy = policy or read_tls_policy(factory.config)
+            listen, pair = endpoint
+            endpoint = ssl_endpoint(reactor, listen, policy, pair)
         serving = LMTPListenerFactory(factory) if lmtp else factory
         listener = StreamServerEndpointService(endpoint, serving)
         # Fail start-up loudly (as strports.service does) when a port cannot be bound.

@@ -40,7 +40,7 @@ from qpconn.client.extensions import (
     use_bdat,
 )
 from qpconn.client.pool import STARTTLS_MODES, ConnectionPool, Destination
-from qpconn.client.smtp import ClientReply, NextHopError, SMTPClient
+from qpconn.client.smtp import ClientReply, NextHopError, NextHopTLSError, SMTPClient
 from qpconn.hooks.plugin import Plugin
 from qpconn.hooks.results import DONE, OK, Result
 from qpconn.mail.outcomes import set_recipient_reply
@@ -143,7 +143,9 @@ class ForwardingQueue(Plugin):
                 dest=label,
                 reason=reason,
             )
-            return DONE, f"451 4.4.1 Next hop {label} unavailable ({reason}); try again later"
+            # 4.7.5 (RFC 3463: cryptographic failure) for TLS, as Postfix says it
+            status = "4.7.5" if isinstance(exc, NextHopTLSError) else "4.4.1"
+            return DONE, f"451 {status} Next hop {label} unavailable ({reason}); try again later"
         self.log.info(
             "{queue_id} {dest}: {verdict}",
             queue_id=transaction.id,

@@ -28,6 +28,7 @@ from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 from twisted.logger import Logger
 
 from qpconn.client.smtp import NextHopError, ReplyProtocol, SMTPClient
+from qpconn.client.tlsverify import VerifyingClientTLS
 
 __all__ = ["ConnectionPool", "Destination", "STARTTLS_MODES"]
 
@@ -89,6 +90,8 @@ class ConnectionPool:
         self.connect_timeout = connect_timeout
         self._idle: list[tuple[SMTPClient, IDelayedCall]] = []
         self._trigger: Any = None
+        #: the client TLS context for STARTTLS, made with the first connection that needs it
+        self._tls: Any = None
         self.closed = False
         #: connections opened so far (logs and tests)
         self.opened = 0
@@ -138,7 +141,12 @@ class ConnectionPool:
             if mode == "required":
                 raise NextHopError(f"{self.destination.label} does not offer STARTTLS")
             return
-        await client.starttls(tls_options(self.destination), self.helo)
+        if self._tls is None:  # one context for every connection to this destination
+            self._tls = tls_options(self.destination)
+        tls = self._tls
+        if isinstance(tls, VerifyingClientTLS):
+            tls = tls.reporting_to(client.protocol)  # why a certificate failed: its reason
+        await client.starttls(tls, self.helo)
 
     def release(self, client: SMTPClient, reuse: bool = True) -> None:
         """Give a connection back after a message; broken or surplus ones are closed."""
@@ -185,13 +193,9 @@ def tls_options(destination: Destination) -> Any:
     if destination.starttls != "required":
         # Opportunistic: encrypt against passive listeners, accept any certificate.
         return ssl.CertificateOptions()
-    if destination.tls_ca:
-        with open(destination.tls_ca, "rb") as handle:
-            trust: Any = ssl.Certificate.loadPEM(handle.read())
-    else:
-        trust = ssl.platformTrust()
-    name = destination.host or "localhost"
-    return ssl.optionsForClientTLS(name, trustRoot=trust)
+    # Verified against tls_ca (else the system's CAs) and for the host's name, by a
+    # context that remembers why a certificate failed (qpconn.client.tlsverify).
+    return VerifyingClientTLS(destination.host or "localhost", destination.tls_ca)
 
 
 def _describe(exc: BaseException) -> str:

@@ -26,15 +26,18 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectionLost
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from qpconn.client.stream import ChunkProducer, DotStuffer
 
 __all__ = [
     "ClientReply",
     "NextHopError",
+    "NextHopTLSError",
     "ReplyProtocol",
     "SMTPClient",
     "parse_ehlo",
@@ -50,6 +53,14 @@ class NextHopError(Exception):
 
     Always a temporary condition for our client: the message is not delivered, so the
     sender must keep it and retry.
+    """
+
+
+class NextHopTLSError(NextHopError):
+    """STARTTLS to the next hop failed: its certificate did not verify, or the handshake.
+
+    A separate class so that the reply can say so (``4.7.5``, RFC 3463's cryptographic
+    failure) instead of blaming the connection.
     """
 
 
@@ -81,6 +92,7 @@ class ClientReply:
         return f"{self.code} {self.text}".rstrip()
 
 
+@implementer(IHandshakeListener)
 class ReplyProtocol(Protocol):
     """Frames replies and matches them with waiters (FIFO); see the module docstring."""
 
@@ -95,6 +107,11 @@ class ReplyProtocol(Protocol):
         self.broken = False
         #: why the connection ended, for logs and our 451 text
         self.reason = ""
+        #: STARTTLS was answered 220 and the handshake began; it completed
+        self.tls_started = False
+        self.tls_done = False
+        #: what certificate verification found wrong (qpconn.client.tlsverify sets it)
+        self.tls_verify_failure: str | None = None
 
     # -- Protocol ---------------------------------------------------------------------
     def connectionMade(self) -> None:
@@ -132,15 +149,26 @@ class ReplyProtocol(Protocol):
         self._waiters.popleft().callback(reply)
         return True
 
+    def handshakeCompleted(self) -> None:
+        """IHandshakeListener: TLS is up; a later loss is no TLS failure."""
+        self.tls_done = True
+
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.lost = True
+        error: type[NextHopError] = NextHopError
+        if self.tls_started and not self.tls_done:
+            # The handshake failed: say how, not that the next hop hung up on us.
+            from qpconn.client.tlsverify import tls_failure_text
+
+            error = NextHopTLSError
+            self.reason = self.reason or tls_failure_text(reason, self.tls_verify_failure)
         if not self.reason:
             self.reason = "connection closed by the next hop"
         waiters, self._waiters = self._waiters, deque()
         for waiter in waiters:
-            waiter.errback(NextHopError(self.reason))
+            waiter.errback(error(self.reason))
         if not self.connected_once.called:
-            self.connected_once.errback(NextHopError(self.reason))
+            self.connected_once.errback(error(self.reason))
 
     # -- use --------------------------------------------------------------------------
     def expect(self) -> defer.Deferred[ClientReply]:
@@ -233,6 +261,7 @@ class SMTPClient:
         reply = await self.command("STARTTLS")
         if not reply.positive:
             raise RefusedError("STARTTLS", reply)
+        self.protocol.tls_started = True
         self.protocol.transport.startTLS(context)
         self.tls = True
         return await self.hello(name)

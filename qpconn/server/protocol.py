@@ -422,6 +422,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self._unsent.clear()
         self.setTimeout(None)
         self.tls.cancel_timer()
+        self.tls.connection_lost(reason)  # a handshake under way failed: say why (tls.py)
         self.guard.release_slot()  # max_connections* count live connections
         self.session.close()
         if not self._started:

@@ -6,12 +6,15 @@ after STARTTLS and before the handshake is ever read) in :mod:`qpconn.core.tls_a
 
 * :func:`load_tls_options` reads ``tls_cert``/``tls_key`` once, at start-up, so a wrong
   path or a key that does not match the certificate stops the server instead of failing
-  every STARTTLS later.
+  every STARTTLS later. The context itself, and the TLS policy (versions, suites, session
+  resumption, no ALPN), are :mod:`qpconn.server.tlscontext`'s; ``ssl:`` listeners get the
+  same through :mod:`qpconn.server.tlsendpoint`.
 * :class:`TLSLayer` (owned by the protocol) starts TLS right after the 220 reply is
   written, bounds the handshake in time, and on ``handshakeCompleted`` tells the SMTP
   side, with the version and cipher. On an ``ssl:`` listener (implicit TLS, RFC 8314)
   the session itself (lookups, hooks, greeting) waits for the handshake, so every plugin
-  sees ``connection.tls`` from the ``connect`` hook on.
+  sees ``connection.tls`` from the ``connect`` hook on. A handshake that fails, on either
+  kind of listener, is logged with the client's address and OpenSSL's reason.
 """
 
 from __future__ import annotations
@@ -22,70 +25,64 @@ from twisted.internet.interfaces import IDelayedCall
 
 from qpconn.config import ConfigError
 from qpconn.core.session import State
+from qpconn.server.tlscontext import (
+    ServerTLS,
+    TLSPolicy,
+    load_server_tls,
+    openssl_reason,
+    read_tls_policy,
+)
 
 if TYPE_CHECKING:
+    from twisted.python.failure import Failure
+
     from qpconn.config import Config
     from qpconn.server.protocol import SMTPServerProtocol
 
-__all__ = ["TLSLayer", "load_tls_options", "tls_details", "tls_from_config"]
+__all__ = [
+    "TLSLayer",
+    "handshake_failure_reason",
+    "load_tls_options",
+    "tls_details",
+    "tls_from_config",
+]
 
 
-def load_tls_options(cert_path: str, key_path: str | None = None) -> Any:
-    """A server context factory from PEM files: the certificate (then its chain), the key.
+def load_tls_options(
+    cert_path: str, key_path: str | None = None, policy: TLSPolicy | None = None
+) -> ServerTLS:
+    """The STARTTLS context from PEM files: the certificate (then its chain), the key.
 
-    ``key_path`` None means the key is in the certificate file. TLS 1.2 is the minimum
-    (RFC 8996 retired the older versions). Errors are ConfigErrors naming the file.
+    ``key_path`` None means the key is in the certificate file. ``policy`` (versions,
+    suites, session resumption) defaults to :class:`~qpconn.server.tlscontext.TLSPolicy`:
+    TLS 1.2 at least, forward-secret AEAD suites only. The context is qpconn's own
+    (:mod:`qpconn.server.tlscontext` says why). Errors are ConfigErrors naming the file.
     """
-    try:
-        from cryptography import x509
-        from cryptography.hazmat.primitives import serialization
-        from twisted.internet import ssl
-    except ImportError as exc:  # pragma: no cover - twisted[tls] is a dependency
-        raise ConfigError(
-            f"tls_cert: TLS needs pyOpenSSL (pip install 'twisted[tls]'): {exc}"
-        ) from exc
-    key_path = key_path or cert_path
-    try:
-        with open(cert_path, "rb") as handle:
-            chain = x509.load_pem_x509_certificates(handle.read())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"tls_cert: cannot load a certificate from {cert_path!r}: {exc}") from exc
-    try:
-        with open(key_path, "rb") as handle:
-            key = serialization.load_pem_private_key(handle.read(), password=None)
-    except (OSError, ValueError, TypeError) as exc:
-        raise ConfigError(f"tls_key: cannot load a private key from {key_path!r}: {exc}") from exc
-    if not chain:
-        raise ConfigError(f"tls_cert: no certificate in {cert_path!r}")
-    # cryptography objects, as pyOpenSSL now wants them (its own X509/PKey are deprecated)
-    options = ssl.CertificateOptions(
-        privateKey=key,  # type: ignore[arg-type]
-        certificate=chain[0],  # type: ignore[arg-type]
-        extraCertChain=chain[1:],  # type: ignore[arg-type]
-        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
-    )
-    try:
-        options.getContext()  # checks that the key belongs to the certificate
-    except Exception as exc:
-        raise ConfigError(f"tls_key: {key_path!r} does not fit {cert_path!r}: {exc}") from exc
-    return options
+    return load_server_tls(cert_path, key_path, policy or TLSPolicy())
 
 
-def tls_from_config(config: Config) -> Any:
-    """The STARTTLS context from config ``tls_cert``/``tls_key``, or None when unset."""
+def tls_from_config(config: Config) -> ServerTLS | None:
+    """The STARTTLS context from config ``tls_cert``/``tls_key``, or None when unset.
+
+    The TLS settings (``tls_ciphers``, ``tls_min_version`` ...) are checked even without
+    a certificate: an ``ssl:`` listener uses them too, and a typo must stop the server.
+    """
     cert = config.get("tls_cert")
     key = config.get("tls_key")
+    policy = read_tls_policy(config)
     if not cert:
         if key:
             raise ConfigError("tls_key is set but tls_cert is not")
         return None
-    return load_tls_options(config.path(cert), config.path(key) if key else None)
+    return load_tls_options(config.path(cert), config.path(key) if key else None, policy)
 
 
 try:  # looked up once: _ssl_handle runs for every new connection
     from OpenSSL.SSL import Connection as _SSL_CONNECTION
+    from OpenSSL.SSL import Error as _SSL_ERROR
 except ImportError:  # pragma: no cover
     _SSL_CONNECTION = None
+    _SSL_ERROR = None
 
 
 def _ssl_handle(transport: Any) -> Any:
@@ -113,6 +110,21 @@ def tls_details(transport: Any) -> dict[str, str]:
     return details
 
 
+def handshake_failure_reason(reason: Failure | None) -> str:
+    """Why a handshake ended, in OpenSSL's words when it has any."""
+    from twisted.internet.error import ConnectionDone, ConnectionLost
+
+    error = reason.value if reason is not None else None
+    if error is None:
+        return "connection closed"
+    if _SSL_ERROR is not None and isinstance(error, _SSL_ERROR):
+        return openssl_reason(error)
+    if isinstance(error, ConnectionDone | ConnectionLost):
+        # Twisted reports a TCP close in the middle of a TLS handshake as either
+        return "the connection closed before the handshake completed"
+    return str(error).strip() or type(error).__name__
+
+
 class TLSLayer:
     """STARTTLS and implicit TLS for one session of
     :class:`~qpconn.server.protocol.SMTPServerProtocol`, which owns it.
@@ -130,6 +142,8 @@ class TLSLayer:
         #: an ssl: listener: the session starts when the handshake is done
         self._implicit = False
         self._done = False
+        #: the handshake's end was logged already (its timeout): the close says nothing more
+        self._failure_logged = False
 
     def handshake_pending(self) -> bool:
         """True (and wait) on an implicit-TLS transport whose handshake is not done."""
@@ -158,15 +172,38 @@ class TLSLayer:
 
     def _handshake_timeout(self) -> None:
         self._timer = None
+        self._failure_logged = True
+        self._log_failure("timed out")
+        self.protocol.transport.abortConnection()
+
+    def _log_failure(self, why: str) -> None:
         protocol = self.protocol
-        protocol.log.info("{conn_id} TLS handshake timed out", **protocol.commands.log_context())
-        protocol.transport.abortConnection()
+        protocol.log.info(
+            "{conn_id} TLS handshake failed from {remote_ip}:{remote_port}: {reason}",
+            remote_port=protocol.commands.connection.remote_port,
+            reason=why,
+            **protocol.commands.log_context(),
+        )
 
     def cancel_timer(self) -> None:
         """The session is over: no handshake deadline any more."""
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+
+    def connection_lost(self, reason: Failure | None) -> None:
+        """The connection ended: if a handshake was under way, log why it failed.
+
+        A failed handshake ends the connection with the TLS layer's error as ``reason``;
+        OpenSSL's words for it ("no shared cipher", "unsupported protocol", "tlsv1 alert
+        unknown ca") are what an administrator needs to tell a scanner from a client that
+        cannot talk to us, so they are logged with the client's address, for STARTTLS and
+        ``ssl:`` alike.
+        """
+        if self._done or self._failure_logged or not (self._starting or self._implicit):
+            return
+        self._failure_logged = True
+        self._log_failure(handshake_failure_reason(reason))
 
     def handshake_completed(self) -> None:
         """The TLS layer finished its handshake: tell the handlers, then go on."""

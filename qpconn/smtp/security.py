@@ -44,8 +44,8 @@ def _flag(name: str, value: str | None, default: bool) -> bool:
 class SecuritySettings:
     """What a server offers and demands; shared by every session of a factory."""
 
-    #: the TLS context factory for STARTTLS (``twisted.internet.ssl.CertificateOptions``
-    #: from ``tls_cert``/``tls_key``); None: STARTTLS is not offered
+    #: the TLS context for STARTTLS (a :class:`qpconn.server.tlscontext.ServerTLS` from
+    #: ``tls_cert``/``tls_key``, or anything ``startTLS`` takes); None: not offered
     tls: Any = None
     #: MAIL before TLS is refused with 530 (config ``tls_required``)
     tls_required: bool = False

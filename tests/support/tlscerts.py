@@ -15,7 +15,11 @@ from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import (
+    CertificateIssuerPrivateKeyTypes,
+    CertificatePublicKeyTypes,
+)
 from cryptography.x509.oid import NameOID
 
 
@@ -55,8 +59,8 @@ def host_names(name: str = "localhost") -> x509.SubjectAlternativeName:
 def certificate(
     subject: str,
     issuer: x509.Name,
-    public_key: ec.EllipticCurvePublicKey,
-    signer: ec.EllipticCurvePrivateKey,
+    public_key: CertificatePublicKeyTypes,
+    signer: CertificateIssuerPrivateKeyTypes,
     valid: tuple[datetime.datetime, datetime.datetime],
     extensions: list[tuple[x509.ExtensionType, bool]],
 ) -> x509.Certificate:
@@ -79,7 +83,7 @@ def cert_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+def key_pem(key: CertificateIssuerPrivateKeyTypes) -> bytes:
     """The key unencrypted, as qpconn's ``tls_key`` and ssl.load_cert_chain read it."""
     return key.private_bytes(
         serialization.Encoding.PEM,
@@ -95,8 +99,12 @@ def write_files(*files: tuple[str, bytes]) -> None:
             handle.write(data)
 
 
-def make_pki(directory: str) -> TlsFiles:
-    """Write a CA and a server certificate for localhost/127.0.0.1 into ``directory``."""
+def make_pki(directory: str, *, rsa_server: bool = False) -> TlsFiles:
+    """Write a CA and a server certificate for localhost/127.0.0.1 into ``directory``.
+
+    ``rsa_server``: the server key is RSA (2048 bits) instead of P-256, for tests of the
+    RSA cipher suites (static-RSA key exchange needs an RSA certificate to be possible).
+    """
     os.makedirs(directory, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
     valid = (now - datetime.timedelta(hours=1), now + datetime.timedelta(days=1))
@@ -124,7 +132,9 @@ def make_pki(directory: str) -> TlsFiles:
             (x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False),
         ],
     )
-    key = new_key()
+    key: CertificateIssuerPrivateKeyTypes = (
+        rsa.generate_private_key(public_exponent=65537, key_size=2048) if rsa_server else new_key()
+    )
     cert = certificate(
         "localhost",
         ca_cert.subject,
