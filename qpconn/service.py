@@ -22,11 +22,29 @@ from qpconn.server.peerinfo import LookupSettings
 from qpconn.server.protocol import SMTPServerProtocol
 from qpconn.server.proxy import ProxySettings
 from qpconn.server.shutdown import GracefulShutdown
+from qpconn.settings import log_warnings, plugin_warnings
 
-__all__ = ["make_service", "make_factory", "DEFAULT_LISTEN"]
+__all__ = ["make_service", "make_factory", "make_config", "DEFAULT_LISTEN"]
 
 #: Loopback only, unprivileged port: a fresh install never listens on the world by accident.
 DEFAULT_LISTEN = "tcp:2525:interface=127.0.0.1"
+
+
+def make_config(
+    config_dir: str | None = None,
+    *,
+    hostname: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+) -> Config:
+    """The Config of a directory with the command line's overrides (``--hostname`` for
+    ``me``, ``--tls-cert``, ``--tls-key``), as the server and its validator see it."""
+    overrides = {"me": hostname} if hostname else {}
+    if tls_cert:
+        overrides["tls_cert"] = tls_cert
+    if tls_key:
+        overrides["tls_key"] = tls_key
+    return Config(config_dir, overrides)
 
 
 def make_factory(
@@ -49,14 +67,8 @@ def make_factory(
     ``tls_key`` (PEM files) replace the config settings of those names, as ``--tls-cert``
     and ``--tls-key`` do: STARTTLS is offered with that certificate.
     """
-    overrides = {"me": hostname} if hostname else {}
-    if tls_cert:
-        overrides["tls_cert"] = tls_cert
-    if tls_key:
-        overrides["tls_key"] = tls_key
-    config = Config(config_dir, overrides)
     return SMTPFactory(
-        config,
+        make_config(config_dir, hostname=hostname, tls_cert=tls_cert, tls_key=tls_key),
         list(plugins) if plugins is not None else None,
         protocol=protocol,
         clock=reactor,
@@ -106,6 +118,12 @@ def make_service(
     # A service is the whole process: its config's loglevel becomes the process's
     # threshold for qpconn's own log events (qpconn.loglevel).
     set_level(parse_level(factory.config.get("loglevel") or "debug"))
+    # What `python -m qpconn check` would warn about, in the log (qpconn.settings).
+    queue_hooks = len(factory.runner.plugins_for("queue"))
+    log_warnings(
+        factory.config_warnings + plugin_warnings(factory.config, factory.plugins, queue_hooks),
+        factory.config.directory,
+    )
     top = service.MultiService()
     top.setName("qpconn")
     # Stops with the listeners: lets messages in flight finish, then 421 (shutdown.py).

@@ -14,7 +14,7 @@ from qpconn.lmtp import set_recipient_reply
 from qpconn.plugins import Plugin
 from qpconn.results import DENY, OK
 from qpconn.server.lmtp import LMTPListenerFactory
-from qpconn.tap import Options
+from qpconn.tap import Options, makeService
 from tests.e2e_client import Client, watch_errors
 from tests.support.nexthop import Recorder, aiosmtpd_next_hop
 from tests.support.server import in_thread
@@ -164,9 +164,8 @@ def test_lmtp_listen_options() -> None:
         ["--lmtp", "tcp:0:interface=127.0.0.1", "--listen", "lmtp:unix:lmtp.sock",
          "--listen", "tcp:0:interface=127.0.0.1"]
     )  # fmt: skip
-    listeners = [child.factory for child in options["service"] if hasattr(child, "endpoint")]
+    top = makeService(options)
+    listeners = [child.factory for child in top if hasattr(child, "endpoint")]
     kinds = [type(factory).__name__ for factory in listeners]
     assert kinds == ["LMTPListenerFactory", "LMTPListenerFactory", "SMTPFactory"]
-    assert all(
-        getattr(f, "smtp_factory", f) is options["service"].factory for f in listeners
-    )
+    assert all(getattr(f, "smtp_factory", f) is top.factory for f in listeners)

@@ -22,7 +22,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 
 from qpconn.plugins import Plugin
-from qpconn.tap import Options
+from qpconn.tap import Options, makeService
 from tests.e2e_client import Client, ehlo, split_message, watch_errors
 from tests.support.server import in_thread
 from tests.support.tlscerts import TlsFiles, make_pki
@@ -302,10 +302,10 @@ def test_tls_cert_and_key_options_build_a_starttls_server(pki, tmp_path):
     options.parseOptions(
         ["--listen", "tcp:0:interface=127.0.0.1", "--tls-cert", pki.cert, "--tls-key", pki.key]
     )
-    assert options["service"].factory.security.tls is not None
+    assert makeService(options).factory.security.tls is not None
     plain = Options()
     plain.parseOptions(["--listen", "tcp:0:interface=127.0.0.1"])
-    assert plain["service"].factory.security.tls is None
+    assert makeService(plain).factory.security.tls is None
 
 
 @pytest.mark.parametrize(

@@ -6,9 +6,12 @@ adapter stays about moving bytes. The limits themselves are read by
 :class:`qpconn.limits.SessionLimits`; the rules applied here:
 
 * **Connections.** Once the client's address is final (after a PROXY header, if any) and
-  before any lookup or hook, a session over ``max_connections`` or
-  ``max_connections_per_ip`` gets ``421 4.7.0`` and is closed. Refused connections are
-  never counted; an admitted one is released when its connection is lost.
+  before any lookup or hook, a session over ``max_connections``,
+  ``max_connections_per_ip`` or ``max_connection_rate`` gets ``421 4.7.0`` and is closed,
+  with a log event (``event="connection_refused"``, ``limit=`` the setting) that the
+  metrics count. Addresses in ``connection_limit_exceptions`` skip the per-address
+  limits. Refused connections are never counted; an admitted one is released when its
+  connection is lost.
 * **Errors.** Every protocol error the core answers and every 5xx reply counts; at
   ``max_errors`` the client gets ``421 4.7.0`` after the reply that reached it and is
   disconnected. A message accepted for delivery resets the count: a client that delivers
@@ -31,6 +34,7 @@ from qpconn.core.bdat import ChunkEnd
 from qpconn.core.events import Command, MessageEnd
 from qpconn.core.reply import Reply
 from qpconn.core.session import State
+from qpconn.limits import TOO_FAST_FROM_ADDRESS, TOO_MANY, TOO_MANY_FROM_ADDRESS
 
 if TYPE_CHECKING:
     from twisted.logger import Logger
@@ -49,6 +53,19 @@ __all__ = ["SessionGuard", "EARLY_TALK_BUFFER"]
 
 #: Bytes read before the greeting beyond which the transport is paused until it is sent.
 EARLY_TALK_BUFFER = 4096
+
+#: The log's reason and the client's reply text for each connection limit.
+_REFUSALS = {
+    TOO_MANY: ("too many connections", "Too many connections"),
+    TOO_MANY_FROM_ADDRESS: (
+        "too many connections from this address",
+        "Too many connections from your address",
+    ),
+    TOO_FAST_FROM_ADDRESS: (
+        "too many connections from this address in a short time",
+        "Too many connections from your address in a short time",
+    ),
+}
 
 
 class SessionGuard:
@@ -78,21 +95,24 @@ class SessionGuard:
         """Count this session against the connection limits, or refuse it with 421."""
         factory = self.factory
         ip = self.connection.remote_ip
-        reason = factory.connection_counter.admit(ip, factory.session_limits)
-        if reason is None:
+        exempt = ip is not None and ip in factory.connection_limit_exceptions
+        limit = factory.connection_counter.admit(
+            ip, factory.session_limits, factory.clock.seconds(), exempt
+        )
+        if limit is None:
             self._admitted, self._admitted_ip = True, ip
             if self.session.buffered:
                 # Bytes that came with the PROXY header: the client did not wait either.
                 self.connection.notes["early_talker"] = True
             return True
+        reason, text = _REFUSALS[limit]
         self.log.warn(
             "{conn_id} refused {remote_ip}:{remote_port}: {reason}",
             remote_port=self.connection.remote_port,
             reason=reason,
+            event="connection_refused",
+            limit=limit,
             **self.log_context(),
-        )
-        text = "Too many connections from your address" if "address" in reason else (
-            "Too many connections"
         )
         self.session.close()
         self.transport.write(Reply(421, f"4.7.0 {self.me} {text}, try again later").to_bytes())
