@@ -95,10 +95,11 @@ class SessionGuard:
         """Count this session against the connection limits, or refuse it with 421."""
         factory = self.factory
         ip = self.connection.remote_ip
-        exempt = ip is not None and ip in factory.connection_limit_exceptions
-        limit = factory.connection_counter.admit(
-            ip, factory.session_limits, factory.clock.seconds(), exempt
-        )
+        limits = factory.session_limits
+        # the exceptions are looked up only when a per-address limit is on
+        per_address = limits.max_connections_per_ip or limits.max_connection_rate
+        exempt = bool(per_address) and ip in factory.connection_limit_exceptions
+        limit = factory.connection_counter.admit(ip, limits, factory.clock.seconds(), exempt)
         if limit is None:
             self._admitted, self._admitted_ip = True, ip
             if self.session.buffered:
