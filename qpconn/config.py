@@ -67,9 +67,13 @@ class Config:
         for name, value in (overrides or {}).items():
             self._overrides[name] = (value,) if isinstance(value, str) else tuple(value)
         self._cache: dict[str, tuple[str, ...]] = {}
+        #: the line number of each value read from a file (for error messages)
+        self._line_numbers: dict[str, tuple[int, ...]] = {}
         #: set by :meth:`freeze`: files not read by then are never read (defaults apply)
         self._frozen = False
         self._unread: set[str] = set()
+        #: the regular files of the directory when it was frozen (None: not frozen)
+        self._frozen_names: tuple[str, ...] | None = None
 
     def lines(self, name: str) -> list[str]:
         """Every value of a setting, in file order; the default if the file is absent."""
@@ -85,8 +89,10 @@ class Config:
         if self.directory is not None and (not self._frozen or name in self._unread):
             path = os.path.join(self.directory, name)
             if os.path.isfile(path):
-                with open(path, encoding="utf-8") as handle:
-                    return tuple(_values(handle.read()))
+                with open(path, "rb") as handle:
+                    numbered = _numbered_values(_decode(name, path, handle.read()))
+                self._line_numbers[name] = tuple(number for number, _ in numbered)
+                return tuple(value for _, value in numbered)
         if name == "me":
             return (default_hostname(),)
         return _DEFAULTS.get(name, ())
@@ -100,13 +106,47 @@ class Config:
         that are not text stay unread and are read (and refused) if asked for.
         """
         if self.directory is not None:
+            names = []
             for entry in sorted(os.scandir(self.directory), key=lambda e: e.name):
                 if entry.is_file():
+                    names.append(entry.name)
                     try:
                         self.lines(entry.name)
-                    except (UnicodeDecodeError, OSError):
+                    except (ConfigError, OSError):
                         self._unread.add(entry.name)
+            self._frozen_names = tuple(names)
         self._frozen = True
+
+    def file_names(self) -> list[str]:
+        """The regular files of the directory (as they were when frozen), sorted.
+
+        The validator (:mod:`qpconn.settings`) looks for files nobody reads among them.
+        """
+        if self._frozen_names is not None:
+            return list(self._frozen_names)
+        if self.directory is None:
+            return []
+        return sorted(e.name for e in os.scandir(self.directory) if e.is_file())
+
+    def where(self, name: str, index: int = 0) -> str:
+        """Where value ``index`` of a setting came from, for a message an administrator
+        can act on: ``line 3 of /etc/qpconn/timeout``, ``the command line``, ``the default``.
+        """
+        if name in self._overrides:
+            return "the command line"
+        self.lines(name)  # read it, if it was not yet
+        numbers = self._line_numbers.get(name)
+        if numbers is None or self.directory is None:
+            return "the default"
+        path = os.path.join(self.directory, name)
+        if index < len(numbers):
+            return f"line {numbers[index]} of {path}"
+        return path
+
+    def is_set(self, name: str) -> bool:
+        """True when a file (or an override) gives the setting, even with no value in it."""
+        self.lines(name)
+        return name in self._overrides or name in self._line_numbers
 
     def get(self, name: str, default: str | None = None) -> str | None:
         """The first value of a setting, or ``default``."""
@@ -147,10 +187,22 @@ class Config:
         return os.path.abspath(os.path.expanduser(value))
 
 
-def _values(text: str) -> list[str]:
+def _decode(name: str, path: str, data: bytes) -> str:
+    """The file's text; a file that is not UTF-8 is an error naming it and the line."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            f"{name}: line {line} of {path} is not UTF-8 text (byte 0x{data[exc.start]:02x})"
+        ) from None
+
+
+def _numbered_values(text: str) -> list[tuple[int, str]]:
+    """(line number, value) for each line that holds a value."""
     values = []
-    for raw in text.splitlines():
+    for number, raw in enumerate(text.splitlines(), 1):
         line = raw.split("#", 1)[0].strip() if not raw.lstrip().startswith("#") else ""
         if line:
-            values.append(line)
+            values.append((number, line))
     return values

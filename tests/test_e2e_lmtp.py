@@ -10,7 +10,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
-from qpconn.app.options import Options
+from qpconn.app.options import Options, makeService
 from qpconn.hooks.results import DENY, OK
 from qpconn.mail.outcomes import set_recipient_reply
 from qpconn.plugins import Plugin
@@ -164,9 +164,8 @@ def test_lmtp_listen_options() -> None:
         ["--lmtp", "tcp:0:interface=127.0.0.1", "--listen", "lmtp:unix:lmtp.sock",
          "--listen", "tcp:0:interface=127.0.0.1"]
     )  # fmt: skip
-    listeners = [child.factory for child in options["service"] if hasattr(child, "endpoint")]
+    top = makeService(options)
+    listeners = [child.factory for child in top if hasattr(child, "endpoint")]
     kinds = [type(factory).__name__ for factory in listeners]
     assert kinds == ["LMTPListenerFactory", "LMTPListenerFactory", "SMTPFactory"]
-    assert all(
-        getattr(f, "smtp_factory", f) is options["service"].factory for f in listeners
-    )
+    assert all(getattr(f, "smtp_factory", f) is top.factory for f in listeners)

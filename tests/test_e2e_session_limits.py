@@ -277,7 +277,10 @@ async def test_connection_over_max_connections_gets_421_and_no_hook_runs(qpconn_
 
 @pytest_twisted.ensureDeferred
 async def test_max_connections_per_ip_counts_each_client_address_apart(qpconn_server):
-    server = qpconn_server(files={"max_connections_per_ip": "1"})
+    # an empty exceptions file: the limit applies to loopback too (exempt by default)
+    server = qpconn_server(
+        files={"max_connections_per_ip": "1", "connection_limit_exceptions": ""}
+    )
 
     def client() -> tuple[int, bytes, int]:
         with Client(server.address) as first:

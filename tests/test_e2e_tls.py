@@ -20,7 +20,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.python import usage
 
-from qpconn.app.options import Options
+from qpconn.app.options import Options, makeService
 from qpconn.plugins import Plugin
 from qpconn.server.tlscontext import read_tls_policy
 from qpconn.server.tlsendpoint import parse_ssl_listen, ssl_endpoint
@@ -304,10 +304,10 @@ def test_tls_cert_and_key_options_build_a_starttls_server(pki, tmp_path):
     options.parseOptions(
         ["--listen", "tcp:0:interface=127.0.0.1", "--tls-cert", pki.cert, "--tls-key", pki.key]
     )
-    assert options["service"].factory.security.tls is not None
+    assert makeService(options).factory.security.tls is not None
     plain = Options()
     plain.parseOptions(["--listen", "tcp:0:interface=127.0.0.1"])
-    assert plain["service"].factory.security.tls is None
+    assert makeService(plain).factory.security.tls is None
 
 
 @pytest.mark.parametrize(

@@ -111,7 +111,7 @@ async def test_warn_and_error_drop_info_lines_too(tmp_path, events):
 
 def test_an_unknown_level_is_refused_when_the_service_is_built(tmp_path, events):
     config_dir = write_config(str(tmp_path / "config"), {"loglevel": "chatty\n"})
-    with pytest.raises(ValueError, match="loglevel 'chatty'"):
+    with pytest.raises(ValueError, match="loglevel: 'chatty' is not one of"):
         make_service(["tcp:0:interface=127.0.0.1"], config_dir)
     with pytest.raises(ValueError):
         parse_level("7")

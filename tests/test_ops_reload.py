@@ -111,7 +111,7 @@ def test_a_bad_config_is_refused_with_its_reason_and_the_old_one_stays(
 
 
 def test_a_frozen_config_ignores_later_edits_and_new_files(tmp_path):
-    from qpconn.config import Config
+    from qpconn.config import Config, ConfigError
 
     (tmp_path / "timeout").write_text("60\n")
     (tmp_path / "blob").write_bytes(b"\xff\xfe not text")
@@ -122,7 +122,8 @@ def test_a_frozen_config_ignores_later_edits_and_new_files(tmp_path):
     assert config.get("timeout") == "60"
     assert config.get("smtpgreeting") is None
     assert Config(tmp_path).get("smtpgreeting") == "new file"  # an unfrozen one reads it
-    with pytest.raises(UnicodeDecodeError):  # not text: read (and refused) when asked for
+    # not text: read (and refused, naming the file and the line) when asked for
+    with pytest.raises(ConfigError, match=r"blob: line 1 of .*blob is not UTF-8 text"):
         config.lines("blob")
 
 

@@ -3,7 +3,9 @@
 The check builds exactly what the server builds at start-up (the settings, every plugin
 with its arguments, the hook table) without listening or touching the network, so an
 administrator learns about a typo before a restart or a reload, not after. It prints,
-for each hook, the plugins that will run there in order, as ``haraka -o`` does.
+for each hook, the plugins that will run there in order, as ``haraka -o`` does, and the
+validator's warnings (:mod:`qpconn.settings`: files nobody reads, a plugin's file
+without the plugin, no queue plugin) on stderr; they do not make the check fail.
 
 :func:`build` is shared with the SIGHUP reload (:mod:`qpconn.app.reload`): a directory that
 passes the check is a directory a reload accepts, and the other way round.
@@ -13,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TextIO
 
 from qpconn.config import Config, ConfigError
 from qpconn.hooks.plugin import HOOKS, Plugin, PluginLoadError, load_plugins
 from qpconn.hooks.runner import HookRunner
 from qpconn.server.peerinfo import LookupSettings
+from qpconn.settings import ConfigErrors, plugin_warnings
 
 __all__ = ["Built", "CheckError", "build", "report", "main"]
 
@@ -30,7 +33,14 @@ _NO_LOOKUPS = LookupSettings(rdns=False, dns_servers=[("127.0.0.1", 53)])
 
 
 class CheckError(Exception):
-    """The directory cannot be used; the message says which file and why."""
+    """The directory cannot be used; the message says which file and why.
+
+    ``problems`` holds every problem found (one line each); the message joins them.
+    """
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or [message]
 
 
 @dataclass
@@ -46,6 +56,8 @@ class Built:
     plugins: list[Plugin]
     runner: HookRunner
     probe: object
+    #: what works but is probably a mistake (qpconn.settings); shown, never fatal
+    warnings: list[str] = field(default_factory=list)
 
 
 def build(
@@ -71,9 +83,14 @@ def build(
         probe = SMTPFactory(config, [], clock=clock, lookups=_NO_LOOKUPS)  # type: ignore[arg-type]
         plugins = load_plugins(config)
         runner = HookRunner(plugins, probe.clock, probe.runner.timeout)
+    except ConfigErrors as exc:
+        raise CheckError(str(exc), exc.problems) from exc
     except (ConfigError, PluginLoadError, ValueError, OSError) as exc:
         raise CheckError(str(exc)) from exc
-    return Built(config, plugins, runner, probe)
+    warnings = probe.config_warnings + plugin_warnings(
+        config, plugins, len(runner.plugins_for("queue"))
+    )
+    return Built(config, plugins, runner, probe, warnings)
 
 
 def _label(plugin: Plugin) -> str:
@@ -111,8 +128,9 @@ def main(
     try:
         built = build(args.config, args.hostname)
     except CheckError as exc:
-        err.write(f"error: {exc}\n")
+        err.writelines(f"error: {problem}\n" for problem in exc.problems)
         return 1
+    err.writelines(f"warning: {warning}\n" for warning in built.warnings)
     report(built, out)
     out.write("OK\n")
     return 0

@@ -8,8 +8,9 @@ serve:
 * the peer lookups' observer (:attr:`qpconn.server.peerinfo.PeerInfo.observer`): reverse
   DNS and ident latency and outcomes (timeouts included);
 * the session's own structured log events: the per-transaction summary line
-  (``event="transaction"``) and the refusals at connect, MAIL and RCPT
-  (``event="rejection"``). Counting the events the log already carries means the
+  (``event="transaction"``), the refusals at connect, MAIL and RCPT
+  (``event="rejection"``) and the connections refused by a connection limit
+  (``event="connection_refused"``). Counting the events the log already carries means the
   metrics and the log can never disagree about what happened.
 
 Connections open and total are read from the factory when scraped. Each
@@ -126,6 +127,12 @@ class ServerMetrics:
             ["hook", "reply_class"],
             registry=r,
         )
+        self.connections_refused = Counter(
+            "qpconn_connections_refused",
+            "Connections refused with 421 by a connection limit, by the setting that refused",
+            ["limit"],
+            registry=r,
+        )
         self.bytes_received = Counter(
             "qpconn_received_bytes", "Octets of message text received", registry=r
         )
@@ -216,6 +223,8 @@ class ServerMetrics:
                 self.queue.labels(plugin, outcome.get(reply_class(code), "other")).inc()
         elif kind == "rejection":
             self.rejections.labels(str(event.get("hook")), reply_class(code)).inc()
+        elif kind == "connection_refused":
+            self.connections_refused.labels(str(event.get("limit"))).inc()
 
 
 class _MetricsService(StreamServerEndpointService):

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import sys
+from typing import NoReturn
+
 from twisted.application.service import IService
 from twisted.python import usage
 
-from qpconn.app.service import DEFAULT_LISTEN, add_operations, make_service
+from qpconn.app.service import (
+    DEFAULT_LISTEN,
+    add_operations,
+    make_config,
+    make_service,
+    parse_listen,
+)
 from qpconn.config import ConfigError
 from qpconn.hooks.plugin import PluginLoadError
 from qpconn.server.peerinfo import LookupSettings
 from qpconn.server.proxy import ProxySettings, parse_networks
+from qpconn.settings import validate
 
-__all__ = ["Options", "makeService"]
+__all__ = ["Options", "makeService", "build_service"]
 
 
 class Options(usage.Options):
@@ -82,34 +92,86 @@ class Options(usage.Options):
         self["listen"].append("lmtp:" + endpoint)
 
     def postOptions(self) -> None:
-        """Build the service now, so that a bad config is a usage error, not a traceback.
+        """Check and convert the options and the config directory; build nothing.
 
-        twistd reports exceptions from option parsing as a short message and exits 1;
-        the same exception from makeService would print a stack trace.
+        Options parsing has no side effects (no plugin is loaded, no directory made):
+        :func:`makeService` builds. What is checked here: the endpoint strings (a bad
+        one is a usage error, as any bad option value), ``--workers``, and every setting
+        of the config directory, through the validator that ``python -m qpconn check``
+        and a SIGHUP reload use (qpconn.settings). A bad setting is not a usage error:
+        under twistd it is reported in two lines (the problem, where to read about the
+        options), not after twistd's page of usage text.
         """
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import serverFromString
+
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
         try:
             if self["workers"] is not None:  # before make_service parses the endpoints
+                if self["workers"] < 1:
+                    raise ValueError("--workers must be at least 1")
                 from qpconn.app.prefork import check_shareable
 
                 check_shareable(self["listen"])
-            self["service"] = make_service(
-                self["listen"],
+            for description in self["listen"]:  # malformed: ValueError now
+                parse_listen(reactor, description)
+            if self["metrics"]:
+                serverFromString(reactor, self["metrics"])
+        except (ValueError, OSError) as exc:
+            # OSError: an endpoint naming a file that cannot be read (ssl:...:privateKey=).
+            raise usage.UsageError(str(exc)) from exc
+        self["lookups"] = lookup_settings(self)
+        self["proxy"] = proxy_settings(self)
+        try:
+            config = make_config(
                 self["config"],
                 hostname=self["hostname"],
-                lookups=lookup_settings(self),
-                proxy=proxy_settings(self),
                 tls_cert=self["tls-cert"],
                 tls_key=self["tls-key"],
             )
-            if self["workers"] is not None:
-                self["service"] = prefork_service(self)
-            else:
-                add_operations(self["service"], self["metrics"])
-        except (ConfigError, PluginLoadError, ValueError, OSError) as exc:
-            # OSError: an endpoint naming a file that cannot be read (ssl:...:privateKey=).
-            raise usage.UsageError(str(exc)) from exc
+            validate(config)
+        except ConfigError as exc:
+            config_failure(self, exc)
+
+
+def config_failure(options: usage.Options, exc: Exception) -> NoReturn:
+    """Stop for a config directory that cannot be used.
+
+    Under twistd (``options.parent`` is its ServerOptions) every problem is printed on a
+    line of its own, then one line pointing to ``--help``, and the process exits 1:
+    twistd would print its whole usage text before a UsageError's message, burying the
+    one line that matters. Called from Python (tests, a launcher of one's own), it is a
+    UsageError with the same text.
+    """
+    problems = getattr(exc, "problems", None) or str(exc).splitlines() or [repr(exc)]
+    if getattr(options, "parent", None) is None:
+        raise usage.UsageError("\n".join(problems)) from exc
+    sys.stderr.writelines(f"twistd qpconn: error: {problem}\n" for problem in problems)
+    sys.stderr.write("twistd qpconn: see 'twistd qpconn --help' for the options\n")
+    sys.stderr.flush()
+    raise SystemExit(1)
+
+
+def build_service(options: Options) -> IService:
+    """The service the (checked) options describe: listeners, plugins, reload, metrics.
+
+    With ``--workers`` the single-process service is built first all the same, so that a
+    plugin that cannot load stops this process now instead of N workers later.
+    """
+    top = make_service(
+        options["listen"],
+        options["config"],
+        hostname=options["hostname"],
+        lookups=options["lookups"],
+        proxy=options["proxy"],
+        tls_cert=options["tls-cert"],
+        tls_key=options["tls-key"],
+    )
+    if options["workers"] is not None:
+        return prefork_service(options)
+    add_operations(top, options["metrics"])
+    return top
 
 
 def prefork_service(options: Options) -> IService:
@@ -118,13 +180,8 @@ def prefork_service(options: Options) -> IService:
     The single-process service was built first only to validate the config and the
     endpoints (a mistake is a usage error here, not N crashing workers); it is dropped.
     """
-    from twisted.internet import reactor
-    from twisted.internet.endpoints import serverFromString
-
     from qpconn.app.prefork import PreforkService, worker_spec
 
-    if options["workers"] < 1:
-        raise ValueError("--workers must be at least 1")
     spec = worker_spec(
         options["config"],
         options["hostname"],
@@ -133,8 +190,6 @@ def prefork_service(options: Options) -> IService:
         options["tls-cert"],
         options["tls-key"],
     )
-    if options["metrics"]:
-        serverFromString(reactor, options["metrics"])  # malformed: ValueError now
     return PreforkService(options["listen"], spec, options["workers"], options["metrics"])
 
 
@@ -179,14 +234,22 @@ def proxy_settings(options: Options) -> ProxySettings:
 
 
 def makeService(options: Options) -> IService:
-    """The service built (and validated) while the options were parsed.
+    """The service of the parsed (and checked) options: :func:`build_service`.
 
-    Under twistd it comes wrapped so that twistd's text log (when no ``--logger`` or
-    ``--syslog`` is given) is written by qpconn's cheaper observer (qpconn.log.twistd).
+    A plugin that cannot load (or any other problem only building finds) stops the
+    start as a bad setting does (:func:`config_failure`). Under twistd the service comes
+    wrapped so that twistd's text log (when no ``--logger`` or ``--syslog`` is given) is
+    written by qpconn's cheaper observer (qpconn.log.twistd).
     """
     parent = getattr(options, "parent", None)
+    try:
+        top = build_service(options)
+    except (ConfigError, PluginLoadError, ValueError, OSError) as exc:
+        if parent is None:
+            raise
+        config_failure(options, exc)
     if parent is None:
-        return options["service"]
+        return top
     from qpconn.log.twistd import DefaultTextLog
 
-    return DefaultTextLog(options["service"], parent)
+    return DefaultTextLog(top, parent)

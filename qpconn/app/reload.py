@@ -10,6 +10,9 @@ Sessions copy the factory's config, plugins and limits when they start
 (``SMTPServerProtocol.connectionMade``), so a session in flight finishes with the set it
 started with, and every session accepted after the swap uses the new one.
 
+The new ``loglevel`` applies at once, and the validator's warnings (qpconn.settings) are
+logged as at start-up.
+
 What a reload does not change: the listening endpoints, the peer-lookup and PROXY
 settings (they come from the command line, and their timeouts are read at start-up),
 and the sessions open now.
@@ -23,7 +26,9 @@ from typing import TYPE_CHECKING, Any
 from twisted.application.service import Service
 from twisted.logger import Logger
 
-from qpconn.app.check import build
+from qpconn.app.check import CheckError, build
+from qpconn.log.level import parse_level, set_level
+from qpconn.settings import log_warnings
 
 if TYPE_CHECKING:
     from qpconn.server.factory import SMTPFactory
@@ -36,7 +41,7 @@ log = Logger(namespace="qpconn.reload")
 _LIVE = frozenset(
     {
         "sessions",
-        "connection_counter",
+        "connection_counter",  # the sessions open and each address's recent ones
         "connections_total",
         "clock",
         "resolver",
@@ -63,9 +68,10 @@ def reload_factory(factory: SMTPFactory) -> bool:
         for plugin in built.plugins:
             plugin.attach(factory)
     except Exception as exc:  # CheckError, or a plugin refusing to attach
+        problems = exc.problems if isinstance(exc, CheckError) else [str(exc)]
         log.error(
             "reload refused, keeping the running configuration: {reason}",
-            reason=str(exc),
+            reason="; ".join(problems),
             config_dir=config.directory,
             result="refused",
         )
@@ -83,6 +89,8 @@ def reload_factory(factory: SMTPFactory) -> bool:
         names=" ".join(plugin.name for plugin in built.plugins),
         result="reloaded",
     )
+    set_level(parse_level(built.config.get("loglevel") or "debug"))  # checked by build()
+    log_warnings(built.warnings, config.directory)
     return True
 
 

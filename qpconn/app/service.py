@@ -25,12 +25,37 @@ from qpconn.server.proxy import ProxySettings
 from qpconn.server.shutdown import GracefulShutdown
 from qpconn.server.tlscontext import read_tls_policy
 from qpconn.server.tlsendpoint import load_listen_files, parse_ssl_listen, ssl_endpoint
+from qpconn.settings import log_warnings, plugin_warnings
 from qpconn.smtp.commands import SMTPCommands
 
-__all__ = ["make_service", "make_factory", "add_operations", "DEFAULT_LISTEN"]
+__all__ = [
+    "make_service",
+    "make_factory",
+    "make_config",
+    "add_operations",
+    "parse_listen",
+    "DEFAULT_LISTEN",
+]
 
 #: Loopback only, unprivileged port: a fresh install never listens on the world by accident.
 DEFAULT_LISTEN = "tcp:2525:interface=127.0.0.1"
+
+
+def make_config(
+    config_dir: str | None = None,
+    *,
+    hostname: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+) -> Config:
+    """The Config of a directory with the command line's overrides (``--hostname`` for
+    ``me``, ``--tls-cert``, ``--tls-key``), as the server and its validator see it."""
+    overrides = {"me": hostname} if hostname else {}
+    if tls_cert:
+        overrides["tls_cert"] = tls_cert
+    if tls_key:
+        overrides["tls_key"] = tls_key
+    return Config(config_dir, overrides)
 
 
 def make_factory(
@@ -57,14 +82,8 @@ def make_factory(
     ``lmtp_commands`` are the command handler classes of SMTP and LMTP sessions
     (``docs/protocol.md``).
     """
-    overrides = {"me": hostname} if hostname else {}
-    if tls_cert:
-        overrides["tls_cert"] = tls_cert
-    if tls_key:
-        overrides["tls_key"] = tls_key
-    config = Config(config_dir, overrides)
     return SMTPFactory(
-        config,
+        make_config(config_dir, hostname=hostname, tls_cert=tls_cert, tls_key=tls_key),
         list(plugins) if plugins is not None else None,
         protocol=protocol,
         commands=commands,
@@ -73,6 +92,23 @@ def make_factory(
         lookups=lookups,
         proxy=proxy,
     )
+
+
+def parse_listen(reactor: Any, description: str) -> tuple[Any, bool]:
+    """One ``--listen`` string as (endpoint, speaks LMTP); ValueError/OSError if malformed.
+
+    ``lmtp:ENDPOINT`` speaks LMTP on that endpoint (qpconn.server.lmtp). An ``ssl:`` one is
+    parsed by qpconn (qpconn.server.tlsendpoint) and its certificate files are read now, as
+    Twisted's parser would; it is made once the config's TLS policy is known, so what comes
+    back for it is ``(ImplicitTLSListen, KeyPair)`` instead of an endpoint.
+    """
+    inner = description.removeprefix(LMTP_PREFIX)
+    implicit = parse_ssl_listen(inner)
+    if implicit is not None:
+        endpoint: Any = (implicit, load_listen_files(implicit))
+    else:
+        endpoint = serverFromString(reactor, inner)
+    return endpoint, description.startswith(LMTP_PREFIX)
 
 
 def make_service(
@@ -99,17 +135,7 @@ def make_service(
     """
     from twisted.internet import reactor
 
-    # "lmtp:ENDPOINT" speaks LMTP on that endpoint (qpconn.server.lmtp). An "ssl:" one is
-    # parsed now and made once the config's TLS policy is known (qpconn.server.tlsendpoint).
-    endpoints: list[tuple[Any, bool]] = []
-    for description in listen:
-        inner = description.removeprefix(LMTP_PREFIX)
-        implicit = parse_ssl_listen(inner)
-        if implicit is not None:  # its files are read now, as Twisted's parser would
-            endpoint: Any = (implicit, load_listen_files(implicit))
-        else:
-            endpoint = serverFromString(reactor, inner)
-        endpoints.append((endpoint, description.startswith(LMTP_PREFIX)))
+    endpoints = [parse_listen(reactor, description) for description in listen]
     factory = make_factory(
         config_dir,
         hostname=hostname,
@@ -125,6 +151,12 @@ def make_service(
     # A service is the whole process: its config's loglevel becomes the process's
     # threshold for qpconn's own log events (qpconn.log.level).
     set_level(parse_level(factory.config.get("loglevel") or "debug"))
+    # What `python -m qpconn check` would warn about, in the log (qpconn.settings).
+    queue_hooks = len(factory.runner.plugins_for("queue"))
+    log_warnings(
+        factory.config_warnings + plugin_warnings(factory.config, factory.plugins, queue_hooks),
+        factory.config.directory,
+    )
     top = service.MultiService()
     top.setName("qpconn")
     # Stops with the listeners: lets messages in flight finish, then 421 (shutdown.py).

@@ -78,6 +78,9 @@ class Plugin:
     #: seconds a hook of this plugin may take before the command gets 451; None uses the
     #: server-wide ``plugin_timeout``.
     timeout: float | None = None
+    #: names of the config files of its own this plugin reads (``("mypolicy",)``): listed,
+    #: ``python -m qpconn check`` does not warn that no setting of that name exists
+    config_files: tuple[str, ...] = ()
     #: the SMTPFactory serving with this plugin (set by :meth:`attach`): ``server.resolver``
     #: (DNS, obeying ``--dns-server``), ``server.clock``, ``server.me``. None until then.
     server: Any = None

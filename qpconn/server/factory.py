@@ -27,8 +27,9 @@ from qpconn.server.peerinfo import LookupSettings, PeerInfo
 from qpconn.server.protocol import SMTPServerProtocol
 from qpconn.server.proxy import ProxySettings
 from qpconn.server.tls import tls_from_config
+from qpconn.settings import validate
 from qpconn.smtp.commands import SMTPCommands
-from qpconn.smtp.limits import ConnectionCounter, SessionLimits
+from qpconn.smtp.limits import ConnectionCounter, SessionLimits, limit_exceptions
 from qpconn.smtp.lmtp import LMTPCommands
 from qpconn.smtp.security import read_security_settings
 
@@ -100,6 +101,9 @@ class SMTPFactory(ServerFactory):
 
             clock = reactor  # type: ignore[assignment]
         self.config = config if config is not None else Config()
+        #: what the validator (qpconn.settings) found odd but usable; it runs first, so
+        #: every value read below is one it accepted (it raises ConfigError otherwise)
+        self.config_warnings = validate(self.config, load_tls=False)
         self.clock = clock
         self.plugins = load_plugins(self.config) if plugins is None else list(plugins)
         self.runner = HookRunner(self.plugins, clock, self.config.get_float("plugin_timeout", 30.0))
@@ -113,8 +117,11 @@ class SMTPFactory(ServerFactory):
         clean_stale_spool(self.spool_dir)
         #: max_rcpt, max_errors, data_timeout, connection limits, bare_newline
         self.session_limits = SessionLimits.from_config(self.config)
-        #: sessions admitted now, in all and per address (max_connections*)
+        #: sessions admitted now, in all and per address, and opened lately per address
+        #: (max_connections*, max_connection_rate)
         self.connection_counter = ConnectionCounter()
+        #: addresses the per-address limits do not apply to (loopback, relay clients)
+        self.connection_limit_exceptions = limit_exceptions(self.config)
         #: the STARTTLS certificate (tls_cert/tls_key, loaded now so a bad file stops the
         #: server) and the TLS/AUTH policy (tls_required, tls_before_auth, auth_max_failures)
         self.security = read_security_settings(self.config, tls_from_config(self.config))

@@ -2,13 +2,16 @@
 and noticing a client that talks before the greeting.
 
 A component that :class:`~qpconn.server.protocol.SMTPServerProtocol` owns (one per
-session), kept apart so that the adapter stays about moving bytes. The limits themselves are read by
-:class:`qpconn.smtp.limits.SessionLimits`; the rules applied here:
+session), kept apart so that the adapter stays about moving bytes. The limits themselves
+are read by :class:`qpconn.smtp.limits.SessionLimits`; the rules applied here:
 
 * **Connections.** Once the client's address is final (after a PROXY header, if any) and
-  before any lookup or hook, a session over ``max_connections`` or
-  ``max_connections_per_ip`` gets ``421 4.7.0`` and is closed. Refused connections are
-  never counted; an admitted one is released when its connection is lost.
+  before any lookup or hook, a session over ``max_connections``,
+  ``max_connections_per_ip`` or ``max_connection_rate`` gets ``421 4.7.0`` and is closed,
+  with a log event (``event="connection_refused"``, ``limit=`` the setting) that the
+  metrics count. Addresses in ``connection_limit_exceptions`` skip the per-address
+  limits. Refused connections are never counted; an admitted one is released when its
+  connection is lost.
 * **Errors.** Every protocol error the core answers and every 5xx reply counts; at
   ``max_errors`` the client gets ``421 4.7.0`` after the reply that reached it and is
   disconnected. A message accepted for delivery resets the count: a client that delivers
@@ -31,6 +34,7 @@ from qpconn.core.bdat import ChunkEnd
 from qpconn.core.events import Command, MessageEnd
 from qpconn.core.reply import Reply
 from qpconn.core.session import State
+from qpconn.smtp.limits import TOO_FAST_FROM_ADDRESS, TOO_MANY, TOO_MANY_FROM_ADDRESS
 
 if TYPE_CHECKING:
     from qpconn.server.protocol import SMTPServerProtocol
@@ -39,6 +43,20 @@ __all__ = ["SessionGuard", "EARLY_TALK_BUFFER"]
 
 #: Bytes read before the greeting beyond which the transport is paused until it is sent.
 EARLY_TALK_BUFFER = 4096
+
+
+#: The log's reason and the client's reply text for each connection limit.
+_REFUSALS = {
+    TOO_MANY: ("too many connections", "Too many connections"),
+    TOO_MANY_FROM_ADDRESS: (
+        "too many connections from this address",
+        "Too many connections from your address",
+    ),
+    TOO_FAST_FROM_ADDRESS: (
+        "too many connections from this address in a short time",
+        "Too many connections from your address in a short time",
+    ),
+}
 
 
 class SessionGuard:
@@ -63,27 +81,32 @@ class SessionGuard:
     def admit(self) -> bool:
         """Count this session against the connection limits, or refuse it with 421."""
         protocol = self.protocol
+        factory = protocol.factory
         connection = protocol.commands.connection
         ip = connection.remote_ip
-        reason = self.counter.admit(ip, self.limits)
-        if reason is None:
+        limits = self.limits
+        # the exceptions are looked up only when a per-address limit is on
+        per_address = limits.max_connections_per_ip or limits.max_connection_rate
+        exempt = bool(per_address) and ip in factory.connection_limit_exceptions
+        limit = self.counter.admit(ip, limits, factory.clock.seconds(), exempt)
+        if limit is None:
             self._admitted, self._admitted_ip = True, ip
             if self.session.buffered:
                 # Bytes that came with the PROXY header: the client did not wait either.
                 connection.notes["early_talker"] = True
             return True
+        reason, text = _REFUSALS[limit]
         protocol.log.warn(
             "{conn_id} refused {remote_ip}:{remote_port}: {reason}",
             remote_port=connection.remote_port,
             reason=reason,
+            event="connection_refused",
+            limit=limit,
             **protocol.commands.log_context(),
-        )
-        text = "Too many connections from your address" if "address" in reason else (
-            "Too many connections"
         )
         self.session.close()
         transport = protocol.transport
-        refusal = Reply(421, f"4.7.0 {protocol.factory.me} {text}, try again later")
+        refusal = Reply(421, f"4.7.0 {factory.me} {text}, try again later")
         transport.write(refusal.to_bytes())
         transport.loseConnection()
         return False
