@@ -96,6 +96,7 @@ _TABLE = (
     Setting("me", "domain"),
     Setting("rcpthosts", "list", "localhost", plugin="rcpt_ok"),
     Setting("morercpthosts", "list", plugin="rcpt_ok"),
+    Setting("allow_untrusted_routing", "choice", "0", choices=_YES_NO, plugin="rcpt_ok"),
     # read by the relay plugin, and by the server for the connection limits' exceptions
     Setting("relayclients", "networks", plugin="relay"),
     Setting("morerelayclients", "networks", plugin="relay"),

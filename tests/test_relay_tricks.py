@@ -6,10 +6,13 @@ address trick that once fooled a mail server into relaying is sent as a real RCP
 * tricks that name a foreign destination (a source route, a foreign domain, a foreign
   address literal) are refused with ``550 5.7.1``;
 * ``user@other.example@local.test`` is not an address at all: ``501``;
-* tricks that are, read by the RFC 5321 grammar, a mailbox *at local.test*
-  (``user%other.example@local.test``, ``"user@other.example"@local.test`` ...) are
-  accepted, and the test proves they are stored in the local Maildir under that very
-  mailbox name (``Delivered-To``), never handed on for the percent or bang hack.
+* tricks that are, read by the RFC 5321 grammar, a mailbox *at local.test* but carry a
+  route in the local part (``user%other.example@local.test``,
+  ``"user@other.example"@local.test`` ...) are refused with ``554 5.7.1``: a next hop
+  that honours the percent or bang hack would relay them (``allow_untrusted_routing``);
+* the other local tricks are accepted, and so are the routed ones where the site allows
+  them; the test proves each is stored in the local Maildir under that very mailbox name
+  (``Delivered-To``), never handed on for the percent or bang hack.
 """
 
 from __future__ import annotations
@@ -48,20 +51,31 @@ REFUSED = [
     ('<"user@other.example">', 501, "5.1.3"),
     ("<user@other.example", 501, "5.1.3"),
     ("user@other.example", 501, "5.1.3"),
+    ("<user%other.example@local.test>", 554, "5.7.1"),
+    ("<other.example!user@local.test>", 554, "5.7.1"),
+    ('<"user@other.example"@local.test>', 554, "5.7.1"),
+    ('<"user%other.example"@local.test>', 554, "5.7.1"),
+    ("<user%other.example@[127.0.0.1]>", 554, "5.7.1"),
 ]
 
 # (RCPT argument, the mailbox it is stored for)
 LOCAL = [
+    ("<@other.example:user@local.test>", "user@local.test"),
+    ("<user@local.test.>", "user@local.test"),
+    ("<USER@LOCAL.TEST>", "USER@LOCAL.TEST"),
+    ("<user@[127.0.0.1]>", "user@[127.0.0.1]"),
+    ("<postmaster>", "postmaster"),
+]
+# Refused above (554); stored like LOCAL where allow_untrusted_routing is 1.
+ROUTED = [
     ("<user%other.example@local.test>", "user%other.example@local.test"),
     ("<other.example!user@local.test>", "other.example!user@local.test"),
     ('<"user@other.example"@local.test>', '"user@other.example"@local.test'),
     ('<"user%other.example"@local.test>', "user%other.example@local.test"),
-    ("<@other.example:user@local.test>", "user@local.test"),
-    ("<user@local.test.>", "user@local.test"),
-    ("<USER@LOCAL.TEST>", "USER@LOCAL.TEST"),
     ("<user%other.example@[127.0.0.1]>", "user%other.example@[127.0.0.1]"),
-    ("<user@[127.0.0.1]>", "user@[127.0.0.1]"),
-    ("<postmaster>", "postmaster"),
+]
+STORED = [(rcpt, mailbox, {}) for rcpt, mailbox in LOCAL] + [
+    (rcpt, mailbox, {"allow_untrusted_routing": "1"}) for rcpt, mailbox in ROUTED
 ]
 
 
@@ -109,11 +123,15 @@ async def test_relaying_denied_text_and_the_session_goes_on(local_server):
     assert rset == 250
 
 
-@pytest.mark.parametrize(("rcpt", "mailbox"), LOCAL, ids=[rcpt for rcpt, _ in LOCAL])
+@pytest.mark.parametrize(
+    ("rcpt", "mailbox", "setting"), STORED, ids=[rcpt for rcpt, _, _ in STORED]
+)
 @pytest_twisted.ensureDeferred
 async def test_tricks_that_name_a_local_mailbox_are_stored_locally_as_that_mailbox(
-    local_server, rcpt, mailbox
+    qpconn_server, rcpt, mailbox, setting
 ):
+    local_server = qpconn_server(files={**LOCAL_FILES, **setting})
+
     def client() -> Any:
         with ehlo(local_server) as smtp:
             smtp.cmd("MAIL FROM:<sender@example.org>")
