@@ -270,8 +270,9 @@ def log_suffix(run: dict[str, Any]) -> str:
     parts = ["attacked" if "attack" in run else "clean"]
     latency = pooled_latency([run])
     if latency:
-        parts.append(f"probe p50 {_ms(latency['p50_ms'])} p99 {_ms(latency['p99_ms'])} ms"
-                     f" ({latency['failed']}/{latency['n']} failed)")  # fmt: skip
+        parts.append(f"probe p50 {_ms(latency['p50_ms'], ' ms')} p99 "
+                     f"{_ms(latency['p99_ms'], ' ms')} ({latency['failed']}/{latency['n']} "
+                     "failed)")  # fmt: skip
     if "attack" in run:
         a = run["attack"]
         cpu = 100 * (a["cpu_user_s"] + a["cpu_system_s"]) / max(a["seconds"], 1e-3)
@@ -279,8 +280,9 @@ def log_suffix(run: dict[str, Any]) -> str:
     return "  " + "  ".join(parts)
 
 
-def _ms(value: float) -> str:
-    return f"{value:.1f}" if math.isfinite(value) else "failed"
+def _ms(value: float, unit: str = "") -> str:
+    """A latency; ``failed`` for a failed probe's (endless) one."""
+    return f"{value:.1f}{unit}" if math.isfinite(value) else "failed"
 
 
 # -- the table -----------------------------------------------------------------------------
@@ -374,7 +376,7 @@ def render_targets(report: dict[str, Any]) -> list[str]:
         p99 = latency["p99_ms"]
         verdict = "met" if p99 < P99_TARGET_MS else "NOT met"
         out.append(f"- hostile: fresh clients' p99 < {P99_TARGET_MS:.0f} ms under attack: "
-                   f"{_ms(p99)} ms, {latency['failed']} of {latency['n']} probes failed "
+                   f"{_ms(p99, ' ms')}, {latency['failed']} of {latency['n']} probes failed "
                    f"({verdict})")  # fmt: skip
     return out
 

@@ -508,8 +508,29 @@ def environment(postfix: tools.Postfix | None, haraka: tools.Haraka | None) -> d
         ).stdout.strip()
     if postfix is not None:
         debs = sorted((tools.CACHE / "debs").glob("postfix_*.deb"))
-        env["postfix"] = debs[-1].name.split("_")[1] if debs else "?"
+        env["postfix"] = debs[-1].name.split("_")[1] if debs else installed_postfix_version()
+    env["loadavg"] = loadavg()
     return env
+
+
+def installed_postfix_version() -> str:
+    """The installed postfix package's version (when smtp-source is the system's)."""
+    try:
+        out = subprocess.run(
+            ["postconf", "-d", "-h", "mail_version"], capture_output=True, text=True,
+            timeout=10, check=False,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    return out or "?"
+
+
+def loadavg() -> str:
+    """The machine's 1, 5 and 15 minute load averages (as `uptime` shows them)."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
 
 
 # -- main ------------------------------------------------------------------------------
@@ -729,6 +750,7 @@ def main(argv: list[str] | None = None) -> int:
                 for key in args.profile_workloads.split(",")
             }
     report["elapsed_s"] = round(time.monotonic() - started, 1)
+    report["loadavg_end"] = loadavg()
 
     env = report["environment"]
     pinning = (
@@ -742,7 +764,8 @@ def main(argv: list[str] | None = None) -> int:
         f"scale {args.scale}, {args.runs} runs per cell (median, min-max), {pinning}; "
         f"load generator: Postfix {env.get('postfix', '?')} smtp-source (no pipelining, "
         f"one message per transaction); {env['cpus']} x {env['cpu']}, Python {env['python']}, "
-        f"Twisted {env['twisted']}; {report['elapsed_s']:.0f} s.",
+        f"Twisted {env['twisted']}; {report['elapsed_s']:.0f} s; load average "
+        f"{env['loadavg']} at the start, {report['loadavg_end']} at the end.",
         "",
         render(report),
         "",
