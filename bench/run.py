@@ -794,7 +794,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
     foreign = [
-        c.get("foreign_cpu_pct", 0) for per in report["results"].values() for c in per.values()
+        part.get("foreign_cpu_pct", 0)
+        for per in report["results"].values()
+        for c in per.values()
+        for part in (c, c.get("clean") or {})  # the hostile workload's clean runs too
     ]
     if foreign:
         text.append(
