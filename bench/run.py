@@ -8,6 +8,7 @@ memory figure, and prints one table. See ``bench/README.md``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -19,12 +20,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import fastlog_server
+import hostile
 import profiling
 import servers
 import tools
@@ -43,6 +47,8 @@ class Workload:
     messages: int
     size: int  # payload bytes per message (smtp-source adds a few header lines)
     reuse: bool  # True: sessions send message after message; False: one message each
+    #: True: each round runs this load clean and then under attack (bench/hostile.py)
+    attack: bool = False
 
     def count(self, scale: float) -> int:
         return max(self.sessions, round(self.messages * scale))
@@ -50,6 +56,8 @@ class Workload:
     def describe(self, scale: float) -> str:
         size = f"{self.size // 1024} KiB"
         how = f"{self.sessions} conn" if self.reuse else f"new conn/msg, {self.sessions} at once"
+        if self.attack:
+            return f"{self.key}: ii ({how}, {self.count(scale)} x {size}) under attack"
         return f"{self.key}: {how}, {self.count(scale)} x {size}"
 
 
@@ -60,6 +68,7 @@ WORKLOADS = {
         Workload("ii", "50 connections", 50, 20000, 1024, True),
         Workload("iii", "20 connections, 100 KiB", 20, 2000, 102400, True),
         Workload("iv", "new connection per message, 10 at once", 10, 5000, 1024, False),
+        Workload("hostile", "ii, attacked", 50, 20000, 1024, True, attack=True),
     )
 }
 
@@ -111,6 +120,12 @@ def generate(
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         error = f"timeout: not done after {timeout:.0f} s"
+    except BaseException:
+        # Ctrl-C (or SIGTERM) while it runs: it has a session of its own, so nobody else
+        # would stop it.
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
     seconds = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     gen_user = after.ru_utime - before.ru_utime
@@ -172,6 +187,9 @@ def measure_workload(
             for name, server in running.items():
                 if server.proc.poll() is not None:
                     continue
+                if workload.attack:
+                    hostile_round(server, workload, messages, postfix, args, results[name])
+                    continue
                 results[name]["runs"].append(one_run(server, workload, messages, postfix, args))
         for name, server in running.items():
             if server.proc.poll() is None:
@@ -184,6 +202,8 @@ def measure_workload(
             shutil.rmtree(server.workdir, ignore_errors=True)
     for result in results.values():
         summarize_cell(result)
+        if workload.attack:
+            hostile.summarize(result, summarize_cell)
     return results
 
 
@@ -193,18 +213,26 @@ def one_run(
     messages: int,
     postfix: tools.Postfix,
     args: argparse.Namespace,
+    around: Callable[[], AbstractContextManager[dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
+    """One measured smtp-source run; ``around`` runs other clients for its duration (the
+    hostile workload's attackers and probe) and adds their figures to the run's."""
     server.between_runs()
-    cpu_before = server.cpu_seconds()
-    user_before = server.cpu_seconds(user_only=True)
-    machine_before = user_cpu_seconds()
-    run = generate(postfix, server.port, workload, messages, server.gen_cpu, args.max_seconds)
-    server_cpu = server.cpu_seconds() - cpu_before
-    server_user = server.cpu_seconds(user_only=True) - user_before
-    machine = user_cpu_seconds() - machine_before
+    with (around or contextlib.nullcontext)() as extra:
+        cpu_before = server.cpu_seconds()
+        user_before = server.cpu_seconds(user_only=True)
+        machine_before = user_cpu_seconds()
+        run = generate(postfix, server.port, workload, messages, server.gen_cpu, args.max_seconds)
+        server_cpu = server.cpu_seconds() - cpu_before
+        server_user = server.cpu_seconds(user_only=True) - user_before
+        machine = user_cpu_seconds() - machine_before
+        run["rss_kib"] = server.status_kib("VmRSS")  # while the other clients still hold on
+    run.update(extra or {})
     run["server_cpu_s"] = server_cpu
-    # What other processes on the machine used meanwhile (other users, test suites...).
-    others = machine - server_user - run["gen_user_s"]
+    # What other processes on the machine used meanwhile (other users, test suites...);
+    # the attackers' and the probe's own CPU is not theirs.
+    helpers = run.get("attack", {}).get("cpu_user_s", 0.0) + run.get("probe_cpu_user_s", 0.0)
+    others = machine - server_user - run["gen_user_s"] - helpers
     run["foreign_cpu_pct"] = max(0.0, 100 * others / run["seconds"])
     if not run["error"]:
         run["rate"] = messages / run["seconds"]
@@ -221,8 +249,37 @@ def one_run(
             if not run["error"]
             else f"FAILED: {run['error']}"
         )
+        + (hostile.log_suffix(run) if "probe" in run else "")
     )
     return run
+
+
+def hostile_round(
+    server: Running,
+    workload: Workload,
+    messages: int,
+    postfix: tools.Postfix,
+    args: argparse.Namespace,
+    cell: dict[str, Any],
+) -> None:
+    """One round of the hostile workload: the load clean, then attacked, both probed.
+
+    On the same server, seconds apart, so the ratio of the two is fair; the next round's
+    clean run, after an attacked one, also shows whether the server recovered.
+    """
+    clean = cell.setdefault("clean", {"messages": messages, "runs": []})
+    clean["runs"].append(
+        one_run(
+            server, workload, messages, postfix, args,
+            lambda: hostile.around_load(server, args, attack=False),
+        )
+    )  # fmt: skip
+    cell["runs"].append(
+        one_run(
+            server, workload, messages, postfix, args,
+            lambda: hostile.around_load(server, args, attack=True),
+        )
+    )  # fmt: skip
 
 
 def summarize_cell(result: dict[str, Any]) -> None:
@@ -352,6 +409,8 @@ def render(report: dict[str, Any]) -> str:
             cell = results.get(n, {}).get(w.key) or {}
             cells.append(f"{cell['cpu_ms']:.3f}" if "cpu_ms" in cell else "-")
         row(f"server CPU ms/msg, {w.key}", cells)
+    if "hostile" in report["workloads"]:
+        hostile.render_rows(report, names, row)
     cells = []
     for n in names:
         hwm = [c.get("hwm_kib", 0) for c in results.get(n, {}).values()]
@@ -410,6 +469,7 @@ def render_targets(report: dict[str, Any]) -> str:
             ratio = mine / theirs
             verdict = "met" if ratio >= wanted else "NOT met"
             out.append(f"- {key}: {name} ≥ {wanted}x {peer}: {ratio:.2f}x ({verdict})")
+    out += hostile.render_targets(report)
     idle = report.get("idle", {}).get("qpconn-sink", {})
     if "per_session_kib" in idle:
         value = idle["per_session_kib"]
@@ -448,8 +508,29 @@ def environment(postfix: tools.Postfix | None, haraka: tools.Haraka | None) -> d
         ).stdout.strip()
     if postfix is not None:
         debs = sorted((tools.CACHE / "debs").glob("postfix_*.deb"))
-        env["postfix"] = debs[-1].name.split("_")[1] if debs else "?"
+        env["postfix"] = debs[-1].name.split("_")[1] if debs else installed_postfix_version()
+    env["loadavg"] = loadavg()
     return env
+
+
+def installed_postfix_version() -> str:
+    """The installed postfix package's version (when smtp-source is the system's)."""
+    try:
+        out = subprocess.run(
+            ["postconf", "-d", "-h", "mail_version"], capture_output=True, text=True,
+            timeout=10, check=False,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    return out or "?"
+
+
+def loadavg() -> str:
+    """The machine's 1, 5 and 15 minute load averages (as `uptime` shows them)."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
 
 
 # -- main ------------------------------------------------------------------------------
@@ -472,7 +553,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ),
         help="comma-separated servers to run [all that are available]",
     )
-    parser.add_argument("--workloads", default="i,ii,iii,iv", help="comma-separated [i,ii,iii,iv]")
+    parser.add_argument(
+        "--workloads",
+        default="i,ii,iii,iv",
+        help="comma-separated, of i,ii,iii,iv,hostile (ii under attack, see README) [i,ii,iii,iv]",
+    )
     parser.add_argument(
         "--max-seconds", type=float, default=90.0, help="cap on one smtp-source run [90]"
     )
@@ -504,6 +589,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--no-install", action="store_true", help="use only what bench/.cache already holds"
     )
     parser.add_argument("--out", default=str(BENCH / "results"), help="where reports go")
+    hostile.add_arguments(parser)
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -517,8 +603,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.servers = "qpconn-sink"
         args.idle_sessions = min(args.idle_sessions, 100)
         args.max_seconds = min(args.max_seconds, 30.0)
+        hostile.apply_quick(args)
     if args.scale <= 0 or args.runs < 1:
         parser.error("--scale must be > 0 and --runs ≥ 1")
+    unknown = set(args.workloads.split(",")) - set(WORKLOADS)
+    if unknown:
+        parser.error(f"unknown workloads: {', '.join(sorted(unknown))}")
+    if not 0 <= args.hostile_sources <= 250:
+        parser.error("--hostile-sources: 0 to 250 (127.0.0.2 to 127.0.0.251)")
     pin = not args.no_pin and shutil.which("taskset") and len(os.sched_getaffinity(0)) >= 2
     cpus = sorted(os.sched_getaffinity(0))
     args.server_cpu = cpus[0] if pin else None
@@ -633,6 +725,8 @@ def main(argv: list[str] | None = None) -> int:
         "results": {n: {} for n in names},
         "idle_sessions": args.idle_sessions,
     }
+    if any(w.attack for w in workloads):
+        report["hostile"] = hostile.settings(args)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="qpconn-bench-") as scratch_dir:
         scratch = Path(scratch_dir)
@@ -656,6 +750,7 @@ def main(argv: list[str] | None = None) -> int:
                 for key in args.profile_workloads.split(",")
             }
     report["elapsed_s"] = round(time.monotonic() - started, 1)
+    report["loadavg_end"] = loadavg()
 
     env = report["environment"]
     pinning = (
@@ -669,14 +764,17 @@ def main(argv: list[str] | None = None) -> int:
         f"scale {args.scale}, {args.runs} runs per cell (median, min-max), {pinning}; "
         f"load generator: Postfix {env.get('postfix', '?')} smtp-source (no pipelining, "
         f"one message per transaction); {env['cpus']} x {env['cpu']}, Python {env['python']}, "
-        f"Twisted {env['twisted']}; {report['elapsed_s']:.0f} s.",
+        f"Twisted {env['twisted']}; {report['elapsed_s']:.0f} s; load average "
+        f"{env['loadavg']} at the start, {report['loadavg_end']} at the end.",
         "",
         render(report),
         "",
     ]
     targets = render_targets(report)
     if targets:
-        text += ["Targets of issue 6 (qpconn sink, same run):", "", targets, ""]
+        text += ["Targets of issues 6 and 15 (qpconn sink, same run):", "", targets, ""]
+    if "hostile" in report:
+        text += [hostile.footer(report), ""]
     gen = sorted(
         (c["gen_cpu_pct"], n, k)
         for n, per in report["results"].items()
@@ -696,7 +794,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
     foreign = [
-        c.get("foreign_cpu_pct", 0) for per in report["results"].values() for c in per.values()
+        part.get("foreign_cpu_pct", 0)
+        for per in report["results"].values()
+        for c in per.values()
+        for part in (c, c.get("clean") or {})  # the hostile workload's clean runs too
     ]
     if foreign:
         text.append(
