@@ -40,6 +40,7 @@ from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from qpconn.hooks.results import HookOutcome
+from qpconn.server.fastpath.listening import fail_start_on_bind_error
 
 if TYPE_CHECKING:
     from qpconn.server.factory import SMTPFactory
@@ -272,7 +273,7 @@ def metrics_service(
     site.noisy = False
     service = _MetricsService(serverFromString(reactor, endpoint), site)
     service.metrics = metrics
-    service._raiseSynchronously = True
+    fail_start_on_bind_error(service)  # a port in use stops the start
     service.setName("qpconn-metrics")
     if parent is not None:
         service.setServiceParent(parent)

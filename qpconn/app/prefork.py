@@ -63,6 +63,7 @@ from twisted.logger import Logger, globalLogPublisher
 from twisted.python.failure import Failure
 
 from qpconn.log.relay import decode
+from qpconn.server.fastpath.listening import fail_start_on_bind_error
 from qpconn.server.lmtp import LMTP_PREFIX
 from qpconn.server.peerinfo import LookupSettings
 from qpconn.server.proxy import ProxySettings
@@ -239,7 +240,7 @@ class PreforkService(MultiService):
         service = StreamServerEndpointService(
             serverFromString(self.reactor, self.metrics_endpoint), site
         )
-        service._raiseSynchronously = True
+        fail_start_on_bind_error(service)  # a port in use stops the start
         service.setName("qpconn-metrics")
         service.setServiceParent(self)
 
@@ -359,7 +360,7 @@ def _build_worker(spec: dict[str, Any]) -> MultiService:
         listener = StreamServerEndpointService(
             endpoint, LMTPListenerFactory(factory) if lmtp else factory
         )
-        listener._raiseSynchronously = True
+        fail_start_on_bind_error(listener)  # a port in use stops the start
         listener.setServiceParent(top)
     add_operations(top, None)  # SIGHUP reloads this worker's config
     if spec["metrics"]:

@@ -18,6 +18,7 @@ from qpconn.config import Config
 from qpconn.hooks.plugin import Plugin
 from qpconn.log.level import parse_level, set_level
 from qpconn.server.factory import SMTPFactory
+from qpconn.server.fastpath.listening import fail_start_on_bind_error
 from qpconn.server.lmtp import LMTP_PREFIX, LMTPListenerFactory
 from qpconn.server.peerinfo import LookupSettings
 from qpconn.server.protocol import SMTPServerProtocol
@@ -169,8 +170,7 @@ def make_service(
             endpoint = ssl_endpoint(reactor, listen, policy, pair)
         serving = LMTPListenerFactory(factory) if lmtp else factory
         listener = StreamServerEndpointService(endpoint, serving)
-        # Fail start-up loudly (as strports.service does) when a port cannot be bound.
-        listener._raiseSynchronously = True
+        fail_start_on_bind_error(listener)  # a port in use stops the start
         listener.setServiceParent(top)
     top.factory = factory  # type: ignore[attr-defined]
     return top

@@ -110,7 +110,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self._driving = False
         self._paused = False
         self._read_closed = False
-        #: reply bytes held until the end of this reactor turn (see _flush)
+        #: reply bytes held until the end of this reactor turn (see flush)
         self._unsent: list[bytes] = []
         self._may_hold = fastwrite.batchable(self.transport)
         #: the handler that went asynchronous, if any: cleanup waits for it
@@ -147,6 +147,11 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
     def log_context(self) -> dict[str, Any]:
         """Fields every log event of this session carries."""
         return self.commands.log_context()
+
+    @property
+    def handler_running(self) -> bool:
+        """A handler went asynchronous and is still at work (the queue hook, typically)."""
+        return self._inflight is not None
 
     def pause_reading(self) -> None:
         """Stop reading from the client until the handler at work is done (flow control)."""
@@ -265,7 +270,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
                     self._run(commands.dispatch(event), self._answer)
         finally:
             self._driving = False
-        self._flush()
+        self.flush()
         if self._read_closed and not self._busy and not self.lost:
             # The client half-closed and everything it sent has been answered.
             self.send_unsent()
@@ -366,7 +371,8 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             self.transport.resumeProducing()
 
     # -- output ---------------------------------------------------------------------------
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Write what the core has to send (now, or with this turn's other replies)."""
         session = self.session
         data = session.data_to_send()
         if self.lost:
@@ -399,7 +405,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             self.transport.loseConnection()
 
     def send_unsent(self) -> None:
-        """Write the reply bytes held for the end of the turn (see _flush, fastwrite)."""
+        """Write the reply bytes held for the end of the turn (see flush, fastwrite)."""
         unsent = self._unsent
         if not unsent:
             return
@@ -414,7 +420,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self.session.send_unsolicited(
             Reply(421, f"4.4.2 {self.factory.me} Error: timeout exceeded")
         )
-        self._flush()
+        self.flush()
 
     # -- end ------------------------------------------------------------------------------
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]

@@ -42,7 +42,7 @@ def in_message(protocol: SMTPServerProtocol) -> bool:
     hook, typically) is still at work: the moments a 421 would throw work away."""
     if protocol.lost:
         return False
-    return protocol.session.state is State.DATA or protocol._inflight is not None
+    return protocol.session.state is State.DATA or protocol.handler_running
 
 
 def say_goodbye(protocol: SMTPServerProtocol, me: str) -> None:
@@ -50,7 +50,7 @@ def say_goodbye(protocol: SMTPServerProtocol, me: str) -> None:
     if protocol.session.closed or protocol.lost:
         return
     protocol.session.send_unsolicited(Reply(421, f"4.3.2 {me} Service shutting down"))
-    protocol._flush()
+    protocol.flush()
 
 
 class GracefulShutdown(Service):
