@@ -23,7 +23,7 @@ import qpconn
 from qpconn.core.bdat import ChunkEnd
 from qpconn.core.events import AuthResponse, Command, MessageEnd
 from qpconn.core.reply import Reply
-from qpconn.hooks.results import DECLINED_OUTCOME, DONE, OK, reply_for
+from qpconn.hooks.results import DONE, OK, reply_for
 from qpconn.mail.address import AddressError
 from qpconn.mail.received import received_value
 from qpconn.smtp.context import HandlerResult
@@ -164,10 +164,7 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         refusal = self.tls_refusal_for_mail()  # tls_required: 530 before any hook
         if refusal is not None:
             return refusal
-        hooked = self.runner.used  # no coroutine for a hook no plugin implements
-        outcome = DECLINED_OUTCOME
-        if "mail_pre" in hooked:
-            outcome = await self.run_hook("mail_pre", arg)
+        outcome = await self.run_hook("mail_pre", arg)
         if outcome.result is OK and outcome.message is not None:
             arg = outcome.message
         else:
@@ -183,9 +180,7 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
             problem = self.check_mail_params(params) or self.check_extension_mail_params(params)
             if problem is not None:
                 return problem
-        outcome = DECLINED_OUTCOME
-        if "mail" in hooked:
-            outcome = await self.run_hook("mail", sender, params)
+        outcome = await self.run_hook("mail", sender, params)
         decided = reply_for("mail", outcome)
         if not _positive(decided):
             assert decided is not None
@@ -218,10 +213,7 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         if limit and len(self.transaction.recipients) >= limit:
             # Before any hook: past the limit nothing about the address matters.
             return Reply(452, "4.5.3 Too many recipients")
-        hooked = self.runner.used  # no coroutine for a hook no plugin implements
-        outcome = DECLINED_OUTCOME
-        if "rcpt_pre" in hooked:
-            outcome = await self.run_hook("rcpt_pre", arg)
+        outcome = await self.run_hook("rcpt_pre", arg)
         if outcome.result is OK and outcome.message is not None:
             arg = outcome.message
         else:
@@ -238,9 +230,7 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         problem = self.check_rcpt_params(params)  # NOTIFY, ORCPT: see smtp_extensions
         if problem is not None:
             return problem
-        outcome = DECLINED_OUTCOME
-        if "rcpt" in hooked:
-            outcome = await self.run_hook("rcpt", recipient, params)
+        outcome = await self.run_hook("rcpt", recipient, params)
         decided = reply_for("rcpt", outcome)
         if not _positive(decided):
             assert decided is not None
@@ -256,9 +246,7 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         refusal = self.data_refusal()  # BODY=BINARYMIME needs BDAT
         if refusal is not None:
             return refusal
-        outcome = DECLINED_OUTCOME
-        if "data" in self.runner.used:
-            outcome = await self.run_hook("data")
+        outcome = await self.run_hook("data")
         decided = reply_for("data", outcome)
         if decided is not None:
             return decided
@@ -320,9 +308,7 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
             self.log_transaction("rejected", self._verdict[0], hook="data_headers_end")
             return self._verdict
         await self.add_received_header()
-        outcome = DECLINED_OUTCOME
-        if "data_post" in self.runner.used:
-            outcome = await self.run_hook("data_post")
+        outcome = await self.run_hook("data_post")
         decided = reply_for("data_post", outcome)
         if decided is not None:
             self.log_transaction("rejected", decided[0], plugin=outcome.plugin, hook="data_post")
@@ -347,9 +333,7 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         """Prepend our Received field (a received_line plugin may supply the text)."""
         txn = self.transaction
         assert txn.header is not None
-        outcome = DECLINED_OUTCOME
-        if "received_line" in self.runner.used:
-            outcome = await self.run_hook("received_line")
+        outcome = await self.run_hook("received_line")
         if outcome.result is OK and outcome.message:
             value = outcome.message
         else:
@@ -360,17 +344,12 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
 
     async def queue_message(self) -> HandlerResult:
         """queue_pre, queue and queue_post: 250 only when a queue plugin said OK."""
-        hooked = self.runner.used  # no coroutine for a hook no plugin implements
-        outcome = DECLINED_OUTCOME
-        if "queue_pre" in hooked:
-            outcome = await self.run_hook("queue_pre")
+        outcome = await self.run_hook("queue_pre")
         decided = reply_for("queue_pre", outcome)
         stage = "queue_pre"
         if decided is None:
             stage = "queue"
-            outcome = DECLINED_OUTCOME
-            if "queue" in hooked:
-                outcome = await self.run_hook("queue")
+            outcome = await self.run_hook("queue")
             decided = reply_for("queue", outcome) or (
                 Reply(250, outcome.message or f"Queued as {self.transaction.id}", "2.0.0"),
                 False,
@@ -379,7 +358,7 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         self.log_transaction(
             "accepted" if reply.code < 300 else "rejected", reply, plugin=outcome.plugin, hook=stage
         )
-        if "queue_post" in hooked:
+        if self.runner.has("queue_post"):
             await self.runner.run_all("queue_post", self.transaction)
         return decided
 
