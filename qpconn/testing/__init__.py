@@ -27,7 +27,6 @@ asked for another type has no records of it (NODATA), as a real server answers.
 
 from __future__ import annotations
 
-import ipaddress
 import itertools
 import os
 import tempfile
@@ -35,13 +34,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet import defer, error
+from twisted.internet import error
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.names import dns
-from twisted.names import error as dns_error
-from twisted.names.common import ResolverBase
 from twisted.python.failure import Failure
 
 from qpconn.config import Config
