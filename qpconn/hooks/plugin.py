@@ -23,6 +23,9 @@ from qpconn.log.level import LevelLogger
 
 if TYPE_CHECKING:
     from qpconn.config import Config
+    from qpconn.hooks.types import HookSignatures as _TypedHooks
+else:  # at run time a hook is a method a plugin defines itself (see qpconn.hooks.types)
+    _TypedHooks = object
 
 __all__ = ["Plugin", "PluginLoadError", "HOOKS", "load_plugin", "load_plugins"]
 
@@ -67,7 +70,7 @@ class PluginLoadError(Exception):
     """A ``plugins`` line that names nothing loadable, or whose arguments are refused."""
 
 
-class Plugin:
+class Plugin(_TypedHooks):
     """Base class for plugins. Override :meth:`register` to take the config arguments.
 
     Attributes available to every hook: ``self.name`` (as written in ``config/plugins``),
@@ -93,14 +96,15 @@ class Plugin:
         self._extra_hooks: list[tuple[str, HookFunction]] = []
         self.register(*args)
 
-    def register(self, *args: str) -> None:
+    def register(self, *args: Any, **kwargs: Any) -> None:
         """Called once at load time with the arguments from ``config/plugins``.
 
         Refuse bad arguments here (raise ``ValueError``): the server then does not start,
         which is better than discovering a typo when the first mail arrives.
         """
-        if args:
-            raise ValueError(f"plugin {self.name} takes no arguments, got {' '.join(args)!r}")
+        if args or kwargs:
+            given = " ".join([*map(str, args), *(f"{k}={v}" for k, v in kwargs.items())])
+            raise ValueError(f"plugin {self.name} takes no arguments, got {given!r}")
 
     def attach(self, server: Any) -> None:
         """Called once the server exists, before the first session.
