@@ -45,6 +45,8 @@ from qpconn.server.tls import TLSLayer
 from qpconn.smtp.commands import HandlerResult, SMTPCommands
 
 if TYPE_CHECKING:
+    from qpconn.mail.connection import Connection
+    from qpconn.mail.transaction import Transaction
     from qpconn.server.factory import SMTPFactory
 
 __all__ = ["SMTPServerProtocol"]
@@ -135,12 +137,12 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             )
 
     @property
-    def connection(self) -> Any:
+    def connection(self) -> Connection:
         """The session's Connection (the handlers own it; STARTTLS replaces it)."""
         return self.commands.connection
 
     @property
-    def transaction(self) -> Any:
+    def transaction(self) -> Transaction:
         """The session's current Transaction (owned by the handlers)."""
         return self.commands.transaction
 
