@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -190,6 +191,16 @@ def test_memory_windows_end_and_refusals_are_not_counted():
     assert (store.used("a"), store.used("b")) == (2, 2)  # the refused event was not counted
     assert store.take(counters, 110.0) is None  # the window of "a" is over
     assert (store.used("a"), store.used("b")) == (1, 3)
+
+
+def test_the_documented_lines_load():
+    text = (Path(__file__).resolve().parent.parent / "docs" / "config.md").read_text("utf-8")
+    lines = [line for line in text.splitlines()
+             if line.startswith(("limit redis ", "karma redis "))]  # fmt: skip
+    assert len(lines) == 2
+    for line in lines:
+        name, *args = line.split()
+        assert load_plugin(Config(None), name, *args).name == name
 
 
 def test_arguments():

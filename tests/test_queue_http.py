@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,6 +23,7 @@ from tests.support.process import free_port
 from tests.support.server import in_thread
 from tests.support.webapp import WebApp, web_app
 
+REPO = Path(__file__).resolve().parent.parent
 SECRET = b"a shared secret, 16+ characters"
 #: the test client ends it with CRLF . CRLF, so the stored body ends with one CRLF more
 MESSAGE = b"Subject: to the app\r\nFrom: a@example.org\r\n\r\nHello, app."
@@ -179,6 +181,30 @@ async def test_5xx_a_hang_and_a_refused_connection_give_451(app, deliver):
         451, f"4.4.1 127.0.0.1:{port} unavailable (connection refused); try again later"
     )  # fmt: skip
     assert outcomes(server, "refused") == 1
+
+
+def documented_verify() -> Any:
+    """The ``verify`` function docs/config.md gives applications, as written there."""
+    text = (REPO / "docs" / "config.md").read_text(encoding="utf-8")
+    section = text[text.index("### `queue/http") :]
+    code = section[section.index("```python\n") + 10 : section.index("```\n\n**The answer**")]
+    scope: dict[str, Any] = {}
+    exec(compile(code, "docs/config.md", "exec"), scope)
+    return scope["verify"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_documented_check_verifies_our_requests(app, deliver):
+    two = ("u@mx.test", "v@mx.test")
+    await deliver(f"{app.url}/ok", "secret=0123456789abcdef-other", rcpts=two)
+    await deliver(f"{app.url}/ok", rcpts=two)
+    verify = documented_verify()
+    wrong, right = app.requests
+    assert not verify(SECRET, wrong.headers, wrong.body)
+    assert verify(SECRET, right.headers, right.body)
+    assert not verify(SECRET, right.headers, right.body + b"x")  # the body is covered
+    right.headers.replace_header("X-Envelope-To", "attacker@example.net")
+    assert not verify(SECRET, right.headers, right.body)  # and the envelope
 
 
 def test_arguments(tmp_path):
