@@ -60,6 +60,10 @@ _TEXT = {
 }
 
 
+class _Unavailable(Exception):
+    """The counters could not be used (already logged by the outage)."""
+
+
 class Limit(Plugin):
     """Counts sessions, recipients, messages and errors; see the module docstring."""
 
@@ -118,12 +122,12 @@ class Limit(Plugin):
         if isinstance(self.store, MemoryLimits):
             return function(*args)
         if self.outage.holding():
-            raise ConnectionError("not asked: it failed less than a few seconds ago")
+            raise _Unavailable("not asked: it failed less than a few seconds ago")
         try:
             result = await run_in_pool("limit", function, *args)
         except self.store.errors as exc:
             self.outage.failed(exc)
-            raise ConnectionError(str(exc)) from exc
+            raise _Unavailable(str(exc)) from exc
         self.outage.answered()
         return result
 
@@ -182,7 +186,7 @@ class Limit(Plugin):
             return DECLINED
         try:
             refused = await self._ask(self._admit, ip, connection.id, self._now())
-        except ConnectionError as exc:
+        except _Unavailable as exc:
             return self._unchecked(transaction, "connect", exc)
         if refused is None:
             if self.concurrency:
@@ -198,7 +202,7 @@ class Limit(Plugin):
             return
         try:
             await self._ask(self.store.vacate, key, transaction.connection.id)
-        except ConnectionError:
+        except _Unavailable:
             pass  # the place expires after concurrency_ttl by itself (logged by the outage)
 
     # -- per command ---------------------------------------------------------------------
@@ -255,7 +259,7 @@ class Limit(Plugin):
 
         try:
             full = await self._ask(work)
-        except ConnectionError as exc:
+        except _Unavailable as exc:
             return self._unchecked(transaction, "mail", exc)
         if full is None:
             return DECLINED
@@ -271,7 +275,7 @@ class Limit(Plugin):
             return DECLINED
         try:
             full = await self._ask(self.store.take, [(k, r) for _, k, r in counters], self._now())
-        except ConnectionError as exc:
+        except _Unavailable as exc:
             return self._unchecked(transaction, "rcpt", exc)
         if full is None:
             return DECLINED
