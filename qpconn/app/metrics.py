@@ -10,8 +10,10 @@ serve:
 * the session's own structured log events: the per-transaction summary line
   (``event="transaction"``), the refusals at connect, MAIL and RCPT
   (``event="rejection"``) and the connections refused by a connection limit
-  (``event="connection_refused"``). Counting the events the log already carries means the
-  metrics and the log can never disagree about what happened.
+  (``event="connection_refused"``); and the events of the server's plugins
+  (``event="limit_refused"``, ``"redis_outage"``, ``"http_queue"``), whose log source is
+  the server itself (:meth:`qpconn.hooks.plugin.Plugin.attach`). Counting the events the
+  log already carries means the metrics and the log can never disagree about what happened.
 
 Connections open and total are read from the factory when scraped. Each
 :class:`ServerMetrics` has its own registry, so several servers (or tests) in one
@@ -134,6 +136,24 @@ class ServerMetrics:
             ["limit"],
             registry=r,
         )
+        self.limit_refusals = Counter(
+            "qpconn_limit_refusals",
+            "Sessions, senders and recipients refused by the limit plugin, by limit",
+            ["limit"],
+            registry=r,
+        )
+        self.redis_outages = Counter(
+            "qpconn_redis_outages",
+            "Times a plugin's Redis stopped answering (one per outage), by plugin",
+            ["plugin"],
+            registry=r,
+        )
+        self.http_queue = Counter(
+            "qpconn_http_queue_responses",
+            "queue/http deliveries by what the endpoint did: 2xx, 4xx, 5xx, timeout, refused",
+            ["plugin", "outcome"],
+            registry=r,
+        )
         self.bytes_received = Counter(
             "qpconn_received_bytes", "Octets of message text received", registry=r
         )
@@ -210,7 +230,7 @@ class ServerMetrics:
         if kind is None:
             return
         source = event.get("log_source")
-        if getattr(source, "factory", None) is not self.factory:
+        if source is not self.factory and getattr(source, "factory", None) is not self.factory:
             return
         code = event.get("code")
         if kind == "transaction":
@@ -226,6 +246,12 @@ class ServerMetrics:
             self.rejections.labels(str(event.get("hook")), reply_class(code)).inc()
         elif kind == "connection_refused":
             self.connections_refused.labels(str(event.get("limit"))).inc()
+        elif kind == "limit_refused":
+            self.limit_refusals.labels(str(event.get("limit"))).inc()
+        elif kind == "redis_outage":
+            self.redis_outages.labels(str(event.get("plugin"))).inc()
+        elif kind == "http_queue":
+            self.http_queue.labels(str(event.get("plugin")), str(event.get("outcome"))).inc()
 
 
 class _MetricsService(StreamServerEndpointService):

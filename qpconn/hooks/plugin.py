@@ -113,6 +113,9 @@ class Plugin(_TypedHooks):
         resolver, its clock, its host name.
         """
         self.server = server
+        # The plugin's log events name their server (log_source), so that the server's
+        # metrics count the events of its own plugins (limit refusals, Redis outages).
+        self.log.source = server
 
     def register_hook(self, hook: str, function: HookFunction) -> None:
         """Hook a function that is not named ``hook_<name>`` (as qpsmtpd's register_hook)."""
