@@ -197,6 +197,7 @@ class XClientCommands(CommandContext):
                 "{conn_id} XCLIENT refused: {remote_ip} is not in xclient_hosts",
                 event="rejection",
                 hook="xclient",
+                code=550,
                 result="rejected",
                 **self.log_context(),
             )
