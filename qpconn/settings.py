@@ -119,6 +119,8 @@ _TABLE = (
     Setting("max_connection_rate", "count", "60"),
     _seconds("connection_rate_window", "60", above_zero=True),
     Setting("connection_limit_exceptions", "networks"),
+    # the front proxies that may use XCLIENT (qpconn.smtp.xclient)
+    Setting("xclient_hosts", "networks"),
     Setting("bare_newline", "choice", "reject", choices=("reject", "normalize")),
     Setting("smtputf8", "choice", "yes", choices=_YES_NO),
     Setting("tls_cert", "file"),

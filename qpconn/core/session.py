@@ -97,12 +97,14 @@ _LEGAL: dict[str, frozenset[State]] = {
     # for "already active" / "already authenticated").
     "STARTTLS": frozenset({_S.READY}),
     "AUTH": frozenset({_S.READY}),
+    # Postfix's XCLIENT: outside a transaction; its 220 starts the session over (send()).
+    "XCLIENT": frozenset({_S.INIT, _S.READY}),
 }
 # Verbs whose argument may hold UTF-8 once SMTPUTF8 is offered (Limits.utf8).
 _UTF8_VERBS = frozenset({"MAIL", "RCPT", "VRFY", "EXPN"})
 # Verbs that take no argument (RFC 5321 §4.1.1); NOOP and HELP take an optional one.
 _NO_ARG = frozenset({"DATA", "RSET", "QUIT", "STARTTLS"})
-_NEED_ARG = frozenset({"HELO", "EHLO", "VRFY", "AUTH"})
+_NEED_ARG = frozenset({"HELO", "EHLO", "VRFY", "AUTH", "XCLIENT"})
 _PREFIX = {"MAIL": "FROM:", "RCPT": "TO:"}
 # Verbs with rules of their own in TLSAuthRules._tls_auth_refusal
 _TLS_AUTH = frozenset({"STARTTLS", "AUTH"})
@@ -113,6 +115,7 @@ _USAGE = {
     "RCPT": "Syntax: RCPT TO:<address>",
     "VRFY": "Syntax: VRFY address",
     "AUTH": "Syntax: AUTH mechanism [initial-response]",
+    "XCLIENT": "Syntax: XCLIENT attribute=value ...",
 }
 # The tables above, compiled into one lookup per command line: verb -> (legal states,
 # takes no argument, needs one, prefix of the argument, usage text, TLS/AUTH rules apply).
@@ -440,6 +443,12 @@ class ServerSession(TLSAuthRules, ChunkingRules):
             self.state = _RCPT
         elif verb == "RSET":
             self._end_transaction()
+        elif verb == "XCLIENT" and code == 220:
+            # The 220 is a new greeting: as if the client had just connected, no HELO/EHLO
+            # and no AUTH (TLS, a property of the socket, stays).
+            self._end_transaction()
+            self.state = _INIT
+            self.esmtp = self.authenticated = False
 
     def _end_transaction(self) -> None:
         if self.state in (_MAIL, _RCPT, _DATA):

@@ -19,6 +19,7 @@ from qpconn.config import Config
 from qpconn.core.session import Limits
 from qpconn.hooks.plugin import Plugin, load_plugins
 from qpconn.hooks.runner import HookRunner
+from qpconn.kit.policy import NetworkList
 from qpconn.mail.connection import Connection
 from qpconn.mail.smtputf8 import smtputf8_offered
 from qpconn.mail.spool import clean_stale_spool
@@ -125,6 +126,8 @@ class SMTPFactory(ServerFactory):
         #: the STARTTLS certificate (tls_cert/tls_key, loaded now so a bad file stops the
         #: server) and the TLS/AUTH policy (tls_required, tls_before_auth, auth_max_failures)
         self.security = read_security_settings(self.config, tls_from_config(self.config))
+        #: the proxies that may hand over their client's facts with XCLIENT (smtp/xclient.py)
+        self.xclient_hosts = NetworkList("xclient_hosts", self.config.lines("xclient_hosts"))
         self.limits = Limits(
             message_size=self.databytes,
             # SMTPUTF8 is offered unless `smtputf8 no`; addresses hold UTF-8 only after

@@ -7,7 +7,7 @@ protocol adapter owns one :class:`SMTPCommands` per connection, calls
 :meth:`SMTPCommands.dispatch` and writes what comes back.
 
 Subclass it to change the conversation: override :meth:`greeting`, :meth:`ehlo_lines`,
-any ``smtp_<VERB>`` handler, or add one for a new verb (``async def smtp_XCLIENT(self,
+any ``smtp_<VERB>`` handler, or add one for a new verb (``async def smtp_XFORWARD(self,
 arg)``); a handler returns a :class:`~qpconn.core.reply.Reply` or ``(Reply, close)``. Plug
 the subclass in with ``SMTPFactory(commands=...)`` or ``make_service(..., commands=...)``.
 """
@@ -29,6 +29,7 @@ from qpconn.mail.received import received_value
 from qpconn.smtp.context import HandlerResult
 from qpconn.smtp.extensions import MAIL_EXTENSION_PARAMS, ExtensionCommands
 from qpconn.smtp.security import TLSAuthCommands
+from qpconn.smtp.xclient import XClientCommands
 
 __all__ = ["SMTPCommands", "HandlerResult"]
 
@@ -50,11 +51,12 @@ def _positive(decided: tuple[Reply, bool] | None) -> bool:
     return decided is None or 200 <= decided[0].code < 300
 
 
-class SMTPCommands(TLSAuthCommands, ExtensionCommands):
+class SMTPCommands(TLSAuthCommands, ExtensionCommands, XClientCommands):
     """The handlers of one session; see the module docstring.
 
     STARTTLS and AUTH are in :class:`qpconn.smtp.security.TLSAuthCommands`; BDAT, DSN
-    and SMTPUTF8 in :class:`qpconn.smtp.extensions.ExtensionCommands`; the state they all
+    and SMTPUTF8 in :class:`qpconn.smtp.extensions.ExtensionCommands`; XCLIENT in
+    :class:`qpconn.smtp.xclient.XClientCommands`; the state they all
     share (connection, transaction, settings, hooks, logging) in
     :class:`qpconn.smtp.context.CommandContext`.
     """
@@ -122,6 +124,7 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         lines = ["PIPELINING", "8BITMIME", f"SIZE {self.databytes}", "ENHANCEDSTATUSCODES"]
         lines += self.tls_auth_ehlo_lines()  # STARTTLS, AUTH ...: see smtp_security
         lines += self.extension_ehlo_lines()  # CHUNKING, DSN, SMTPUTF8: smtp_extensions
+        lines += self.xclient_ehlo_lines()  # XCLIENT, to xclient_hosts only: smtp/xclient.py
         extra = self.transaction.notes.get("capabilities") or []
         return lines + [str(item) for item in extra]
 

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from qpconn.config import Config
     from qpconn.core.session import ServerSession
     from qpconn.hooks.runner import HookRunner
+    from qpconn.kit.policy import NetworkList
     from qpconn.log.level import LevelLogger
     from qpconn.mail.connection import Connection
     from qpconn.smtp.limits import SessionLimits
@@ -54,6 +55,11 @@ class ServerSettings(Protocol):
     spool_dir: str | None
     session_limits: SessionLimits
     security: SecuritySettings
+    #: the peers that may use XCLIENT (config ``xclient_hosts``)
+    xclient_hosts: NetworkList
+
+    async def lookup_peer(self, connection: Connection) -> None:
+        """Fill in rDNS/FCrDNS and ident for ``connection`` (XCLIENT's new address)."""
 
 
 class CommandContext:
