@@ -11,7 +11,9 @@ serve:
   (``event="transaction"``), the refusals at connect, MAIL and RCPT
   (``event="rejection"``) and the connections refused by a connection limit
   (``event="connection_refused"``); and the events of the server's plugins
-  (``event="limit_refused"``, ``"redis_outage"``, ``"http_queue"``), whose log source is
+  (``event="limit_refused"``, ``"redis_outage"``, ``"http_queue"``, and
+  ``"plugin_outcome"``: what rspamd said, what the next hop said of a recipient, a
+  scanner or next hop that could not be asked), whose log source is
   the server itself (:meth:`qpconn.hooks.plugin.Plugin.attach`). Counting the events the
   log already carries means the metrics and the log can never disagree about what happened.
 
@@ -148,6 +150,12 @@ class ServerMetrics:
             ["plugin"],
             registry=r,
         )
+        self.plugin_outcomes = Counter(
+            "qpconn_plugin_outcomes",
+            "What checking plugins concluded (rspamd's action, a recipient verified...)",
+            ["plugin", "outcome"],
+            registry=r,
+        )
         self.http_queue = Counter(
             "qpconn_http_queue_responses",
             "queue/http deliveries by what the endpoint did: 2xx, 4xx, 5xx, timeout, refused",
@@ -252,6 +260,8 @@ class ServerMetrics:
             self.redis_outages.labels(str(event.get("plugin"))).inc()
         elif kind == "http_queue":
             self.http_queue.labels(str(event.get("plugin")), str(event.get("outcome"))).inc()
+        elif kind == "plugin_outcome":
+            self.plugin_outcomes.labels(str(event.get("plugin")), str(event.get("outcome"))).inc()
 
 
 class _MetricsService(StreamServerEndpointService):
