@@ -140,9 +140,9 @@ async def test_clean_message_is_accepted_with_rspamds_headers(qpconn_server, rsp
     (line,) = [e for e in outcomes if e["plugin"] == "rspamd"]
     assert line["outcome"] == "no_action" and "FROM_EQ_ENVFROM" in line["detail"]
     # rspamd's own log names the envelope it was given
-    assert await in_thread(
-        wait_for, lambda: f"qid: <{queue_id}>" in rspamd.log_text()
-    ), rspamd.log_text()[-2000:]
+    assert await in_thread(wait_for, lambda: f"qid: <{queue_id}>" in rspamd.log_text()), (
+        rspamd.log_text()[-2000:]
+    )
     logged = next(ln for ln in rspamd.log_text().splitlines() if f"qid: <{queue_id}>" in ln)
     assert "ip: 127.0.0.2" in logged and "from: <a@example.org>" in logged
 
