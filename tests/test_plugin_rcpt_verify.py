@@ -21,6 +21,7 @@ from qpconn.config import Config
 from qpconn.kit.ttlcache import TTLCache
 from qpconn.plugins import Plugin, PluginLoadError, load_plugin
 from tests.e2e_client import Client, watch_errors
+from tests.support.docs import plugins_example
 from tests.support.dovecot import private_dovecot
 from tests.support.nexthop import Recorder, ScriptedServer, aiosmtpd_next_hop, wait_until
 from tests.support.postfix import private_postfix
@@ -63,7 +64,7 @@ def outcomes() -> Iterator[list[dict[str, Any]]]:
 def session(address: tuple[str, int], rcpts: list[str], data: bool = True) -> list[Any]:
     """EHLO, MAIL, each RCPT, then DATA and the text if any RCPT was taken: the replies
     to the RCPTs and (if sent) to the end of DATA."""
-    with Client(address, timeout=30) as client:
+    with Client(address, timeout=60) as client:
         assert client.cmd("EHLO client.test").code == 250
         assert client.cmd("MAIL FROM:<a@example.org>").code == 250
         replies = [client.cmd(f"RCPT TO:{rcpt}") for rcpt in rcpts]
@@ -100,7 +101,9 @@ async def test_postfix_unknown_user_is_refused_at_rcpt_and_nothing_bounces(qpcon
     ):
         keep = KeepForward(Config(None), "keep")
         forward = f"queue/smtp-forward 127.0.0.1 {pf.port} timeout=20"
-        server = qpconn_server(plugins=["relay", "rcpt_verify", "rcpt_ok", forward, keep])
+        server = qpconn_server(
+            plugins=["relay", "rcpt_verify timeout=30", "rcpt_ok", forward, keep]
+        )
         known, unknown, end = await in_thread(
             session, server.address, ["<known@mx.test>", "<nobody@mx.test>"]
         )
@@ -122,7 +125,7 @@ async def test_postfix_unknown_user_is_refused_at_rcpt_and_nothing_bounces(qpcon
 async def test_dovecot_lmtp_unknown_user_is_refused_at_rcpt(qpconn_server, outcomes):
     with private_dovecot(["known@mx.test"]) as dovecot:
         server = qpconn_server(
-            plugins=["rcpt_verify", "rcpt_ok", f"queue/lmtp 127.0.0.1 {dovecot.port}"]
+            plugins=["rcpt_verify timeout=30", "rcpt_ok", f"queue/lmtp 127.0.0.1 {dovecot.port}"]
         )
         known, unknown, end = await in_thread(
             session, server.address, ["<known@mx.test>", "<nobody@mx.test>"]
@@ -276,3 +279,18 @@ def test_cache_expires_and_stays_bounded():
     assert len(cache) == 2 and cache.get("a") is None and cache.get("d") == "y"
     cache.put("e", "z", 0)  # a zero lifetime keeps nothing
     assert cache.get("e") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_documented_plugins_lines_work(qpconn_server):
+    lines = plugins_example("rcpt_verify")
+    assert lines == ["relay", "rcpt_verify", "rcpt_ok", "queue/smtp-forward 10.0.0.25 25"]
+    recorder = Recorder(rcpt_replies={"nobody@mx.test": UNKNOWN})
+    with aiosmtpd_next_hop(recorder) as (hop, controller):
+        # as written, with this test's next hop for the documentation's 10.0.0.25:25
+        here = [line.replace("10.0.0.25 25", f"127.0.0.1 {controller.port}") for line in lines]
+        server = qpconn_server(plugins=here)
+        replies = await in_thread(session, server.address, ["<known@mx.test>", "<nobody@mx.test>"])
+        assert await in_thread(wait_until, lambda: len(hop.messages) == 1, 10)
+    assert [reply.code for reply in replies] == [250, 550, 250]
+    assert [m.recipients for m in hop.messages] == [["known@mx.test"]]

@@ -16,6 +16,7 @@ from qpconn.app.metrics import ServerMetrics
 from qpconn.config import Config
 from qpconn.plugins import Plugin, PluginLoadError, load_plugin
 from tests.e2e_client import watch_errors
+from tests.support.docs import plugins_example
 from tests.support.mail import header_fields
 from tests.support.nexthop import ScriptedServer
 from tests.support.policy import sessions_plugin
@@ -243,3 +244,14 @@ def test_both_argument_forms_and_unix_socket():
     assert load_plugin(Config(None), "rspamd", "socket", "/run/rspamd.sock").address == (
         "/run/rspamd.sock"
     )
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_documented_config_line_works(qpconn_server, rspamd):
+    lines = plugins_example("rspamd")
+    assert "rspamd host=127.0.0.1 port=11333 timeout=15" in lines
+    # as written, but at the port this test's rspamd listens on
+    server = qpconn_server(plugins=[line.replace("11333", str(rspamd.port)) for line in lines])
+    reply = await deliver(server, GTUBE_MAIL)
+    assert (reply.code, reply.text) == (550, "5.7.1 Gtube pattern")
+    assert (await deliver(server, HAM)).code == 250
