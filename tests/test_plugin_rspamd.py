@@ -144,8 +144,10 @@ async def test_clean_message_is_accepted_with_rspamds_headers(qpconn_server, rsp
     assert await in_thread(wait_for, lambda: f"qid: <{queue_id}>" in rspamd.log_text()), (
         rspamd.log_text()[-2000:]
     )
-    logged = next(ln for ln in rspamd.log_text().splitlines() if f"qid: <{queue_id}>" in ln)
+    text = rspamd.log_text()
+    logged = text[text.index(f"qid: <{queue_id}>") :][:2000]  # its task line, several lines
     assert "ip: 127.0.0.2" in logged and "from: <a@example.org>" in logged
+    assert "rcpts: <u@mx.test>" in logged
 
 
 @pytest_twisted.ensureDeferred
