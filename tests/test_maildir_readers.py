@@ -67,9 +67,7 @@ async def test_stored_with_lf_line_endings_and_its_size_in_the_name(qpconn_serve
 
 @pytest_twisted.ensureDeferred
 async def test_line_endings_crlf_keeps_the_octets_as_received(qpconn_server, tmp_path):
-    name, data = await deliver(
-        qpconn_server, f"queue/maildir {tmp_path / 'box'} line_endings=crlf"
-    )
+    name, data = await deliver(qpconn_server, f"queue/maildir {tmp_path / 'box'} line_endings=crlf")
     assert data.count(b"\n") == data.count(b"\r\n")
     assert data.endswith(b"\r\n\r\n" + BODY.replace(b"\n", b"\r\n"))
     assert name.endswith(f",S={len(data)}")

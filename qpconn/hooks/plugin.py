@@ -24,7 +24,7 @@ from qpconn.log.level import LevelLogger
 if TYPE_CHECKING:
     from qpconn.config import Config
 
-__all__ = ["Plugin", "PluginLoadError", "HOOKS", "load_plugin", "load_plugins"]
+__all__ = ["Plugin", "PluginLoadError", "HOOKS", "load_plugin", "load_plugins", "plugin_class_of"]
 
 #: Every hook a plugin may implement, with qpsmtpd's names. A method is named
 #: ``hook_`` + the hook name with ``-`` turned into ``_`` (``hook_pre_connection``).
@@ -155,6 +155,12 @@ def _plugin_class(obj: Any, name: str) -> type[Plugin]:
             "set plugin_class = TheClass in it"
         )
     raise PluginLoadError(f"plugin {name}: {obj!r} is not a Plugin class or module")
+
+
+def plugin_class_of(obj: Any, name: str) -> type[Plugin]:
+    """The Plugin class a module or an entry point's object stands for, as the loader
+    finds it (``python -m qpconn plugins`` lists plugins without instantiating them)."""
+    return _plugin_class(obj, name)
 
 
 def resolve(name: str) -> type[Plugin]:
