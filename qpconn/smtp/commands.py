@@ -182,6 +182,11 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         if params:  # without parameters there is nothing to check
             problem = self.check_mail_params(params) or self.check_extension_mail_params(params)
             if problem is not None:
+                if problem.code == 552:  # SIZE= over databytes: a policy refusal, say so
+                    self.log_limit(
+                        "mail", "databytes", problem, sender=sender.format(),
+                        size=params.get("SIZE"), databytes=self.databytes,
+                    )  # fmt: skip
                 return problem
         outcome = DECLINED_OUTCOME
         if "mail" in hooked:
@@ -189,7 +194,7 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         decided = reply_for("mail", outcome)
         if not _positive(decided):
             assert decided is not None
-            self.log_rejection("mail", outcome, decided[0], sender=sender.format())
+            self.log_rejection("mail", outcome, decided[0], decided[1], sender=sender.format())
             return decided
         self.transaction.sender = sender
         self.transaction.mail_params = params
@@ -217,7 +222,9 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         limit = self.session_limits.max_rcpt
         if limit and len(self.transaction.recipients) >= limit:
             # Before any hook: past the limit nothing about the address matters.
-            return Reply(452, "4.5.3 Too many recipients")
+            refusal = Reply(452, "4.5.3 Too many recipients")
+            self.log_limit("rcpt", "max_rcpt", refusal, max_rcpt=limit)
+            return refusal
         hooked = self.runner.used  # no coroutine for a hook no plugin implements
         outcome = DECLINED_OUTCOME
         if "rcpt_pre" in hooked:
@@ -244,7 +251,7 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         decided = reply_for("rcpt", outcome)
         if not _positive(decided):
             assert decided is not None
-            self.log_rejection("rcpt", outcome, decided[0], rcpt=recipient.format())
+            self.log_rejection("rcpt", outcome, decided[0], decided[1], rcpt=recipient.format())
             return decided
         self.transaction.add_recipient(recipient, params)
         return decided or Reply(250, f"2.1.5 {recipient.format()}, recipient ok")
@@ -312,7 +319,7 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         txn = self.transaction
         refusal = self.refuse_message_text(end)
         if refusal is not None:
-            self.log_transaction("rejected", refusal, hook="data")
+            self.log_transaction("rejected", refusal, hook="data", size=end.size)
             return refusal
         if txn.end_of_data() and self._verdict is None:
             await self.headers_end()
