@@ -35,6 +35,17 @@ class Options(usage.Options):
         "An SMTP server with qpsmtpd-style plugins. With no --config it accepts mail for "
         "localhost and this host's name and stores it in ./maildir."
     )
+    def opt_version(self) -> None:
+        """Display qpconn's version (with Twisted's and Python's) and exit."""
+        import platform
+
+        from qpconn import __version__
+        from twisted import copyright
+
+        python = platform.python_version()
+        print(f"qpconn {__version__} (Twisted {copyright.version}, Python {python})")
+        sys.exit(0)
+
     optParameters = [
         ["config", "c", None, "qpsmtpd-style config directory (plugins, me, rcpthosts, ...)"],
         ["hostname", None, None, "name of this server (overrides the config file 'me')"],

@@ -62,6 +62,7 @@ from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromSt
 from twisted.logger import Logger, globalLogPublisher
 from twisted.python.failure import Failure
 
+from qpconn.app.service import describe_address
 from qpconn.log.relay import decode
 from qpconn.server.fastpath.listening import fail_start_on_bind_error
 from qpconn.server.lmtp import LMTP_PREFIX
@@ -115,6 +116,11 @@ class _Unused(protocol.Factory):
     """The parent never reads from its listeners; a connection reaching it is a bug."""
 
     noisy = False
+
+    def logPrefix(self) -> str:
+        # Twisted's "<prefix> starting on N" line (debug chatter: qpconn.log.level); the
+        # parent's own line says "listening on ADDRESS for N workers".
+        return "workers-listener"
 
     def buildProtocol(self, addr: Any) -> None:
         return None
@@ -213,7 +219,7 @@ class PreforkService(MultiService):
             family = getattr(port, "addressFamily", socket.AF_INET)
             self.ports.append((port, family, lmtp))
             log.info("listening on {address} for {count} workers",
-                     address=str(port.getHost()), count=self.count)  # fmt: skip
+                     address=describe_address(port.getHost(), lmtp), count=self.count)  # fmt: skip
         super().privilegedStartService()
 
     def startService(self) -> None:

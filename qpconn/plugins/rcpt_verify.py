@@ -1,5 +1,6 @@
-"""rcpt_verify: ask the next hop about each recipient at RCPT time, and refuse there what
-it would refuse.
+"""rcpt_verify: refuse at RCPT time what the next hop would refuse.
+
+It asks the next hop about each recipient before answering the client.
 
 Without it, a message to one known and one unknown recipient is accepted whole, and
 ``queue/smtp-forward`` reports the unknown one afterwards with a bounce to the sender,

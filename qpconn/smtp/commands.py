@@ -182,12 +182,17 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands, XClientCommands):
         if params:  # without parameters there is nothing to check
             problem = self.check_mail_params(params) or self.check_extension_mail_params(params)
             if problem is not None:
+                if problem.code == 552:  # SIZE= over databytes: a policy refusal, say so
+                    self.log_limit(
+                        "mail", "databytes", problem, sender=sender.format(),
+                        size=params.get("SIZE"), databytes=self.databytes,
+                    )  # fmt: skip
                 return problem
         outcome = await self.run_hook("mail", sender, params)
         decided = reply_for("mail", outcome)
         if not _positive(decided):
             assert decided is not None
-            self.log_rejection("mail", outcome, decided[0], sender=sender.format())
+            self.log_rejection("mail", outcome, decided[0], decided[1], sender=sender.format())
             return decided
         self.transaction.sender = sender
         self.transaction.mail_params = params
@@ -215,7 +220,9 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands, XClientCommands):
         limit = self.session_limits.max_rcpt
         if limit and len(self.transaction.recipients) >= limit:
             # Before any hook: past the limit nothing about the address matters.
-            return Reply(452, "4.5.3 Too many recipients")
+            refusal = Reply(452, "4.5.3 Too many recipients")
+            self.log_limit("rcpt", "max_rcpt", refusal, max_rcpt=limit)
+            return refusal
         outcome = await self.run_hook("rcpt_pre", arg)
         if outcome.result is OK and outcome.message is not None:
             arg = outcome.message
@@ -237,7 +244,7 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands, XClientCommands):
         decided = reply_for("rcpt", outcome)
         if not _positive(decided):
             assert decided is not None
-            self.log_rejection("rcpt", outcome, decided[0], rcpt=recipient.format())
+            self.log_rejection("rcpt", outcome, decided[0], decided[1], rcpt=recipient.format())
             return decided
         self.transaction.add_recipient(recipient, params)
         return decided or Reply(250, f"2.1.5 {recipient.format()}, recipient ok")
@@ -303,7 +310,7 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands, XClientCommands):
         txn = self.transaction
         refusal = self.refuse_message_text(end)
         if refusal is not None:
-            self.log_transaction("rejected", refusal, hook="data")
+            self.log_transaction("rejected", refusal, hook="data", size=end.size)
             return refusal
         if txn.end_of_data() and self._verdict is None:
             await self.headers_end()

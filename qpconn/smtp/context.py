@@ -42,6 +42,8 @@ _TRANSACTION_LINE = (
     "{conn_id} {queue_id} {verdict} from={sender} to={rcpts} size={size} "
     "reply={code} elapsed={elapsed:.3f}s"
 )
+_REJECTION = "{conn_id} {stage} rejected by {plugin}: {code} {text}"
+_CLOSING_REJECTION = _REJECTION + " (closing the connection)"
 
 
 class ServerSettings(Protocol):
@@ -150,14 +152,23 @@ class CommandContext:
         """A verb with no handler (or one this server does not offer): the hook, else 500."""
         outcome = await self.run_hook("unrecognized_command", verb, arg)
         decided = reply_for("unrecognized_command", outcome)
-        return decided if decided is not None else Reply(500, "5.5.1 Unrecognized command")
+        if decided is None:
+            return Reply(500, "5.5.1 Unrecognized command")
+        if outcome.plugin is not None:  # a plugin's refusal (count_unrecognized_commands' 521
+            # closes the session): the log must say who and why
+            self.log_rejection("unrecognized_command", outcome, decided[0], closing=decided[1])
+        return decided
 
     # -- logging --------------------------------------------------------------------------
-    def log_rejection(self, stage: str, outcome: HookOutcome, reply: Reply, **fields: Any) -> None:
-        """One line for a MAIL or RCPT a plugin refused (``event`` ``rejection``)."""
+    def log_rejection(
+        self, stage: str, outcome: HookOutcome, reply: Reply, closing: bool = False, **fields: Any
+    ) -> None:
+        """One line for a command a plugin refused (``event`` ``rejection``); ``closing``
+        when the refusal ends the session, which the line then says."""
         self.log.info(
-            "{conn_id} {stage} rejected by {plugin}: {code} {text}",
+            _CLOSING_REJECTION if closing else _REJECTION,
             stage=stage,
+            closing=closing,
             hook=stage,
             event="rejection",
             result="rejected",
@@ -168,11 +179,37 @@ class CommandContext:
             **self.log_context(),
         )
 
+    def log_limit(self, stage: str, limit: str, reply: Reply, **fields: Any) -> None:
+        """One line for a command refused by a limit of the server itself, not a plugin
+        (``SIZE=`` over ``databytes``, a recipient past ``max_rcpt``): ``event``
+        ``rejection`` with ``limit`` naming the setting."""
+        self.log.info(
+            "{conn_id} {stage} refused by the {limit} limit: {code} {text}",
+            stage=stage,
+            hook=stage,
+            event="rejection",
+            result="rejected",
+            plugin="-",
+            limit=limit,
+            code=reply.code,
+            text=reply.text,
+            **fields,
+            **self.log_context(),
+        )
+
     def log_transaction(
-        self, verdict: str, reply: Reply, plugin: str | None = None, hook: str = "queue"
+        self,
+        verdict: str,
+        reply: Reply,
+        plugin: str | None = None,
+        hook: str = "queue",
+        size: int | None = None,
     ) -> None:
         """The one summary line of a transaction that reached the end of DATA (``event``
-        ``transaction``); ``hook`` is where it was decided. Metrics count these events."""
+        ``transaction``); ``hook`` is where it was decided. Metrics count these events.
+
+        ``size`` is the size received when it differs from what was stored: an oversized
+        message's text past ``databytes`` is read and dropped, never stored."""
         txn = self.transaction
         started = txn.notes.get("data_started")
         recipients = txn.recipients
@@ -183,7 +220,7 @@ class CommandContext:
             "verdict": verdict,
             "sender": txn.sender.format() if txn.sender else "<>",
             "rcpts": ",".join([r.format() for r in recipients]),
-            "size": txn.data_size,
+            "size": txn.data_size if size is None else size,
             "code": reply.code,
             "plugin": plugin,
             "hook": hook,

@@ -136,7 +136,7 @@ class ExtensionCommands(CommandContext):
             return await self.message_end(MessageEnd(size=end.total))
         if refusal is None:
             return Reply(250, f"2.0.0 {end.size} octets received")
-        self.log_transaction("rejected", refusal[0])
+        self.log_transaction("rejected", refusal[0], size=end.total)
         await self.reset_transaction()
         return refusal
 
