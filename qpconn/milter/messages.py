@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import struct
 from dataclasses import dataclass
+from dataclasses import fields as dataclass_fields
 from typing import ClassVar
 
 from qpconn.milter.protocol import MAX_BODY_CHUNK, PROTOCOL_VERSION, MilterProtocolError
@@ -64,12 +65,31 @@ class _Fields:
 
 @dataclass(frozen=True)
 class Message:
-    """One packet. Subclasses name their command letter and lay out their data."""
+    """One packet. Subclasses name their command letter and lay out their data.
+
+    ``layout`` spells the data, one letter per field, in field order: ``s`` a string,
+    ``i`` a 32-bit number, ``o`` a string that may be missing (None), ``a`` every string
+    to the end (a tuple), ``r`` the raw octets to the end. Messages that need more
+    (connect, negotiation, macros) write their own ``payload`` and ``parse``. No message
+    kind derives from another, so ``isinstance`` always names exactly one kind.
+    """
 
     code: ClassVar[bytes] = b""
+    layout: ClassVar[str] = ""
 
     def payload(self) -> bytes:
-        return b""
+        out = []
+        for letter, item in zip(self.layout, dataclass_fields(self), strict=True):
+            value = getattr(self, item.name)
+            if letter == "i":
+                out.append(struct.pack("!I", value))
+            elif letter == "a":
+                out.extend(_text(item) for item in value)
+            elif letter == "r":
+                out.append(value)
+            elif value is not None:  # "s", and "o" when present
+                out.append(_text(value))
+        return b"".join(out)
 
     def encode(self) -> bytes:
         """The whole packet, length first."""
@@ -78,7 +98,22 @@ class Message:
 
     @classmethod
     def parse(cls, fields: _Fields) -> Message:
-        return cls()
+        values: list[object] = []
+        for letter in cls.layout:
+            if letter == "i":
+                values.append(fields.integer(4))
+            elif letter == "a":
+                items = []
+                while fields.more():
+                    items.append(fields.string())
+                values.append(tuple(items))
+            elif letter == "r":
+                values.append(fields.rest())
+            elif letter == "o":
+                values.append(fields.string() if fields.more() else None)
+            else:
+                values.append(fields.string())
+        return cls(*values)
 
 
 def _empty(name: str, letter: bytes, doc: str) -> type[Message]:
@@ -169,14 +204,8 @@ class Helo(Message):
     """SMFIC_HELO: the name the client gave in HELO or EHLO."""
 
     code: ClassVar[bytes] = b"H"
+    layout: ClassVar[str] = "s"
     name: str = ""
-
-    def payload(self) -> bytes:
-        return _text(self.name)
-
-    @classmethod
-    def parse(cls, fields: _Fields) -> Message:
-        return cls(fields.string())
 
 
 @dataclass(frozen=True)
@@ -184,26 +213,29 @@ class Mail(Message):
     """SMFIC_MAIL: ``<sender>`` then each ESMTP parameter (``SIZE=123``)."""
 
     code: ClassVar[bytes] = b"M"
+    layout: ClassVar[str] = "a"
     args: tuple[str, ...] = ()
-
-    def payload(self) -> bytes:
-        return b"".join(_text(arg) for arg in self.args)
 
     @classmethod
     def parse(cls, fields: _Fields) -> Message:
-        args = []
-        while fields.more():
-            args.append(fields.string())
-        if not args:
+        if not fields.more():
             raise fields.fail("no address")
-        return cls(tuple(args))
+        return super().parse(fields)
 
 
 @dataclass(frozen=True)
-class Rcpt(Mail):
+class Rcpt(Message):
     """SMFIC_RCPT: ``<recipient>`` then each ESMTP parameter."""
 
     code: ClassVar[bytes] = b"R"
+    layout: ClassVar[str] = "a"
+    args: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, fields: _Fields) -> Message:
+        if not fields.more():
+            raise fields.fail("no address")
+        return super().parse(fields)
 
 
 @dataclass(frozen=True)
@@ -211,15 +243,9 @@ class HeaderField(Message):
     """SMFIC_HEADER: a field's name and value (folds as LF + white space)."""
 
     code: ClassVar[bytes] = b"L"
+    layout: ClassVar[str] = "ss"
     name: str = ""
     value: str = ""
-
-    def payload(self) -> bytes:
-        return _text(self.name) + _text(self.value)
-
-    @classmethod
-    def parse(cls, fields: _Fields) -> Message:
-        return cls(fields.string(), fields.string())
 
 
 @dataclass(frozen=True)
@@ -227,6 +253,7 @@ class BodyChunk(Message):
     """SMFIC_BODY: at most :data:`MAX_BODY_CHUNK` octets of body, CRLF line ends."""
 
     code: ClassVar[bytes] = b"B"
+    layout: ClassVar[str] = "r"
     data: bytes = b""
 
     def payload(self) -> bytes:
@@ -234,24 +261,24 @@ class BodyChunk(Message):
             raise ValueError(f"a body chunk holds at most {MAX_BODY_CHUNK} octets")
         return self.data
 
-    @classmethod
-    def parse(cls, fields: _Fields) -> Message:
-        return cls(fields.rest())
-
 
 @dataclass(frozen=True)
-class EndOfMessage(BodyChunk):
-    """SMFIC_BODYEOB: the body is complete (libmilter allows a last piece of body in it;
-    qpconn sends that piece as a BodyChunk first, as Postfix does)."""
+class EndOfMessage(Message):
+    """SMFIC_BODYEOB: the body is complete. libmilter allows a last piece of body in it;
+    qpconn sends that piece as a BodyChunk first, as Postfix does."""
 
     code: ClassVar[bytes] = b"E"
+    layout: ClassVar[str] = "r"
+    data: bytes = b""
 
 
 @dataclass(frozen=True)
-class Unknown(Helo):
+class Unknown(Message):
     """SMFIC_UNKNOWN: a command the MTA does not know (qpconn never sends it)."""
 
     code: ClassVar[bytes] = b"U"
+    layout: ClassVar[str] = "s"
+    command: str = ""
 
 
 Data = _empty("Data", b"T", "SMFIC_DATA: the client sent DATA.")
@@ -283,19 +310,13 @@ class ReplyCode(Message):
     possibly multi-line (lines joined by CRLF, ``550-`` before the last)."""
 
     code: ClassVar[bytes] = b"y"
+    layout: ClassVar[str] = "s"
     text: str = ""
-
-    @property
-    def reply_code(self) -> int:
-        return int(self.text[:3])
 
     @property
     def lines(self) -> list[str]:
         """The text of each line, without its reply code."""
         return [line[4:] for line in self.text.split("\r\n")]
-
-    def payload(self) -> bytes:
-        return _text(self.text)
 
     @classmethod
     def parse(cls, fields: _Fields) -> Message:
@@ -310,21 +331,22 @@ class ReplyCode(Message):
 
 
 @dataclass(frozen=True)
-class Quarantine(Helo):
+class Quarantine(Message):
     """SMFIR_QUARANTINE: hold the message, for this reason."""
 
     code: ClassVar[bytes] = b"q"
-
-    @property
-    def reason(self) -> str:
-        return self.name
+    layout: ClassVar[str] = "s"
+    reason: str = ""
 
 
 @dataclass(frozen=True)
-class AddHeader(HeaderField):
+class AddHeader(Message):
     """SMFIR_ADDHEADER: append a field at the end of the header."""
 
     code: ClassVar[bytes] = b"h"
+    layout: ClassVar[str] = "ss"
+    name: str = ""
+    value: str = ""
 
 
 @dataclass(frozen=True)
@@ -332,74 +354,67 @@ class InsertHeader(Message):
     """SMFIR_INSHEADER: insert a field at ``index`` among all fields (0: on top)."""
 
     code: ClassVar[bytes] = b"i"
+    layout: ClassVar[str] = "iss"
     index: int = 0
     name: str = ""
     value: str = ""
 
-    def payload(self) -> bytes:
-        return struct.pack("!I", self.index) + _text(self.name) + _text(self.value)
-
-    @classmethod
-    def parse(cls, fields: _Fields) -> Message:
-        return cls(fields.integer(4), fields.string(), fields.string())
-
 
 @dataclass(frozen=True)
-class ChangeHeader(InsertHeader):
+class ChangeHeader(Message):
     """SMFIR_CHGHEADER: change the ``index``-th field called ``name`` (1-based); an empty
     value deletes it, an index past the last such field adds one."""
 
     code: ClassVar[bytes] = b"m"
+    layout: ClassVar[str] = "iss"
+    index: int = 1
+    name: str = ""
+    value: str = ""
 
 
 @dataclass(frozen=True)
-class ReplaceBody(BodyChunk):
+class ReplaceBody(Message):
     """SMFIR_REPLBODY: a piece of the new body; successive pieces are concatenated."""
 
     code: ClassVar[bytes] = b"b"
-
-    def payload(self) -> bytes:
-        return self.data
+    layout: ClassVar[str] = "r"
+    data: bytes = b""
 
 
 @dataclass(frozen=True)
-class AddRecipient(Helo):
+class AddRecipient(Message):
     """SMFIR_ADDRCPT: add this recipient (``<user@host>`` or bare)."""
 
     code: ClassVar[bytes] = b"+"
-
-    @property
-    def address(self) -> str:
-        return self.name
+    layout: ClassVar[str] = "s"
+    address: str = ""
 
 
 @dataclass(frozen=True)
-class DeleteRecipient(AddRecipient):
+class AddRecipientWithArgs(Message):
+    """SMFIR_ADDRCPT_PAR: add a recipient with ESMTP parameters (``NOTIFY=NEVER``)."""
+
+    code: ClassVar[bytes] = b"2"
+    layout: ClassVar[str] = "so"
+    address: str = ""
+    args: str | None = None
+
+
+@dataclass(frozen=True)
+class DeleteRecipient(Message):
     """SMFIR_DELRCPT: remove this recipient."""
 
     code: ClassVar[bytes] = b"-"
+    layout: ClassVar[str] = "s"
+    address: str = ""
 
 
 @dataclass(frozen=True)
 class ChangeSender(Message):
-    """SMFIR_CHGFROM: a new envelope sender, with ESMTP parameters (``args``, may be
-    None: none sent)."""
+    """SMFIR_CHGFROM: a new envelope sender, with ESMTP parameters (``args``; None: none
+    sent)."""
 
     code: ClassVar[bytes] = b"e"
+    layout: ClassVar[str] = "so"
     address: str = ""
     args: str | None = None
-
-    def payload(self) -> bytes:
-        return _text(self.address) + (b"" if self.args is None else _text(self.args))
-
-    @classmethod
-    def parse(cls, fields: _Fields) -> Message:
-        address = fields.string()
-        return cls(address, fields.string() if fields.more() else None)
-
-
-@dataclass(frozen=True)
-class AddRecipientWithArgs(ChangeSender):
-    """SMFIR_ADDRCPT_PAR: add a recipient with ESMTP parameters (``NOTIFY=NEVER``)."""
-
-    code: ClassVar[bytes] = b"2"

@@ -6,21 +6,23 @@ the test says:
 
 * ``replies``: command class name (``"Rcpt"``, ``"EndOfMessage"`` ...) to the list of
   reply messages to send for it, or to a function of the command giving that list; by
-  default ``Continue`` (``Accept`` at the end of the message);
+  default ``Continue`` (``Accept`` at the end of the message). A number in the list is a
+  pause of that many seconds before the rest is sent;
 * ``actions``, ``protocol``, ``macros``: what it asks for at option negotiation;
 * ``mode`` breaks the protocol on purpose: ``"garbage"`` answers the first command after
   negotiation with bytes that are no packet; ``"hang"`` never answers ``hang_on`` (a
   command class name); ``"close"`` closes the connection when ``hang_on`` arrives;
   ``"bad_negotiation"`` answers option negotiation with version 9; ``"unsolicited"``
-  sends a reply to a command that gets none (after the first header under NR_HEADER).
+  answers connect twice, so the second reply comes when none is due.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet import reactor
+from twisted.internet import reactor, task
 from twisted.internet.protocol import Factory, Protocol
 
 from qpconn.milter import codec
@@ -33,7 +35,7 @@ _WAIVED = {
     codec.EndOfHeaders: Steps.NR_EOH, codec.BodyChunk: Steps.NR_BODY,
 }  # fmt: skip
 
-Replies = list[codec.Message] | Callable[[codec.Message], list[codec.Message]]
+Replies = list[Any] | Callable[[codec.Message], list[Any]]
 
 
 class _PeerConnection(Protocol):
@@ -74,20 +76,29 @@ class _PeerConnection(Protocol):
         if isinstance(command, _NO_REPLY):
             return
         if owner.protocol & _WAIVED.get(type(command), 0):
-            if owner.mode == "unsolicited":
-                self.transport.write(codec.Continue().encode())
             return
+        if owner.mode == "unsolicited" and isinstance(command, codec.Connect):
+            self.transport.write(codec.Continue().encode())
         scripted = owner.replies.get(name)
         if scripted is None:
             default = (
                 codec.Accept() if isinstance(command, codec.EndOfMessage) else codec.Continue()
             )
-            replies: list[codec.Message] = [default]
+            replies: list[Any] = [default]
         elif callable(scripted):
             replies = scripted(command)
         else:
             replies = list(scripted)
-        for reply in replies:
+        self.send(list(replies))
+
+    def send(self, replies: list[Any]) -> None:
+        while replies:
+            reply = replies.pop(0)
+            if isinstance(reply, (int, float)):
+                reactor.callLater(reply, self.send, replies)
+                return
+            if self.transport is None or not self.transport.connected:
+                return
             self.transport.write(reply.encode())
 
     def connectionLost(self, reason: Any = None) -> None:
@@ -132,13 +143,24 @@ class MilterPeer:
         return [type(c).__name__ for c in self.commands(index)
                 if not isinstance(c, codec.DefineMacros)]  # fmt: skip
 
-    def macros(self, stage: bytes, index: int = -1) -> dict[str, str]:
+    def macros_for(self, stage: bytes, index: int = -1) -> dict[str, str]:
         """Every macro sent for the command letter ``stage`` on connection ``index``."""
         found: dict[str, str] = {}
         for command in self.commands(index):
             if isinstance(command, codec.DefineMacros) and command.stage == stage:
                 found.update(command.macros)
         return found
+
+    def wait_closed(self, timeout: float = 5.0) -> Any:
+        """Fires once every connection so far has been closed by qpconn (bounded)."""
+        deadline = time.monotonic() + timeout
+
+        def check() -> Any:
+            if self.closed >= len(self.connections) or time.monotonic() > deadline:
+                return None
+            return task.deferLater(reactor, 0.02, check)
+
+        return task.deferLater(reactor, 0, check)
 
     def stop(self) -> Any:
         return self.port.stopListening()
