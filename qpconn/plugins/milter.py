@@ -60,12 +60,8 @@ __all__ = ["Milter", "NOTE", "QUARANTINE_FIELD"]
 NOTE = "milter"
 QUARANTINE_FIELD = "X-Milter-Quarantine"
 _LINKS = "milter_links"  # connection.notes: this session's MilterLinks, per plugin line
-_SETTINGS = {
-    "default_action": ("milter_default_action", "tempfail"),
-    "connect_timeout": ("milter_connect_timeout", "30"),
-    "command_timeout": ("milter_command_timeout", "30"),
-    "content_timeout": ("milter_content_timeout", "300"),
-}
+_SETTINGS = ("milter_default_action", "milter_connect_timeout", "milter_command_timeout",
+             "milter_content_timeout")  # fmt: skip
 
 
 def _reactor() -> Any:
@@ -77,7 +73,7 @@ def _reactor() -> Any:
 class Milter(Plugin):
     """Asks milters about every step of each session; see the module docstring."""
 
-    config_files = tuple(setting for setting, _ in _SETTINGS.values())
+    config_files = _SETTINGS
 
     def register(self, *args: str) -> None:
         words = list(args)
@@ -88,8 +84,13 @@ class Milter(Plugin):
             self.addresses.append(address)
         if not self.addresses:
             raise ValueError(f"{self.name}: give at least one inet:HOST:PORT or unix:/path")
-        defaults = {key: self.config.get(setting, default) or default
-                    for key, (setting, default) in _SETTINGS.items()}  # fmt: skip
+        config = self.config
+        defaults = {  # the settings; this line's options win
+            "default_action": (config.get("milter_default_action") or "tempfail").lower(),
+            "connect_timeout": config.get("milter_connect_timeout") or "30",
+            "command_timeout": config.get("milter_command_timeout") or "30",
+            "content_timeout": config.get("milter_content_timeout") or "300",
+        }
         options = parse_options(
             self.name, words, defaults, {"default_action": ("tempfail", "accept")},
             numbers=["connect_timeout", "command_timeout", "content_timeout"],
