@@ -321,10 +321,12 @@ async def test_milters_of_one_line_are_asked_in_order(qpconn_server, peers):
 
 @pytest_twisted.ensureDeferred
 async def test_progress_keeps_a_slow_milter_within_its_timeout(qpconn_server, peers):
-    slow = [item for _ in range(8) for item in (0.25, codec.Progress())] + [codec.Accept()]
+    # 4 s of work in all, with a progress packet every 0.2 s: more than the 2.5 s the
+    # timeout allows without them, far less than it between two of them
+    slow = [item for _ in range(20) for item in (0.2, codec.Progress())] + [codec.Accept()]
     peer = peers({"EndOfMessage": slow})
-    server = start(qpconn_server, f"milter {peer.address} content_timeout 1.5")
-    assert (await talk(server, [*SEND, MESSAGE]))[-1].code == 250  # 2 s in all, 0.25 s apart
+    server = start(qpconn_server, f"milter {peer.address} content_timeout 2.5")
+    assert (await talk(server, [*SEND, MESSAGE]))[-1].code == 250
 
 
 @pytest_twisted.ensureDeferred

@@ -167,7 +167,7 @@ class MilterClient(Protocol):
 
     def notify(self, message: codec.Message) -> None:
         """Send a step that gets no reply (abort, quit); failures are only remembered."""
-        if self.error is None and self.transport is not None:
+        if self.error is None and self.transport is not None and not self.session.waiting:
             data, _ = self.session.command(message)
             self.transport.write(data)
 
@@ -202,6 +202,11 @@ class MilterClient(Protocol):
         self._start_timer()
         try:
             return await waiter
+        except defer.CancelledError:
+            # The hook's own time ran out (the runner cancels it): the reply may still be
+            # on its way, so this conversation is out of step for good.
+            self._fail(MilterError("timeout", "the hook's time ran out"))
+            raise
         finally:
             self._stop_timer()
 
