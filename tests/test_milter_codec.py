@@ -264,3 +264,39 @@ def test_old_milters_get_no_data_step():
     session.negotiation()
     session.negotiated(codec.OptionNegotiation(2, 0, 0))
     assert session.command(codec.Data()) == (b"", False)
+
+
+# -- the changes, on a Transaction ----------------------------------------------------------
+def test_changes_apply_to_a_spooled_transaction_and_remove_its_old_spool(tmp_path):
+    from qpconn.mail.connection import Connection
+    from qpconn.mail.transaction import Transaction
+    from qpconn.milter.edits import apply_edits
+
+    txn = Transaction(Connection(), size_threshold=10, spool_dir=str(tmp_path))
+    txn.body_write(b"Subject: a\r\nX-Two: 1\r\nX-Two: 2\r\n\r\n" + b"old body line\r\n" * 10)
+    txn.end_of_data()
+    old_spool = txn.spool_path
+    assert old_spool is not None
+    done = apply_edits(txn, [codec.ChangeHeader(2, "X-Two", "second"),
+                             codec.ChangeHeader(1, "X-Two", ""),
+                             codec.ReplaceBody(b"new\n" * 5)])  # fmt: skip
+    assert done == ["change header X-Two", "delete header X-Two", "replace body (25 octets)"]
+    assert txn.header.as_bytes() == b"Subject: a\r\nX-Two: second\r\n"
+    assert txn.body_bytes() == b"new\r\n" * 5
+    assert not (tmp_path / old_spool).exists() and txn.spool_path != old_spool
+    txn.close()
+
+
+def test_a_change_that_cannot_be_made_changes_nothing():
+    from qpconn.mail.connection import Connection
+    from qpconn.mail.transaction import Transaction
+    from qpconn.milter.edits import apply_edits
+
+    txn = Transaction(Connection())
+    txn.body_write(b"Subject: a\r\n\r\nbody\r\n")
+    txn.end_of_data()
+    for bad in (codec.AddHeader("X", "one\ntwo"), codec.AddHeader("Bad:Name", "x"),
+                codec.AddRecipient("<not an address>")):  # fmt: skip
+        with pytest.raises(MilterProtocolError):
+            apply_edits(txn, [codec.AddHeader("X-First", "fine"), bad])
+        assert txn.header.as_bytes() == b"Subject: a\r\n" and txn.recipients == []
