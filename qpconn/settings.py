@@ -144,6 +144,13 @@ _TABLE = (
     Setting("hosts_allow", "list", plugin="hosts_allow"),
     Setting("karma_db", "path", plugin="karma"),
     Setting("public_suffix_list", "path", plugin="dmarc"),
+    Setting(
+        "milter_default_action", "choice", "tempfail", choices=("tempfail", "accept"),
+        plugin="milter",
+    ),
+    Setting("milter_connect_timeout", "seconds", "30", 0, True, DAY, plugin="milter"),
+    Setting("milter_command_timeout", "seconds", "30", 0, True, DAY, plugin="milter"),
+    Setting("milter_content_timeout", "seconds", "300", 0, True, DAY, plugin="milter"),
 )
 
 #: Every setting file, by name.

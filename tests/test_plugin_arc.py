@@ -55,10 +55,14 @@ def sealed_by_dkimpy(text: bytes = BODY, selector: bytes = b"arc1") -> bytes:
 
 
 def receiver_verdict(message: bytes) -> bytes:
-    """What a receiver after us makes of the chain (dkimpy, the test's key)."""
-    fields = [f for f in message.split(b"\r\n\r\n", 1)[0].split(b"\r\n")]
+    """What a receiver after us makes of the chain (dkimpy, the test's key).
+
+    The Maildir stores LF line endings: the message is put back into its wire form first.
+    """
+    wire = message.replace(b"\n", b"\r\n")
+    fields = [f for f in wire.split(b"\r\n\r\n", 1)[0].split(b"\r\n")]
     head = [f for f in fields if not f.startswith((b"Return-Path", b"Delivered-To"))]
-    text = b"\r\n".join(head) + b"\r\n\r\n" + message.split(b"\r\n\r\n", 1)[1]
+    text = b"\r\n".join(head) + b"\r\n\r\n" + wire.split(b"\r\n\r\n", 1)[1]
     cv, _, _ = dkimpy.arc_verify(text, dnsfunc=lambda name, timeout=5: key_record().encode())
     return cv
 

@@ -162,6 +162,13 @@ class ServerMetrics:
             ["plugin", "outcome"],
             registry=r,
         )
+        self.milter_verdicts = Counter(
+            "qpconn_milter_verdicts",
+            "What milters decided, by milter address, stage and verdict (accept, reject, "
+            "tempfail, discard, shutdown, continue at the end of a message, error)",
+            ["milter", "stage", "verdict"],
+            registry=r,
+        )
         self.bytes_received = Counter(
             "qpconn_received_bytes", "Octets of message text received", registry=r
         )
@@ -252,6 +259,9 @@ class ServerMetrics:
                 self.queue.labels(plugin, outcome.get(reply_class(code), "other")).inc()
         elif kind == "rejection":
             self.rejections.labels(str(event.get("hook")), reply_class(code)).inc()
+        elif kind == "milter":
+            labels = (str(event.get("milter")), str(event.get("stage")), str(event.get("verdict")))
+            self.milter_verdicts.labels(*labels).inc()
         elif kind == "connection_refused":
             self.connections_refused.labels(str(event.get("limit"))).inc()
         elif kind == "limit_refused":
