@@ -19,8 +19,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import Protocol, ServerFactory
 
-from qpconn.core.bdat import ChunkEnd
-from qpconn.core.events import AuthResponse, Command, MessageEnd
+from qpconn.core.events import AuthResponse, ChunkEnd, Command, MessageEnd
 from qpconn.core.reply import Reply
 from qpconn.mail.outcomes import recipient_replies
 from qpconn.smtp.commands import SOFTWARE, HandlerResult

@@ -20,8 +20,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.logger import LogLevel
 
 import qpconn
-from qpconn.core.bdat import ChunkEnd
-from qpconn.core.events import AuthResponse, Command, MessageEnd
+from qpconn.core.events import AuthResponse, ChunkEnd, Command, MessageEnd
 from qpconn.core.reply import Reply
 from qpconn.hooks.results import DECLINED_OUTCOME, DONE, OK, HookOutcome, reply_for
 from qpconn.log.level import LevelLogger

@@ -21,8 +21,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from qpconn.core.bdat import ChunkEnd, ChunkStart
-from qpconn.core.events import MessageEnd
+from qpconn.core.events import ChunkEnd, ChunkStart, MessageEnd
 from qpconn.core.reply import Reply
 from qpconn.hooks.results import reply_for
 from qpconn.mail.address import Address, AddressError, parse_params, split_path_and_params
