@@ -5,10 +5,10 @@ There is one reader per kind of input (:class:`~qpconn.core.states.Reading`): co
 lines, SASL response lines, message text, BDAT chunk octets; the session picks the one
 its state machine says comes next. Rules this module keeps, and no other does:
 
-* **Memory stays bounded.** A command or SASL line that grows past its limit before its
-  LF arrives is refused at once and the rest of it is dropped as it comes (the buffer's
-  discard mode); message text is scanned as it arrives (:mod:`qpconn.core.buffer`); a
-  chunk's octets are handed on, or dropped, as they arrive.
+* **Memory stays bounded between commands.** A command or SASL line that grows past its
+  limit before its LF arrives is refused at once and the rest of it is dropped as it
+  comes (the buffer's discard mode); a chunk's octets are handed on, or dropped, as they
+  arrive. (Message text keeps its own rules: :mod:`qpconn.core.buffer`.)
 * **What a command line may contain**: CRLF at its end (no bare LF), no NUL, no bare CR,
   ASCII only, except UTF-8 in MAIL, RCPT, VRFY and EXPN once SMTPUTF8 is offered (RFC 6531
   §3.3). Its length: ``Limits.command_line`` (RFC 5321 §4.5.3.1.4), MAIL and RCPT

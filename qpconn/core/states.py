@@ -15,12 +15,13 @@ other module decides a state change. The rules this module keeps, and no other d
    names and gets :data:`OUT_OF_SEQUENCE` elsewhere. STARTTLS once encrypted and AUTH once
    authenticated (RFC 3207 §4, RFC 4954 §4), DATA or RCPT during a BDAT transfer (RFC 3030
    §3), DATA or BDAT after only refused recipients (554, as RFC 5321 §3.3 allows and Postfix
-   does) are rows there. LMTP's dialect (RFC 2033 §4.1) is :data:`LMTP_VERBS`.
+   does) are rows there. LMTP's dialect (RFC 2033 §4.1) is :data:`LMTP_VERBS` (applied as
+   the command line is read, before its length is judged).
 3. **What a reply does**: :data:`TRANSITIONS`. The row for what was answered (a verb, the
    end of the message text, a chunk, a SASL response, the greeting) and the reply code
    gives the next state, what the next bytes are (:class:`Reading`) and which flags change;
    a reply no row names changes nothing and commands are read next. 221 and 421
-   (:data:`CLOSING_CODES`) end the session whatever they answer. Three rows follow no
+   (:data:`CLOSING_CODES`) end the session whatever they answer. Some rows follow no
    reply: the TLS handshake (after STARTTLS the session starts over, RFC 3207 §4.2), a
    BDAT line the core accepts (its octets follow at once, RFC 3030 §2), and a refusal the
    core sends itself (commands follow).
@@ -47,6 +48,19 @@ __all__ = [
     "LMTP_REFUSAL",
     "Transition",
     "TRANSITIONS",
+    "GREETING",
+    "MESSAGE_END",
+    "CHUNK",
+    "LAST_CHUNK",
+    "SASL_RESPONSE",
+    "TLS_HANDSHAKE",
+    "IMPLICIT_TLS",
+    "CHUNK_LINE",
+    "CORE_REFUSAL",
+    "OK",
+    "NOT_OK",
+    "ANY_CODE",
+    "only",
     "CLOSING_CODES",
     "AFTER_TRANSACTION",
     "ENVELOPE_STATES",
@@ -264,11 +278,11 @@ class Transition:
 
     answers: str
     codes: range
-    #: the next state; None: it stays
-    to: State | None = None
     #: the transaction is over: back to READY from MAIL, RCPT or DATA (AFTER_TRANSACTION),
     #: its RCPT count and chunking state forgotten
     ends_transaction: bool = False
+    #: the next state; None: it stays
+    to: State | None = None
     #: the client may use extensions (EHLO); None: unchanged
     esmtp: bool | None = None
     #: None: unchanged
