@@ -96,6 +96,11 @@ def _at(answers: str) -> tuple[Script, object]:
         script.feed(b"EHLO c.test\r\nSTARTTLS\r\n")
         assert script.session.state is State.STARTTLS
         return script, lambda code: script.session.tls_started()
+    if answers == states.TRANSACTION_RESET:
+        script = Script()
+        script.feed(ENVELOPE + b"BDAT 2\r\nab")
+        assert script.session.bdat_active and script.session.rcpt_attempts == 1
+        return script, lambda code: script.session.reset_transaction()
     if answers == states.CHUNK_LINE:
         script = Script()
         script.feed(ENVELOPE)
@@ -186,6 +191,15 @@ def test_every_state_is_reached_by_a_row_or_is_the_start_or_the_end():
     reached = {row.to for row in TRANSITIONS if row.to is not None}
     reached |= set(states.AFTER_TRANSACTION.values())
     assert reached | {State.GREETING, State.CLOSED} == set(State)
+
+
+def test_every_row_for_a_verb_names_a_verb_of_the_command_table():
+    # The session finds a verb's reply rows through states.VERBS, built from COMMANDS.
+    special = {value for name, value in vars(states).items() if type(value) is str}
+    for row in TRANSITIONS:
+        if row.answers not in special:
+            assert row.answers in COMMANDS, row.answers
+            assert row in states.VERBS[row.answers].replies
 
 
 def test_every_state_has_a_row_for_every_command_verb():

@@ -240,7 +240,7 @@ class MessageText(DataReader):
     __slots__ = ("_end",)
 
     def __init__(self, limits: Limits) -> None:
-        super().__init__(limits.message_size, limits.text_line, limits.normalize_newlines)
+        DataReader.__init__(self, limits.message_size, limits.text_line, limits.normalize_newlines)
         self._end: MessageEnd | None = None
 
     def read(self, buffer: ReceiveBuffer) -> MessageData | MessageEnd | None:

@@ -52,18 +52,18 @@ from qpconn.core.states import (
     CHUNK,
     CHUNK_LINE,
     CLOSING_CODES,
-    COMMANDS,
     CORE_REFUSAL,
     ENVELOPE_STATES,
     GREETING,
     IMPLICIT_TLS,
     LAST_CHUNK,
     MESSAGE_END,
-    REFUSALS_BY_VERB,
     SASL_RESPONSE,
     TLS_HANDSHAKE,
+    TRANSACTION_RESET,
     TRANSITIONS_BY_ANSWER,
     UNCHANGED,
+    VERBS,
     CommandRule,
     Reading,
     Refusal,
@@ -85,9 +85,12 @@ NEED_DATA = _Sentinel.NEED_DATA
 #: A command awaits its reply (or the session is closed): call ``send`` first.
 PAUSED = _Sentinel.PAUSED
 
-#: What the transition table calls the events that need a reply, besides a Command's verb
-#: (a ChunkEnd is CHUNK or LAST_CHUNK).
-_ANSWERS: dict[type, str] = {MessageEnd: MESSAGE_END, AuthResponse: SASL_RESPONSE}
+#: The TRANSITIONS rows for a reply to each event that needs one, besides a Command (whose
+#: rows come with its verb: states.VERBS).
+_ON_MESSAGE_END = TRANSITIONS_BY_ANSWER[MESSAGE_END]
+_ON_CHUNK = TRANSITIONS_BY_ANSWER[CHUNK]
+_ON_LAST_CHUNK = TRANSITIONS_BY_ANSWER[LAST_CHUNK]
+_ON_SASL_RESPONSE = TRANSITIONS_BY_ANSWER[SASL_RESPONSE]
 
 
 class SessionError(RuntimeError):
@@ -97,25 +100,45 @@ class SessionError(RuntimeError):
 class ServerSession:
     """The server side of one SMTP session, fed with bytes, answered with replies."""
 
-    # Flags most sessions never change stay on the class (memory per idle session).
-    #: the session is encrypted (STARTTLS done, or implicit TLS): see tls_started()
-    tls_active = False
-    #: a 235 reply to AUTH was sent (since the last TLS start)
-    authenticated = False
-    #: a chunk of this transaction was accepted: DATA and RCPT are out of place now
-    bdat_active = False
-    _text: MessageText | None = None
-    _chunks: Chunks | None = None
+    # Slots: a session per connection, its attributes read several times per command.
+    __slots__ = (
+        "_buffer",
+        "_chunks",
+        "_on_reply",
+        "_out",
+        "_pending",
+        "_read",
+        "_reads",
+        "_text",
+        "authenticated",
+        "bdat_active",
+        "esmtp",
+        "limits",
+        "rcpt_attempts",
+        "state",
+        "tls_active",
+    )
 
     def __init__(self, limits: Limits | None = None) -> None:
         self.limits = limits or Limits()
         self.state = State.GREETING
         self._reads = Reading.NOTHING
+        self._read = ServerSession._read_nothing  # _READERS[self._reads], kept at hand
         self._buffer = ReceiveBuffer()
         self._out: list[bytes] = []
         self._pending: Command | MessageEnd | ChunkEnd | AuthResponse | None = None
+        #: the TRANSITIONS rows for a reply to what is pending (set when it is handed out)
+        self._on_reply: tuple[Transition, ...] = ()
+        self._text: MessageText | None = None
+        self._chunks: Chunks | None = None
         #: RCPT commands in this transaction, accepted or not (for "no valid recipients").
         self.rcpt_attempts = 0
+        #: the session is encrypted (STARTTLS done, or implicit TLS): see tls_started()
+        self.tls_active = False
+        #: a 235 reply to AUTH was sent (since the last TLS start)
+        self.authenticated = False
+        #: a chunk of this transaction was accepted: DATA and RCPT are out of place now
+        self.bdat_active = False
         #: the client greeted with EHLO (extensions may be used)
         self.esmtp = False
 
@@ -167,7 +190,7 @@ class ServerSession:
         """The next thing that happened, NEED_DATA, or PAUSED while a reply is owed."""
         if self._pending is not None:
             return PAUSED
-        return _READERS[self._reads](self)
+        return self._read(self)
 
     # One reader per kind of input (see _READERS below the class).
     def _read_nothing(self) -> _Sentinel:
@@ -184,16 +207,19 @@ class ServerSession:
             return self._refused(found)
         verb, arg, line = found
         # Judged here: a refusal (states.REFUSALS), a syntax error, or a Command.
-        rule = COMMANDS.get(verb)
-        if rule is None or (rule.offered_with and not getattr(self.limits, rule.offered_with)):
-            return self._issue(Command(verb, arg))  # not the core's to judge (states.COMMANDS)
+        rules = VERBS.get(verb)
+        if rules is None:
+            return self._issue(Command(verb, arg), ())  # not the core's to judge
+        rule = rules.command
         refusal = None
-        for row in REFUSALS_BY_VERB[verb][self.state]:  # the first whose condition holds
+        for row in rules.refusals[self.state]:  # the first whose condition holds
             when = row.when
             if when is None or getattr(self, when):
                 refusal = row
                 break
-        if verb == "BDAT":
+        if rule.offered_with:  # BDAT: the core's while CHUNKING is offered
+            if not getattr(self.limits, rule.offered_with):
+                return self._issue(Command(verb, arg), ())
             return self._bdat(rule, arg, line, refusal)
         if refusal is not None:
             return self._refuse(refusal, verb, line)
@@ -207,7 +233,12 @@ class ServerSession:
                 arg = arg[len(prefix) :]
         elif rule.argument == "required":
             return self._refused(refuse(501, rule.usage, line))
-        return self._issue(Command(verb, arg))
+        command = Command(verb, arg)
+        self._pending = command
+        self._on_reply = rules.replies
+        if verb == "RCPT":
+            self.rcpt_attempts += 1
+        return command
 
     def _read_sasl_response(self) -> Event | _Sentinel:
         buffer = self._buffer
@@ -219,16 +250,21 @@ class ServerSession:
         if type(found) is ProtocolError:
             return self._refused(found)
         self._pending = found
+        self._on_reply = _ON_SASL_RESPONSE
         return found
 
     def _read_message_text(self) -> Event | _Sentinel:
         text = self._text
-        assert text is not None
+        if text is None:
+            if not self._buffer:
+                return NEED_DATA  # the usual call right after the 354
+            text = self._text = MessageText(self.limits)
         found = text.read(self._buffer)
         if found is None:
             return NEED_DATA
         if type(found) is MessageEnd:
             self._pending = found
+            self._on_reply = _ON_MESSAGE_END
             self._text = None
         return found
 
@@ -241,6 +277,7 @@ class ServerSession:
         kind = type(found)
         if kind is ChunkEnd:
             self._pending = found
+            self._on_reply = _ON_LAST_CHUNK if found.last else _ON_CHUNK
         elif kind is ProtocolError:
             return self._refused(found)
         return found
@@ -266,10 +303,9 @@ class ServerSession:
         chunks.start(size, last)
         return ChunkStart(size, last, first=not self.bdat_active)
 
-    def _issue(self, command: Command) -> Command:
+    def _issue(self, command: Command, on_reply: tuple[Transition, ...]) -> Command:
         self._pending = command
-        if command.verb == "RCPT":
-            self.rcpt_attempts += 1
+        self._on_reply = on_reply
         return command
 
     def _refuse(self, refusal: Refusal, verb: str, line: bytes) -> ProtocolError:
@@ -311,15 +347,8 @@ class ServerSession:
         if close or code in CLOSING_CODES:
             self.close()
             return
-        kind = type(pending)
-        if kind is Command:
-            answers = pending.verb
-        elif kind is ChunkEnd:
-            answers = LAST_CHUNK if pending.last else CHUNK
-        else:
-            answers = _ANSWERS[kind]
         rule = UNCHANGED
-        for row in TRANSITIONS_BY_ANSWER.get(answers, ()):  # states.transition(), inlined
+        for row in self._on_reply:  # states.transition() for what was pending
             if code in row.codes:
                 rule = row
                 break
@@ -338,7 +367,13 @@ class ServerSession:
     def _apply(self, rule: Transition) -> None:
         """Make the changes a row of the transition table names, in its fields' order."""
         if rule.ends_transaction:
-            self._end_transaction()
+            self.state = AFTER_TRANSACTION.get(self.state, self.state)
+            self.rcpt_attempts = 0
+            self.bdat_active = False
+            chunks = self._chunks
+            if chunks is not None:
+                chunks.total = 0
+                chunks.oversized = False
         if rule.to is not None:
             self.state = rule.to
         for name, value in rule.flags:  # esmtp, authenticated, tls_active, bdat_active
@@ -346,33 +381,19 @@ class ServerSession:
         reads = rule.reads
         if reads is not self._reads:
             self._reads = reads
+            self._read = _READERS[reads]
             buffer = self._buffer
             if rule.drops_input:
                 buffer.ignore()
             elif buffer.ignoring:
                 buffer.listen()
-            start = _STARTS.get(reads)
-            if start is not None:
-                start(self)
         if rule.closes:
             self.close()
-
-    def _start_message_text(self) -> None:
-        self._text = MessageText(self.limits)
-
-    def _end_transaction(self) -> None:
-        self.state = AFTER_TRANSACTION.get(self.state, self.state)
-        self.rcpt_attempts = 0
-        self.bdat_active = False
-        chunks = self._chunks
-        if chunks is not None:
-            chunks.total = 0
-            chunks.oversized = False
 
     def reset_transaction(self) -> None:
         """Forget the transaction without a command (e.g. a plugin ended it)."""
         if self.state in ENVELOPE_STATES:
-            self._end_transaction()
+            self._apply(transition(TRANSACTION_RESET, 0))
 
     def tls_started(self) -> None:
         """The TLS handshake is done: from here the session is encrypted.
@@ -397,6 +418,7 @@ class ServerSession:
         """No more input is interpreted; buffered bytes are released."""
         self.state = State.CLOSED
         self._reads = Reading.NOTHING
+        self._read = ServerSession._read_nothing
         self._pending = None
         self._text = None
         self._chunks = None
@@ -423,8 +445,4 @@ _READERS: dict[Reading, Callable[[ServerSession], Event | _Sentinel]] = {
     Reading.SASL_RESPONSE: ServerSession._read_sasl_response,
     Reading.MESSAGE_TEXT: ServerSession._read_message_text,
     Reading.CHUNK: ServerSession._read_chunk,
-}
-#: What starting to read a kind of input sets up.
-_STARTS: dict[Reading, Callable[[ServerSession], None]] = {
-    Reading.MESSAGE_TEXT: ServerSession._start_message_text,
 }

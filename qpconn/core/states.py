@@ -23,8 +23,8 @@ other module decides a state change. The rules this module keeps, and no other d
    a reply no row names changes nothing and commands are read next. 221 and 421
    (:data:`CLOSING_CODES`) end the session whatever they answer. Some rows follow no
    reply: the TLS handshake (after STARTTLS the session starts over, RFC 3207 §4.2), a
-   BDAT line the core accepts (its octets follow at once, RFC 3030 §2), and a refusal the
-   core sends itself (commands follow).
+   BDAT line the core accepts (its octets follow at once, RFC 3030 §2), a refusal the core
+   sends itself (commands follow), and the application ending a transaction.
 
 Nothing here does I/O or imports anything outside the standard library.
 """
@@ -57,6 +57,7 @@ __all__ = [
     "IMPLICIT_TLS",
     "CHUNK_LINE",
     "CORE_REFUSAL",
+    "TRANSACTION_RESET",
     "OK",
     "NOT_OK",
     "ANY_CODE",
@@ -66,6 +67,8 @@ __all__ = [
     "ENVELOPE_STATES",
     "REFUSALS_BY_VERB",
     "TRANSITIONS_BY_ANSWER",
+    "VerbRules",
+    "VERBS",
     "UNCHANGED",
     "refusals",
     "transition",
@@ -257,6 +260,7 @@ TLS_HANDSHAKE = "TLS handshake after STARTTLS"
 IMPLICIT_TLS = "TLS handshake before the greeting"
 CHUNK_LINE = "BDAT line accepted by the core"
 CORE_REFUSAL = "the core's own refusal"
+TRANSACTION_RESET = "reset_transaction() with an envelope"
 
 OK = range(200, 300)
 NOT_OK = range(300, 600)
@@ -348,6 +352,9 @@ TRANSITIONS: tuple[Transition, ...] = (
     Transition(SASL_RESPONSE, only(235), authenticated=True),
     # A line the core refused itself (a bad command, SASL response or BDAT chunk).
     Transition(CORE_REFUSAL, ANY_CODE),
+    # The application ended the transaction without a command (e.g. a plugin did); only
+    # while it has an envelope (ENVELOPE_STATES), never while its text is being read.
+    Transition(TRANSACTION_RESET, ANY_CODE, ends_transaction=True),
 )
 
 #: Replies that end the session after anything they answer (RFC 5321 §3.8, §4.1.1.10).
@@ -366,6 +373,23 @@ def _compile_transitions() -> dict[str, tuple[Transition, ...]]:
 
 #: answers -> its rows, in table order: what the session looks up for each reply.
 TRANSITIONS_BY_ANSWER = _compile_transitions()
+
+
+class VerbRules(NamedTuple):
+    """What the three tables say about one verb, gathered for one lookup per command."""
+
+    command: CommandRule
+    #: state -> the REFUSALS rows that may apply there, in order (REFUSALS_BY_VERB)
+    refusals: dict[State, tuple[Refusal, ...]]
+    #: the TRANSITIONS rows for a reply to it
+    replies: tuple[Transition, ...]
+
+
+#: verb -> its rules, for every verb of COMMANDS: what the session looks up per command.
+VERBS: dict[str, VerbRules] = {
+    verb: VerbRules(rule, REFUSALS_BY_VERB[verb], TRANSITIONS_BY_ANSWER.get(verb, ()))
+    for verb, rule in COMMANDS.items()
+}
 
 
 def transition(answers: str, code: int) -> Transition:
