@@ -1,7 +1,7 @@
 """CHUNKING/BINARYMIME, DSN and SMTPUTF8 command handling, mixed into SMTPCommands.
 
 Like :mod:`qpconn.smtp.commands`, nothing here touches a socket. The session core frames BDAT
-chunks (:mod:`qpconn.core.bdat`); this module answers them with the same hooks and the
+chunks (:mod:`qpconn.core.receive`); this module answers them with the same hooks and the
 same :class:`~qpconn.mail.transaction.Transaction` as DATA:
 
 * the first chunk of a transaction runs the ``data`` hook (a refusal is given as the
