@@ -101,6 +101,10 @@ def _at(answers: str) -> tuple[Script, object]:
         script.feed(ENVELOPE + b"BDAT 2\r\nab")
         assert script.session.bdat_active and script.session.rcpt_attempts == 1
         return script, lambda code: script.session.reset_transaction()
+    if answers == states.CHUNK_SIZE_UNKNOWN:
+        script = Script()
+        script.feed(ENVELOPE)
+        return script, lambda code: script.feed(b"BDAT ten\r\n")
     if answers == states.CHUNK_LINE:
         script = Script()
         script.feed(ENVELOPE)

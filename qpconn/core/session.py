@@ -18,8 +18,6 @@ keeps, and no other does:
   table and applies the row, so the application cannot forget a transition, and the
   state cannot move without a reply going out. The core's own refusals are queued here,
   in their place among the replies.
-* **A BDAT whose size is not a number ends the session** with 501: its octets cannot be
-  told from commands (RFC 3030 §2).
 """
 
 from __future__ import annotations
@@ -51,6 +49,7 @@ from qpconn.core.states import (
     AFTER_TRANSACTION,
     CHUNK,
     CHUNK_LINE,
+    CHUNK_SIZE_UNKNOWN,
     CLOSING_CODES,
     CORE_REFUSAL,
     ENVELOPE_STATES,
@@ -288,9 +287,7 @@ class ServerSession:
         """Start reading a chunk; one out of place is read and dropped, then refused."""
         parsed = parse_bdat(arg)
         if parsed is None:
-            error = self._refused(refuse(501, rule.usage, line))
-            self.close()
-            return error
+            return self._refused(refuse(501, rule.usage, line), CHUNK_SIZE_UNKNOWN)
         size, last = parsed
         chunks = self._chunks
         if chunks is None:
@@ -311,10 +308,10 @@ class ServerSession:
     def _refuse(self, refusal: Refusal, verb: str, line: bytes) -> ProtocolError:
         return self._refused(refuse(refusal.code, refusal.text.format(verb=verb), line))
 
-    def _refused(self, error: ProtocolError) -> ProtocolError:
-        """Queue the core's own refusal in its place among the replies."""
+    def _refused(self, error: ProtocolError, answers: str = CORE_REFUSAL) -> ProtocolError:
+        """Queue the core's own refusal in its place among the replies, and apply its row."""
         self._out.append(error.reply.to_bytes())
-        self._apply(transition(CORE_REFUSAL, error.reply.code))
+        self._apply(transition(answers, error.reply.code))
         return error
 
     # -- output -----------------------------------------------------------------------------

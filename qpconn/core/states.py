@@ -23,8 +23,9 @@ other module decides a state change. The rules this module keeps, and no other d
    a reply no row names changes nothing and commands are read next. 221 and 421
    (:data:`CLOSING_CODES`) end the session whatever they answer. Some rows follow no
    reply: the TLS handshake (after STARTTLS the session starts over, RFC 3207 §4.2), a
-   BDAT line the core accepts (its octets follow at once, RFC 3030 §2), a refusal the core
-   sends itself (commands follow), and the application ending a transaction.
+   BDAT line the core accepts (its octets follow at once, RFC 3030 §2; one whose size is
+   not a number ends the session), a refusal the core sends itself (commands follow), and
+   the application ending a transaction.
 
 Nothing here does I/O or imports anything outside the standard library.
 """
@@ -56,6 +57,7 @@ __all__ = [
     "TLS_HANDSHAKE",
     "IMPLICIT_TLS",
     "CHUNK_LINE",
+    "CHUNK_SIZE_UNKNOWN",
     "CORE_REFUSAL",
     "TRANSACTION_RESET",
     "OK",
@@ -106,6 +108,10 @@ class Reading(enum.Enum):
 
 _SESSION = frozenset({State.INIT, State.READY, State.MAIL, State.RCPT})
 _ANY = frozenset(State)
+_IN_INIT = frozenset({State.INIT})
+_IN_READY = frozenset({State.READY})
+_IN_MAIL = frozenset({State.MAIL})
+_IN_RCPT = frozenset({State.RCPT})
 #: the states of a mail transaction, and where ending it goes: back to READY
 AFTER_TRANSACTION = {State.MAIL: State.READY, State.RCPT: State.READY, State.DATA: State.READY}
 #: the states where a transaction has an envelope but no message text is being read
@@ -131,30 +137,19 @@ class CommandRule(NamedTuple):
 COMMANDS: dict[str, CommandRule] = {
     "HELO": CommandRule(_SESSION, "required", usage="5.5.4 Syntax: HELO hostname"),
     "EHLO": CommandRule(_SESSION, "required", usage="5.5.4 Syntax: EHLO hostname"),
-    "MAIL": CommandRule(
-        frozenset({State.READY}), "required", "FROM:", "5.5.4 Syntax: MAIL FROM:<address>"
-    ),
-    "RCPT": CommandRule(
-        frozenset({State.MAIL, State.RCPT}), "required", "TO:", "5.5.4 Syntax: RCPT TO:<address>"
-    ),
-    "DATA": CommandRule(frozenset({State.RCPT}), "none"),
-    "BDAT": CommandRule(
-        frozenset({State.RCPT}),
-        "required",
-        usage="5.5.4 Syntax: BDAT count [LAST]",
-        offered_with="chunking",
-    ),
+    "MAIL": CommandRule(_IN_READY, "required", "FROM:", "5.5.4 Syntax: MAIL FROM:<address>"),
+    "RCPT": CommandRule(ENVELOPE_STATES, "required", "TO:", "5.5.4 Syntax: RCPT TO:<address>"),
+    "DATA": CommandRule(_IN_RCPT, "none"),
+    "BDAT": CommandRule(_IN_RCPT, "required", "", "5.5.4 Syntax: BDAT count [LAST]", "chunking"),
     "RSET": CommandRule(_SESSION, "none"),
     "NOOP": CommandRule(_SESSION, "optional"),
     "QUIT": CommandRule(_SESSION, "none"),
     "VRFY": CommandRule(_SESSION, "required", usage="5.5.4 Syntax: VRFY address"),
     "HELP": CommandRule(_SESSION, "optional"),
     # RFC 3207 §4 and RFC 4954 §4: after EHLO, outside a transaction (REFUSALS: only once).
-    "STARTTLS": CommandRule(frozenset({State.READY}), "none"),
+    "STARTTLS": CommandRule(_IN_READY, "none"),
     "AUTH": CommandRule(
-        frozenset({State.READY}),
-        "required",
-        usage="5.5.4 Syntax: AUTH mechanism [initial-response]",
+        _IN_READY, "required", usage="5.5.4 Syntax: AUTH mechanism [initial-response]"
     ),
 }
 
@@ -189,10 +184,6 @@ CONDITIONS: dict[str, str] = {
 def _row(verbs: str, states: frozenset[State], when: str | None, code: int, text: str) -> Refusal:
     return Refusal(frozenset(verbs.split()), states, when, code, text)
 
-
-_IN_INIT = frozenset({State.INIT})
-_IN_READY = frozenset({State.READY})
-_IN_MAIL = frozenset({State.MAIL})
 
 REFUSALS: tuple[Refusal, ...] = (
     # STARTTLS and AUTH: once each, after EHLO, outside a transaction.
@@ -259,6 +250,7 @@ SASL_RESPONSE = "SASL response"
 TLS_HANDSHAKE = "TLS handshake after STARTTLS"
 IMPLICIT_TLS = "TLS handshake before the greeting"
 CHUNK_LINE = "BDAT line accepted by the core"
+CHUNK_SIZE_UNKNOWN = "BDAT line without a size"
 CORE_REFUSAL = "the core's own refusal"
 TRANSACTION_RESET = "reset_transaction() with an envelope"
 
@@ -328,6 +320,8 @@ TRANSITIONS: tuple[Transition, ...] = (
     # BDAT: an accepted chunk keeps the transaction in chunking; LAST ends it, and so does
     # a refused chunk (RFC 3030 §4.2: the client must not send more).
     Transition(CHUNK_LINE, ANY_CODE, reads=Reading.CHUNK),
+    # A size that is not a number (501): the octets cannot be told from commands.
+    Transition(CHUNK_SIZE_UNKNOWN, ANY_CODE, reads=Reading.NOTHING, closes=True),
     Transition(CHUNK, OK, chunking=True),
     Transition(CHUNK, NOT_OK, ends_transaction=True),
     Transition(LAST_CHUNK, ANY_CODE, ends_transaction=True),
