@@ -1,5 +1,8 @@
-"""milter: run each session past Sendmail/Postfix milters (rspamd, OpenDKIM, OpenDMARC,
-clamav-milter ...), with their verdicts and their changes to the message.
+"""milter: run each session past Sendmail/Postfix milters, with their verdicts and changes.
+
+The milters are the filters Postfix and Sendmail talk to (rspamd, OpenDKIM, OpenDMARC,
+clamav-milter ...); their verdicts become hook results, their changes are applied to the
+message before it is queued.
 
 ``milter ADDRESS [ADDRESS ...] [option value ...]``: each ``ADDRESS`` is Postfix's
 ``inet:HOST:PORT``, ``inet:[IPv6]:PORT`` or ``unix:/path`` (Sendmail's ``inet:PORT@HOST``

@@ -31,8 +31,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from qpconn.core.bdat import ChunkStart
-from qpconn.core.events import Command, MessageData, ProtocolError
+from qpconn.core.events import ChunkStart, Command, MessageData, ProtocolError
 from qpconn.core.proxy import ProxyHeaderParser, ProxyProtocolError
 from qpconn.core.reply import Reply
 from qpconn.core.session import NEED_DATA, PAUSED, ServerSession, State

@@ -20,8 +20,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 import qpconn
-from qpconn.core.bdat import ChunkEnd
-from qpconn.core.events import AuthResponse, Command, MessageEnd
+from qpconn.core.events import AuthResponse, ChunkEnd, Command, MessageEnd
 from qpconn.core.reply import Reply
 from qpconn.hooks.results import DONE, OK, reply_for
 from qpconn.mail.address import AddressError

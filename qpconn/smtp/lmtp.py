@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from qpconn.core.bdat import ChunkEnd
+from qpconn.core.events import ChunkEnd
 from qpconn.core.events import AuthResponse, Command, MessageEnd
 from qpconn.core.reply import Reply
 from qpconn.mail.outcomes import recipient_replies
