@@ -79,6 +79,10 @@ class Processes:
         process.kill()
         process.wait(timeout=10)
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time (user + system) each running process has used so far."""
+        return {name: process_cpu(process.pid) for name, process in self.running.items()}
+
     def stop_all(self) -> None:
         for process in self.running.values():
             if process.poll() is None:
@@ -91,6 +95,16 @@ class Processes:
                 process.kill()
                 process.wait(timeout=5)
         self.running.clear()
+
+
+def process_cpu(pid: int) -> float:
+    """User + system seconds of ``pid`` (0 when it is gone), from /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def wait_listening(host_ip: str, port: int, process: subprocess.Popen[bytes] | None,

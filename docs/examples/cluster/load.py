@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import queue
 import smtplib
 import socket
@@ -150,6 +151,7 @@ def run_load(args: argparse.Namespace) -> None:
         "sent": args.messages, "acked": load.acked, "given_up": load.given_up,
         "limited": load.limited, "failures": load.failures,
         "seconds": round(time.monotonic() - started, 3),
+        "cpu": round(sum(os.times()[:2]), 2),
     })  # fmt: skip
 
 
