@@ -386,3 +386,81 @@ def test_tracing_flag_exports_as_the_environment_says(tmp_path):
     assert '"name": "smtp session"' in stdout
     assert '"name": "queue queue/discard"' in stdout
     assert '"service.name": "mx-test"' in stdout
+
+
+class _Collector:
+    """An OTLP/HTTP receiver on loopback: keeps each POSTed ExportTraceServiceRequest."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        requests = self.requests = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                requests.append((self.path, self.headers["Content-Type"], body))
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def endpoint(self):
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=10)
+
+
+def test_tracing_exports_over_otlp_http_to_a_collector(tmp_path):
+    """docs/running.md's OTLP set-up, over HTTP: the spans reach a collector on loopback."""
+    pytest.importorskip(
+        "opentelemetry.exporter.otlp.proto.http",
+        reason="the OTLP/HTTP exporter is not installed (pip install "
+        "opentelemetry-exporter-otlp-proto-http)",
+    )
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    collector = _Collector()
+    try:
+        env = {
+            "OTEL_TRACES_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": collector.endpoint,
+        }
+        result, _ = serve_one_message(tmp_path, "--tracing", env=env)
+    finally:
+        collector.close()
+    assert collector.requests, "no export reached the collector"
+    spans = {}
+    for path, content_type, body in collector.requests:
+        assert (path, content_type) == ("/v1/traces", "application/x-protobuf")
+        request = ExportTraceServiceRequest.FromString(body)
+        for resource_spans in request.resource_spans:
+            service = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+            assert service["service.name"] == "qpconn"
+            for scope_spans in resource_spans.scope_spans:
+                assert scope_spans.scope.name == "qpconn"
+                for span in scope_spans.spans:
+                    spans[span.span_id] = span
+    names = sorted(span.name for span in spans.values())
+    assert names == ["queue queue/discard", "rcpt rcpt_ok", "smtp session", "smtp transaction"]
+    (txn,) = [s for s in spans.values() if s.name == "smtp transaction"]
+    attributes = {a.key: a.value for a in txn.attributes}
+    assert attributes["qpconn.queue_id"].string_value == result["data"].split()[3]
+    (session,) = [s for s in spans.values() if s.name == "smtp session"]
+    assert txn.parent_span_id == session.span_id
+    assert all(s.trace_id == session.trace_id for s in spans.values())
