@@ -88,8 +88,13 @@ def worker_spec(
     proxy: ProxySettings,
     tls_cert: str | None,
     tls_key: str | None,
+    tracing: bool = False,
 ) -> dict[str, Any]:
-    """What a worker needs to build the same server as the command line describes (JSON)."""
+    """What a worker needs to build the same server as the command line describes (JSON).
+
+    With ``tracing`` each worker process builds its own tracer provider (and exporter
+    threads) from the ``OTEL_*`` environment it inherits (qpconn.app.tracing).
+    """
     return {
         "config": os.path.abspath(config_dir) if config_dir else None,
         "hostname": hostname,
@@ -98,6 +103,7 @@ def worker_spec(
                   "timeout": proxy.timeout},
         "tls_cert": os.path.abspath(tls_cert) if tls_cert else None,
         "tls_key": os.path.abspath(tls_key) if tls_key else None,
+        "tracing": tracing,
     }  # fmt: skip
 
 
@@ -368,7 +374,8 @@ def _build_worker(spec: dict[str, Any]) -> MultiService:
         )
         fail_start_on_bind_error(listener)  # a port in use stops the start
         listener.setServiceParent(top)
-    add_operations(top, None)  # SIGHUP reloads this worker's config
+    # SIGHUP reloads this worker's config; --tracing: its sessions' spans
+    add_operations(top, None, tracing=spec.get("tracing", False))
     if spec["metrics"]:
         from qpconn.app.metrics import ServerMetrics
 

@@ -213,9 +213,12 @@ def make_service(
     return top
 
 
-def add_operations(top: service.MultiService, metrics: str | None) -> None:
+def add_operations(
+    top: service.MultiService, metrics: str | None, *, tracing: bool = False
+) -> None:
     """SIGHUP reloads the config (qpconn.app.reload); ``metrics`` (an endpoint string, or
-    None) serves Prometheus figures.
+    None) serves Prometheus figures; ``tracing`` exports OpenTelemetry spans of the
+    sessions as the ``OTEL_*`` environment variables say (qpconn.app.tracing).
 
     What a service from :func:`make_service` gets when it runs a whole process, under
     ``twistd qpconn`` and in each ``--workers`` worker alike; it lives here, beside the
@@ -231,3 +234,7 @@ def add_operations(top: service.MultiService, metrics: str | None) -> None:
         from qpconn.app.metrics import metrics_service  # prometheus_client: only when asked
 
         metrics_service(metrics, factory, top)
+    if tracing:
+        from qpconn.app.tracing import tracing_service  # opentelemetry: only when asked
+
+        tracing_service(factory, top)

@@ -163,6 +163,8 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands, XClientCommands):
 
     # -- MAIL -----------------------------------------------------------------------------
     async def smtp_MAIL(self, arg: str) -> HandlerResult:
+        if self.trace is not None:  # tracing: the transaction's span starts at its MAIL
+            self.trace.transaction_started(self.transaction)
         refusal = self.tls_refusal_for_mail()  # tls_required: 530 before any hook
         if refusal is not None:
             return refusal
@@ -368,7 +370,7 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands, XClientCommands):
             "accepted" if reply.code < 300 else "rejected", reply, plugin=outcome.plugin, hook=stage
         )
         if self.runner.has("queue_post"):
-            await self.runner.run_all("queue_post", self.transaction)
+            await self.runner.run_all("queue_post", self.transaction, trace=self.trace)
         return decided
 
     # -- small commands -------------------------------------------------------------------

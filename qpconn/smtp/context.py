@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from qpconn.config import Config
     from qpconn.core.session import ServerSession
     from qpconn.hooks.runner import HookRunner
+    from qpconn.hooks.tracing import SessionTrace
     from qpconn.kit.policy import NetworkList
     from qpconn.log.level import LevelLogger
     from qpconn.mail.connection import Connection
@@ -73,6 +74,10 @@ class CommandContext:
     source).
     """
 
+    #: this session's spans (qpconn.hooks.tracing), set by the factory when a tracer is on;
+    #: None otherwise, and then tracing costs one attribute check per hook run
+    trace: SessionTrace | None = None
+
     def __init__(
         self,
         factory: ServerSettings,
@@ -113,7 +118,9 @@ class CommandContext:
         runner = self.runner
         if hook not in runner.used:
             return DECLINED_OUTCOME  # most hooks have no plugin: nothing to run or log
-        return await runner.run(hook, self.transaction, *args, log_context=self.log_context)
+        return await runner.run(
+            hook, self.transaction, *args, log_context=self.log_context, trace=self.trace
+        )
 
     def new_transaction(self) -> Transaction:
         """A fresh transaction; its id (the queue id) is the connection id plus a counter."""
@@ -132,18 +139,24 @@ class CommandContext:
 
     async def end_transaction(self, old: Transaction) -> None:
         """Run reset_transaction hooks for a transaction that had an envelope; release it."""
+        trace = self.trace
         if (old.sender is not None or old.recipients) and self.runner.has("reset_transaction"):
-            await self.runner.run_all("reset_transaction", old)
+            await self.runner.run_all("reset_transaction", old, trace=trace)
+        if trace is not None:
+            trace.transaction_ended(old, "reset")
         old.close()
         self._verdict = None
 
     async def close(self) -> None:
         """The connection is gone: disconnect hooks, then the transaction is released."""
+        trace = self.trace
+        if trace is not None:  # a transaction under way ends with the connection
+            trace.transaction_ended(self.transaction, "disconnect")
         try:
             runner = self.runner
             for hook in ("disconnect", "post-connection"):
                 if runner.has(hook):
-                    await runner.run_all(hook, self.transaction)
+                    await runner.run_all(hook, self.transaction, trace=trace)
         finally:
             self.transaction.close()
 
@@ -178,6 +191,8 @@ class CommandContext:
             **fields,
             **self.log_context(),
         )
+        if self.trace is not None:
+            self.trace.refused(self.transaction, stage, reply.code, outcome.plugin)
 
     def log_limit(self, stage: str, limit: str, reply: Reply, **fields: Any) -> None:
         """One line for a command refused by a limit of the server itself, not a plugin
@@ -230,3 +245,5 @@ class CommandContext:
             "elapsed": (time.monotonic() - started) if started else 0.0,
         }
         self.log.emit_fields(LogLevel.info, _TRANSACTION_LINE, fields)
+        if self.trace is not None:
+            self.trace.transaction_decided(txn, verdict, reply.code, hook, plugin)
