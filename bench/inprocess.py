@@ -70,14 +70,51 @@ def measure(config: Config, sessions: int, messages: int) -> float:
     return spent / (messages // sessions * sessions)
 
 
+def churn(config: Config, connections: int) -> float:
+    """A new connection per message (workload iv): connect, EHLO, one message, QUIT."""
+    factory = SMTPFactory(config, clock=Clock(), lookups=LookupSettings(rdns=False))
+    script = b"EHLO bench.example\r\n" + ENVELOPE
+    gc.collect()
+    started = time.process_time()
+    for number in range(connections):
+        transport = StringTransport(
+            hostAddress=IPv4Address("TCP", "127.0.0.1", 25),
+            peerAddress=IPv4Address("TCP", "127.0.0.1", 40000 + number % 20000),
+        )
+        protocol = factory.buildProtocol(transport.getPeer())
+        protocol.makeConnection(transport)
+        protocol.dataReceived(script)
+        protocol.dataReceived(MESSAGE)
+        protocol.dataReceived(b"QUIT\r\n")
+        protocol.connectionLost(None)
+        if b"221 " not in transport.value():
+            raise SystemExit(f"the session did not end with 221: {transport.value()!r}")
+    return (time.process_time() - started) / connections
+
+
+def one_churn_run(connections: int) -> float:
+    with tempfile.TemporaryDirectory() as directory:
+        for name, text in (("me", "mx.test\n"), ("plugins", "rcpt_ok\nqueue/discard\n")):
+            Path(directory, name).write_text(text)
+        return churn(Config(directory), connections)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, default=10)
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument(
+        "--churn", type=int, default=0, metavar="N",
+        help="instead: N connections of one message each (workload iv's path)",
+    )  # fmt: skip
     args = parser.parse_args()
-    results = [one_run(args.sessions, args.messages) for _ in range(args.runs)]
-    print(f"{statistics.median(results) * 1e6:.1f} us CPU per message "
+    if args.churn:
+        results = [one_churn_run(args.churn) for _ in range(args.runs)]
+    else:
+        results = [one_run(args.sessions, args.messages) for _ in range(args.runs)]
+    what = "connection" if args.churn else "message"
+    print(f"{statistics.median(results) * 1e6:.1f} us CPU per {what} "
           f"(median of {args.runs}; runs: {', '.join(f'{r * 1e6:.1f}' for r in results)})")
 
 
