@@ -77,6 +77,14 @@ def test_docs_build_with_warnings_as_errors(tmp_path):
     assert not private, private
 
 
+def test_the_documented_build_command_is_the_one_run_here():
+    """README.md and docs/getting-started.md give the build command; build() above runs it
+    (into a temporary directory instead of docs/_build)."""
+    command = ".venv/bin/sphinx-build -W -b html docs docs/_build"
+    for page in (DOCS.parent / "README.md", DOCS / "getting-started.md"):
+        assert f"pip install -e '.[docs]' && {command}\n" in page.read_text(), page.name
+
+
 def test_a_broken_link_between_pages_fails_the_build(tmp_path):
     """The check above can fail: a copy of docs/ with one bad heading link does not build."""
     copy = tmp_path / "docs"
