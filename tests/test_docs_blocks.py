@@ -8,9 +8,10 @@ The rules (tests/support/docblocks.py reads the markers):
 * every shell block passes ``sh -n``, splits into words, and names only commands that exist:
   ``twistd`` with twistd's and qpconn's own options, ``python -m qpconn`` with a subcommand
   and options it has, a ``.venv/bin`` program this virtualenv has, or a program on PATH;
-* a shell block without a marker is run: ``twistd -n ...`` lines start a real server
-  (checked for its banner, stopped at the end), the other lines run while it serves and
-  must succeed;
+* a shell block without a marker that starts ``twistd`` is run: ``twistd -n ...`` lines
+  start a real server (checked for its banner, stopped at the end), the other lines run
+  while it serves and must succeed; the other shell blocks (a ``pip install``, a ``curl``)
+  are the reader's to run and are checked only;
 * a block marked ``<!-- not run: REASON -->`` is only checked; ``<!-- run by: PATH -->``
   and ``<!-- example: NAME -->`` name the test (or ``.ci/run``) that runs it, which must
   exist and read that page.
@@ -19,11 +20,13 @@ What a reader would change for their machine is changed for the test, always the
 way (:class:`Machine`): ``/etc/qpconn`` is a temporary config directory, the ports
 (25, 465, 2525, 9125, ...) are free loopback ports and every address is loopback,
 ``/srv/mail`` and ``/run/qpconn`` are temporary directories, ``.venv`` is this
-virtualenv and ``docs/`` this checkout's.
+virtualenv and ``docs/`` this checkout's, and OpenTelemetry exports nowhere
+(``OTEL_TRACES_EXPORTER=none``) unless the block says otherwise.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -122,6 +125,8 @@ PAGES_WITH_PYTHON = sorted({block.page for block in PYTHON})
 def test_python_blocks_of_the_page_run(page, machine):
     """A page's blocks, in order, as one module; ``not run`` blocks are left out."""
     chosen = [block for block in PYTHON if block.page == page and block.marker != "not run"]
+    if not OTEL and any("qpconn.app.tracing" in block.text for block in chosen):
+        pytest.skip(f"{page} has a block that traces: {NO_OTEL}")
     if not chosen:
         pytest.skip(f"{page}: every Python block is marked not run (each says why)")
     payload = [[block.where, machine.substitute(block.text), block.marker is None]
@@ -151,7 +156,7 @@ def qpconn_options() -> set[str]:
 
 def qpconn_subcommands() -> dict[str, set[str]]:
     """``python -m qpconn`` subcommand -> its options, from its own help."""
-    done = subprocess.run([sys.executable, "-m", "qpconn", "help"], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "qpconn", "--help"], capture_output=True,
                           text=True, timeout=60)  # fmt: skip
     listing = done.stdout + done.stderr
     names = re.findall(r"^  ([a-z][a-z-]*)\s", listing.split("commands:", 1)[-1], flags=re.M)
@@ -179,6 +184,8 @@ def option_name(word: str) -> str | None:
 
 
 def check_command(words: list[str], known: dict[str, object], where: str) -> None:
+    if words[0] == "sudo":  # the administrator's, not needed here: the command is what counts
+        words = words[1:]
     program = words[0]
     name = Path(program).name
     if program.startswith(".venv/bin/"):
@@ -243,7 +250,9 @@ class Machine:
         shutil.copy(pki.key, self.config / "key.pem")
         self.ports: dict[str, int] = {}
         path = os.pathsep.join([str(BIN), os.environ.get("PATH", "")])
-        self.env = {**os.environ, "PATH": path, "PYTHONPATH": str(REPO)}
+        # no collector here: traces go nowhere unless a block names its exporter
+        self.env = {**os.environ, "PATH": path, "PYTHONPATH": str(REPO),
+                    "OTEL_TRACES_EXPORTER": "none"}  # fmt: skip
 
     def workdir(self, name: str) -> Path:
         """A working directory with this checkout's docs/ and this virtualenv as .venv."""
@@ -315,11 +324,19 @@ def servers() -> Iterator[list[subprocess.Popen[bytes]]]:
                 process.wait(10)
 
 
-RUN = [block for block in SHELL if block.marker is None]
+#: the blocks that start a server; the others are checked above (a pip install, a curl, a
+#: sudo on the reader's machine are theirs to run)
+RUN = [block for block in SHELL if block.marker is None
+       and any(Path(words[0]).name == "twistd" for line in logical_lines(block.text)
+               for words in commands(line))]  # fmt: skip
+OTEL = importlib.util.find_spec("opentelemetry") is not None
+NO_OTEL = "the otel extra is not installed (pip install -e '.[otel]', as .ci/run does)"
 
 
 @pytest.mark.parametrize("block", RUN, ids=ids(RUN))
 def test_shell_block_runs_with_a_real_server(block, machine, servers):
+    if "--tracing" in block.text and not OTEL:
+        pytest.skip(f"{block.where} traces: {NO_OTEL}")
     if "tcp6:" in block.text and not ipv6_loopback():
         pytest.skip(f"{block.where} listens on IPv6 and this machine has no ::1")
     for number, line in enumerate(logical_lines(block.text)):

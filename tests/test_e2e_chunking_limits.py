@@ -86,7 +86,7 @@ async def test_a_pause_inside_a_chunk_is_data_time_and_between_chunks_idle_time(
     assert_within_timeout(waited, fired=0.4, instead_of=10)  # the idle timeout, not DATA's
     assert closed
     (message,) = server.messages()
-    assert message.endswith(b"first half, second half\r\n")
+    assert message.endswith(b"first half, second half\n")
 
 
 # -- max_errors and BDAT LAST --------------------------------------------------------------
@@ -169,7 +169,7 @@ async def test_octets_past_the_announced_size_are_read_as_commands(qpconn_server
     assert extra[0] == 250, extra
     assert noop[0] == 250
     (message,) = server.messages()
-    assert message.endswith(b"\r\n\r\nexactly this")
+    assert message.endswith(b"\n\nexactly this")
     assert b"evil" not in message
 
 

@@ -11,7 +11,9 @@ serve:
   (``event="transaction"``), the refusals at connect, MAIL and RCPT
   (``event="rejection"``) and the connections refused by a connection limit
   (``event="connection_refused"``); and the events of the server's plugins
-  (``event="limit_refused"``, ``"redis_outage"``, ``"http_queue"``), whose log source is
+  (``event="limit_refused"``, ``"redis_outage"``, ``"http_queue"``, and
+  ``"plugin_outcome"``: what rspamd said, what the next hop said of a recipient, a
+  scanner or next hop that could not be asked), whose log source is
   the server itself (:meth:`qpconn.hooks.plugin.Plugin.attach`). Counting the events the
   log already carries means the metrics and the log can never disagree about what happened.
 
@@ -148,10 +150,23 @@ class ServerMetrics:
             ["plugin"],
             registry=r,
         )
+        self.plugin_outcomes = Counter(
+            "qpconn_plugin_outcomes",
+            "What checking plugins concluded (rspamd's action, a recipient verified...)",
+            ["plugin", "outcome"],
+            registry=r,
+        )
         self.http_queue = Counter(
             "qpconn_http_queue_responses",
             "queue/http deliveries by what the endpoint did: 2xx, 4xx, 5xx, timeout, refused",
             ["plugin", "outcome"],
+            registry=r,
+        )
+        self.milter_verdicts = Counter(
+            "qpconn_milter_verdicts",
+            "What milters decided, by milter address, stage and verdict (accept, reject, "
+            "tempfail, discard, shutdown, continue at the end of a message, error)",
+            ["milter", "stage", "verdict"],
             registry=r,
         )
         self.bytes_received = Counter(
@@ -244,6 +259,9 @@ class ServerMetrics:
                 self.queue.labels(plugin, outcome.get(reply_class(code), "other")).inc()
         elif kind == "rejection":
             self.rejections.labels(str(event.get("hook")), reply_class(code)).inc()
+        elif kind == "milter":
+            labels = (str(event.get("milter")), str(event.get("stage")), str(event.get("verdict")))
+            self.milter_verdicts.labels(*labels).inc()
         elif kind == "connection_refused":
             self.connections_refused.labels(str(event.get("limit"))).inc()
         elif kind == "limit_refused":
@@ -252,6 +270,8 @@ class ServerMetrics:
             self.redis_outages.labels(str(event.get("plugin"))).inc()
         elif kind == "http_queue":
             self.http_queue.labels(str(event.get("plugin")), str(event.get("outcome"))).inc()
+        elif kind == "plugin_outcome":
+            self.plugin_outcomes.labels(str(event.get("plugin")), str(event.get("outcome"))).inc()
 
 
 class _MetricsService(StreamServerEndpointService):

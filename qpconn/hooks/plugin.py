@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 else:  # at run time a hook is a method a plugin defines itself (see qpconn.hooks.types)
     _TypedHooks = object
 
-__all__ = ["Plugin", "PluginLoadError", "HOOKS", "load_plugin", "load_plugins"]
+__all__ = ["Plugin", "PluginLoadError", "HOOKS", "load_plugin", "load_plugins", "plugin_class_of"]
 
 #: Every hook a plugin may implement, with qpsmtpd's names. A method is named
 #: ``hook_`` + the hook name with ``-`` turned into ``_`` (``hook_pre_connection``).
@@ -84,6 +84,9 @@ class Plugin(_TypedHooks):
     #: names of the config files of its own this plugin reads (``("mypolicy",)``): listed,
     #: ``python -m qpconn check`` does not warn that no setting of that name exists
     config_files: tuple[str, ...] = ()
+    #: hooks this plugin may add in :meth:`register` with :meth:`register_hook`, depending
+    #: on its arguments: ``python -m qpconn plugins`` lists them without loading it
+    registers_hooks: tuple[str, ...] = ()
     #: the SMTPFactory serving with this plugin (set by :meth:`attach`): ``server.resolver``
     #: (DNS, obeying ``--dns-server``), ``server.clock``, ``server.me``. None until then.
     server: Any = None
@@ -162,6 +165,12 @@ def _plugin_class(obj: Any, name: str) -> type[Plugin]:
             "set plugin_class = TheClass in it"
         )
     raise PluginLoadError(f"plugin {name}: {obj!r} is not a Plugin class or module")
+
+
+def plugin_class_of(obj: Any, name: str) -> type[Plugin]:
+    """The Plugin class a module or an entry point's object stands for, as the loader
+    finds it (``python -m qpconn plugins`` lists plugins without instantiating them)."""
+    return _plugin_class(obj, name)
 
 
 def resolve(name: str) -> type[Plugin]:

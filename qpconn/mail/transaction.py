@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import IO
 
 from qpconn.mail.address import Address
@@ -176,6 +176,26 @@ class Transaction:
         for piece in self._memory:
             self._file.write(piece)
         self._memory = []
+
+    def replace_body(self, chunks: Iterable[bytes]) -> None:
+        """Put a new body in place of the one received (a milter's SMFIR_REPLBODY).
+
+        The new text is kept as received text is: in memory, spooled to disk past
+        ``size_threshold``; the old spool file is removed. ``data_size`` still counts
+        what the client sent.
+        """
+        if self._file is not None:
+            name = self._file.name
+            self._file.close()
+            self._file = None
+            try:
+                os.unlink(name)
+            except FileNotFoundError:
+                pass
+        self._memory = []
+        self._memory_size = 0
+        for chunk in chunks:
+            self._store(chunk)
 
     @property
     def body_size(self) -> int:

@@ -67,6 +67,9 @@ class _Unavailable(Exception):
 class Limit(Plugin):
     """Counts sessions, recipients, messages and errors; see the module docstring."""
 
+    #: what _hook_up may register, depending on which limits are configured
+    registers_hooks = ("connect", "disconnect", "unrecognized_command", "deny", *ERROR_HOOKS)
+
     def register(self, *args: str) -> None:
         defaults = {"redis": "", "redis_timeout": "2", "on_error": "accept",
                     "concurrency_ttl": "3600", **dict.fromkeys(COUNTS, "0"),

@@ -31,8 +31,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from qpconn.core.bdat import ChunkStart
-from qpconn.core.events import Command, MessageData, ProtocolError
+from qpconn.core.events import ChunkStart, Command, MessageData, ProtocolError
 from qpconn.core.proxy import ProxyHeaderParser, ProxyProtocolError
 from qpconn.core.reply import Reply
 from qpconn.core.session import NEED_DATA, PAUSED, ServerSession, State
@@ -124,6 +123,9 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self._started = False
         self._proxy_parser: ProxyHeaderParser | None = None
         self._proxy_timer: IDelayedCall | None = None
+        #: the last reply line when the server ended the session with it (not 221): the
+        #: disconnect line names it, so every session the server closed says why
+        self._closed_with: str | None = None
         factory.session_started(self)
         proxy = factory.proxy
         if not proxy.enabled:
@@ -403,6 +405,9 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
                 self.tls.after_flush()  # the 220 to STARTTLS is out: handshake now
             state = session.state  # a TLS failure may have closed it
         if state is State.CLOSED:
+            last = data.rstrip(b"\r\n").rpartition(b"\r\n")[2]  # the reply that ends it
+            if last and self._closed_with is None and not last.startswith(b"221"):
+                self._closed_with = last.decode("utf-8", "replace")
             self.send_unsent()
             self.transport.loseConnection()
 
@@ -465,7 +470,15 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             await self.commands.close()  # disconnect hooks; the transaction is released
         finally:
             self.factory.session_ended(self)
-            self.log.info("{conn_id} disconnect", **self.log_context())
+            if self._closed_with is None:
+                self.log.info("{conn_id} disconnect", **self.log_context())
+            else:
+                self.log.info(
+                    "{conn_id} disconnect: closed by the server after {reply}",
+                    reply=self._closed_with,
+                    closed_by="server",
+                    **self.log_context(),
+                )
             self.commands.connection.reset()
             self._release()
 

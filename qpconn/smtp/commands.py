@@ -7,7 +7,7 @@ protocol adapter owns one :class:`SMTPCommands` per connection, calls
 :meth:`SMTPCommands.dispatch` and writes what comes back.
 
 Subclass it to change the conversation: override :meth:`greeting`, :meth:`ehlo_lines`,
-any ``smtp_<VERB>`` handler, or add one for a new verb (``async def smtp_XCLIENT(self,
+any ``smtp_<VERB>`` handler, or add one for a new verb (``async def smtp_XFORWARD(self,
 arg)``); a handler returns a :class:`~qpconn.core.reply.Reply` or ``(Reply, close)``. Plug
 the subclass in with ``SMTPFactory(commands=...)`` or ``make_service(..., commands=...)``.
 """
@@ -20,8 +20,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 import qpconn
-from qpconn.core.bdat import ChunkEnd
-from qpconn.core.events import AuthResponse, Command, MessageEnd
+from qpconn.core.events import AuthResponse, ChunkEnd, Command, MessageEnd
 from qpconn.core.reply import Reply
 from qpconn.hooks.results import DONE, OK, reply_for
 from qpconn.mail.address import AddressError
@@ -29,6 +28,7 @@ from qpconn.mail.received import received_value
 from qpconn.smtp.context import HandlerResult
 from qpconn.smtp.extensions import MAIL_EXTENSION_PARAMS, ExtensionCommands
 from qpconn.smtp.security import TLSAuthCommands
+from qpconn.smtp.xclient import XClientCommands
 
 __all__ = ["SMTPCommands", "HandlerResult"]
 
@@ -50,11 +50,12 @@ def _positive(decided: tuple[Reply, bool] | None) -> bool:
     return decided is None or 200 <= decided[0].code < 300
 
 
-class SMTPCommands(TLSAuthCommands, ExtensionCommands):
+class SMTPCommands(TLSAuthCommands, ExtensionCommands, XClientCommands):
     """The handlers of one session; see the module docstring.
 
     STARTTLS and AUTH are in :class:`qpconn.smtp.security.TLSAuthCommands`; BDAT, DSN
-    and SMTPUTF8 in :class:`qpconn.smtp.extensions.ExtensionCommands`; the state they all
+    and SMTPUTF8 in :class:`qpconn.smtp.extensions.ExtensionCommands`; XCLIENT in
+    :class:`qpconn.smtp.xclient.XClientCommands`; the state they all
     share (connection, transaction, settings, hooks, logging) in
     :class:`qpconn.smtp.context.CommandContext`.
     """
@@ -122,6 +123,7 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         lines = ["PIPELINING", "8BITMIME", f"SIZE {self.databytes}", "ENHANCEDSTATUSCODES"]
         lines += self.tls_auth_ehlo_lines()  # STARTTLS, AUTH ...: see smtp_security
         lines += self.extension_ehlo_lines()  # CHUNKING, DSN, SMTPUTF8: smtp_extensions
+        lines += self.xclient_ehlo_lines()  # XCLIENT, to xclient_hosts only: smtp/xclient.py
         extra = self.transaction.notes.get("capabilities") or []
         return lines + [str(item) for item in extra]
 
@@ -161,6 +163,8 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
 
     # -- MAIL -----------------------------------------------------------------------------
     async def smtp_MAIL(self, arg: str) -> HandlerResult:
+        if self.trace is not None:  # tracing: the transaction's span starts at its MAIL
+            self.trace.transaction_started(self.transaction)
         refusal = self.tls_refusal_for_mail()  # tls_required: 530 before any hook
         if refusal is not None:
             return refusal
@@ -179,12 +183,17 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         if params:  # without parameters there is nothing to check
             problem = self.check_mail_params(params) or self.check_extension_mail_params(params)
             if problem is not None:
+                if problem.code == 552:  # SIZE= over databytes: a policy refusal, say so
+                    self.log_limit(
+                        "mail", "databytes", problem, sender=sender.format(),
+                        size=params.get("SIZE"), databytes=self.databytes,
+                    )  # fmt: skip
                 return problem
         outcome = await self.run_hook("mail", sender, params)
         decided = reply_for("mail", outcome)
         if not _positive(decided):
             assert decided is not None
-            self.log_rejection("mail", outcome, decided[0], sender=sender.format())
+            self.log_rejection("mail", outcome, decided[0], decided[1], sender=sender.format())
             return decided
         self.transaction.sender = sender
         self.transaction.mail_params = params
@@ -212,7 +221,9 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         limit = self.session_limits.max_rcpt
         if limit and len(self.transaction.recipients) >= limit:
             # Before any hook: past the limit nothing about the address matters.
-            return Reply(452, "4.5.3 Too many recipients")
+            refusal = Reply(452, "4.5.3 Too many recipients")
+            self.log_limit("rcpt", "max_rcpt", refusal, max_rcpt=limit)
+            return refusal
         outcome = await self.run_hook("rcpt_pre", arg)
         if outcome.result is OK and outcome.message is not None:
             arg = outcome.message
@@ -234,7 +245,7 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         decided = reply_for("rcpt", outcome)
         if not _positive(decided):
             assert decided is not None
-            self.log_rejection("rcpt", outcome, decided[0], rcpt=recipient.format())
+            self.log_rejection("rcpt", outcome, decided[0], decided[1], rcpt=recipient.format())
             return decided
         self.transaction.add_recipient(recipient, params)
         return decided or Reply(250, f"2.1.5 {recipient.format()}, recipient ok")
@@ -300,7 +311,7 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         txn = self.transaction
         refusal = self.refuse_message_text(end)
         if refusal is not None:
-            self.log_transaction("rejected", refusal, hook="data")
+            self.log_transaction("rejected", refusal, hook="data", size=end.size)
             return refusal
         if txn.end_of_data() and self._verdict is None:
             await self.headers_end()
@@ -359,7 +370,7 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
             "accepted" if reply.code < 300 else "rejected", reply, plugin=outcome.plugin, hook=stage
         )
         if self.runner.has("queue_post"):
-            await self.runner.run_all("queue_post", self.transaction)
+            await self.runner.run_all("queue_post", self.transaction, trace=self.trace)
         return decided
 
     # -- small commands -------------------------------------------------------------------

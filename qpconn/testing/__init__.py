@@ -30,7 +30,7 @@ from __future__ import annotations
 import itertools
 import os
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,6 +155,8 @@ def load_listed_plugins(
 INLINE_POOLS = ("greylist", "karma")
 
 ConfigSpec = Mapping[str, str | Sequence[str]] | str | os.PathLike[str] | None
+#: ``step(item, replies) -> go on?`` (see :meth:`Harness.run`)
+StepWatcher = Callable[[str | bytes | None, list[Reply]], bool]
 PluginList = Iterable[Plugin | type[Plugin] | str] | None
 
 
@@ -223,11 +225,17 @@ class Harness:
         remote_ip: str = "192.0.2.1",
         remote_port: int = 50000,
         early: bytes = b"",
+        step: StepWatcher | None = None,
     ) -> SessionResult:
-        """One client session from ``remote_ip``; see :func:`run_session`."""
+        """One client session from ``remote_ip``; see :func:`run_session`.
+
+        ``step(item, replies)`` is called with the greeting (``item`` None) and after each
+        item of the script with the replies it brought; when it returns False the rest of
+        the script is not sent (``python -m qpconn test`` stops at a refused DATA).
+        """
         with workers.inline_pools(*self.inline_pools):
             return _drive(
-                self.factory, script, self.dns, remote_ip, remote_port, self.clock, early
+                self.factory, script, self.dns, remote_ip, remote_port, self.clock, early, step
             )
 
     def close(self) -> None:
@@ -323,6 +331,7 @@ def _drive(
     remote_port: int,
     clock: Clock,
     early: bytes = b"",
+    step: StepWatcher | None = None,
 ) -> SessionResult:
     family = IPv6Address if ":" in remote_ip else IPv4Address
     local = "::1" if family is IPv6Address else "127.0.0.1"
@@ -347,12 +356,18 @@ def _drive(
     if early and not transport.disconnecting:
         proto.dataReceived(early)  # while the connect hooks still hold the greeting back
     _settle(proto, clock)
-    for item in script:
-        if transport.disconnecting:
-            break
-        data = item if isinstance(item, bytes) else item.encode("utf-8") + b"\r\n"
-        proto.dataReceived(data)
-        _settle(proto, clock)
+    seen = 0  # replies already given to ``step``
+    for item in (None, *script):
+        if item is not None:
+            if transport.disconnecting:
+                break
+            proto.dataReceived(item if isinstance(item, bytes) else item.encode("utf-8") + b"\r\n")
+            _settle(proto, clock)
+        if step is not None:
+            replies = _parse_replies(transport.value())
+            seen, fresh = len(replies), replies[seen:]
+            if not step(item, fresh):
+                break
     closed_by_server = bool(transport.disconnecting)
     conn = proto.connection
     snapshot = {
