@@ -120,6 +120,11 @@ _TABLE = (
     _seconds("connection_rate_window", "60", above_zero=True),
     Setting("connection_limit_exceptions", "networks"),
     Setting("bare_newline", "choice", "reject", choices=("reject", "normalize")),
+    # read by qpconn.smtp.limits, applied by qpconn.server.deadlines
+    _seconds("command_deadline", None),
+    Setting("min_data_rate", "count", "500"),
+    _seconds("data_rate_grace", None),
+    _seconds("max_session_time", "3600"),
     Setting("smtputf8", "choice", "yes", choices=_YES_NO),
     Setting("tls_cert", "file"),
     Setting("tls_key", "file"),

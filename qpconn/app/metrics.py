@@ -9,9 +9,11 @@ serve:
   DNS and ident latency and outcomes (timeouts included);
 * the session's own structured log events: the per-transaction summary line
   (``event="transaction"``), the refusals at connect, MAIL and RCPT
-  (``event="rejection"``) and the connections refused by a connection limit
-  (``event="connection_refused"``). Counting the events the log already carries means the
-  metrics and the log can never disagree about what happened.
+  (``event="rejection"``), the connections refused by a connection limit
+  (``event="connection_refused"``) and the sessions ended by a deadline
+  (``event="deadline"``: ``command_deadline``, ``min_data_rate``, ``max_session_time``, or
+  ``timeout`` for a client that did not take its replies). Counting the events the log
+  already carries means the metrics and the log can never disagree about what happened.
 
 Connections open and total are read from the factory when scraped. Each
 :class:`ServerMetrics` has its own registry, so several servers (or tests) in one
@@ -133,6 +135,13 @@ class ServerMetrics:
             ["limit"],
             registry=r,
         )
+        self.deadlines = Counter(
+            "qpconn_deadlines",
+            "Sessions ended by a deadline (421 4.4.2, or aborted when not reading), by the "
+            "setting that ended them",
+            ["limit"],
+            registry=r,
+        )
         self.bytes_received = Counter(
             "qpconn_received_bytes", "Octets of message text received", registry=r
         )
@@ -225,6 +234,8 @@ class ServerMetrics:
             self.rejections.labels(str(event.get("hook")), reply_class(code)).inc()
         elif kind == "connection_refused":
             self.connections_refused.labels(str(event.get("limit"))).inc()
+        elif kind == "deadline":
+            self.deadlines.labels(str(event.get("limit"))).inc()
 
 
 class _MetricsService(StreamServerEndpointService):

@@ -49,8 +49,7 @@ def say_goodbye(protocol: SMTPServerProtocol, me: str) -> None:
     """421 (RFC 5321 §3.8: the server must shut down) and close after it is written."""
     if protocol.session.closed or protocol.lost:
         return
-    protocol.session.send_unsolicited(Reply(421, f"4.3.2 {me} Service shutting down"))
-    protocol._flush()
+    protocol.close_with(Reply(421, f"4.3.2 {me} Service shutting down"))
 
 
 class GracefulShutdown(Service):

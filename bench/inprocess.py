@@ -1,0 +1,87 @@
+"""One message on an open session, in process: the protocol path without kernel or reactor.
+
+``python bench/inprocess.py [--sessions 10] [--messages 2000] [--runs 5]`` drives the real
+``SMTPServerProtocol`` (the sink configuration: ``rcpt_ok``, ``queue/discard``) over
+in-memory transports and prints the CPU time per message, the median of the runs. It is
+the quick check of a change to the protocol path, before ``bench/run`` on real sockets:
+the figures are not comparable with bench/run's, only with this script's own on the
+same machine (run it on the old code, ``PYTHONPATH=OLD python bench/inprocess.py``, for
+a side-by-side).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from qpconn.config import Config
+from qpconn.server.factory import SMTPFactory
+from qpconn.server.peerinfo import LookupSettings
+
+MESSAGE = b"Subject: bench\r\n\r\n" + (b"x" * 76 + b"\r\n") * 13 + b".\r\n"  # ~1 KiB
+ENVELOPE = b"MAIL FROM:<a@example.org>\r\nRCPT TO:<u@localhost>\r\nDATA\r\n"
+
+
+def open_sessions(factory: SMTPFactory, count: int) -> list[tuple[object, StringTransport]]:
+    sessions = []
+    for number in range(count):
+        transport = StringTransport(
+            hostAddress=IPv4Address("TCP", "127.0.0.1", 25),
+            peerAddress=IPv4Address("TCP", "127.0.0.1", 40000 + number),
+        )
+        protocol = factory.buildProtocol(transport.getPeer())
+        protocol.makeConnection(transport)
+        protocol.dataReceived(b"EHLO bench.example\r\n")
+        transport.clear()
+        sessions.append((protocol, transport))
+    return sessions
+
+
+def one_run(sessions: int, messages: int) -> float:
+    with tempfile.TemporaryDirectory() as directory:
+        for name, text in (("me", "mx.test\n"), ("plugins", "rcpt_ok\nqueue/discard\n")):
+            Path(directory, name).write_text(text)
+        return measure(Config(directory), sessions, messages)
+
+
+def measure(config: Config, sessions: int, messages: int) -> float:
+    factory = SMTPFactory(config, clock=Clock(), lookups=LookupSettings(rdns=False))
+    opened = open_sessions(factory, sessions)
+    gc.collect()
+    started = time.process_time()
+    for _ in range(messages // sessions):
+        for protocol, transport in opened:
+            protocol.dataReceived(ENVELOPE)
+            protocol.dataReceived(MESSAGE)
+            if not transport.value().endswith(b"\r\n") or b"250 2.0.0" not in transport.value():
+                raise SystemExit(f"the sink refused a message: {transport.value()!r}")
+            transport.clear()
+    spent = time.process_time() - started
+    for protocol, _ in opened:
+        protocol.dataReceived(b"QUIT\r\n")
+    return spent / (messages // sessions * sessions)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sessions", type=int, default=10)
+    parser.add_argument("--messages", type=int, default=2000)
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+    results = [one_run(args.sessions, args.messages) for _ in range(args.runs)]
+    print(
+        f"{statistics.median(results) * 1e6:.1f} us CPU per message "
+        f"(median of {args.runs}; runs: {', '.join(f'{r * 1e6:.1f}' for r in results)})"
+    )
+
+
+if __name__ == "__main__":
+    main()
