@@ -1,8 +1,11 @@
 """One message on an open session, in process: the protocol path without kernel or reactor.
 
-``python bench/inprocess.py [--sessions 10] [--messages 2000] [--runs 5]`` drives the real
-``SMTPServerProtocol`` (the sink configuration: ``rcpt_ok``, ``queue/discard``) over
-in-memory transports and prints the CPU time per message, the median of the runs. It is
+``python bench/inprocess.py [--sessions 10] [--messages 2000] [--runs 5] [--fresh]`` drives
+the real ``SMTPServerProtocol`` (the sink configuration: ``rcpt_ok``, ``queue/discard``)
+over in-memory transports and prints the CPU time per message, the median of the runs;
+``--fresh`` opens a new session for each message (connect, EHLO, the message, QUIT, the
+close), as smtp-source does on the benchmark's workloads, so the per-connection cost counts
+too. It is
 the quick check of a change to the protocol path, before ``bench/run`` on real sockets:
 the figures are not comparable with bench/run's, only with this script's own on the
 same machine (run it on the old code, ``PYTHONPATH=OLD python bench/inprocess.py``, for
@@ -19,8 +22,10 @@ import time
 from pathlib import Path
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 
 from qpconn.config import Config
 from qpconn.server.factory import SMTPFactory
@@ -45,11 +50,28 @@ def open_sessions(factory: SMTPFactory, count: int) -> list[tuple[object, String
     return sessions
 
 
-def one_run(sessions: int, messages: int) -> float:
+def one_run(sessions: int, messages: int, fresh: bool = False) -> float:
     with tempfile.TemporaryDirectory() as directory:
         for name, text in (("me", "mx.test\n"), ("plugins", "rcpt_ok\nqueue/discard\n")):
             Path(directory, name).write_text(text)
+        if fresh:
+            return measure_fresh(Config(directory), messages)
         return measure(Config(directory), sessions, messages)
+
+
+def measure_fresh(config: Config, messages: int) -> float:
+    factory = SMTPFactory(config, clock=Clock(), lookups=LookupSettings(rdns=False))
+    gc.collect()
+    started = time.process_time()
+    for _ in range(messages):
+        ((protocol, transport),) = open_sessions(factory, 1)
+        protocol.dataReceived(ENVELOPE)
+        protocol.dataReceived(MESSAGE)
+        protocol.dataReceived(b"QUIT\r\n")
+        if b"250 2.0.0" not in transport.value() or not transport.disconnecting:
+            raise SystemExit(f"the sink refused a message: {transport.value()!r}")
+        protocol.connectionLost(Failure(ConnectionDone()))
+    return (time.process_time() - started) / messages
 
 
 def measure(config: Config, sessions: int, messages: int) -> float:
@@ -75,8 +97,9 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=10)
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--fresh", action="store_true", help="a new session per message")
     args = parser.parse_args()
-    results = [one_run(args.sessions, args.messages) for _ in range(args.runs)]
+    results = [one_run(args.sessions, args.messages, args.fresh) for _ in range(args.runs)]
     print(
         f"{statistics.median(results) * 1e6:.1f} us CPU per message "
         f"(median of {args.runs}; runs: {', '.join(f'{r * 1e6:.1f}' for r in results)})"
