@@ -200,6 +200,7 @@ async def test_message_text_trickled_in_gets_421_under_min_data_rate(
     assert not server.factory.sessions
     (event,) = deadline_events
     assert event["limit"] == "min_data_rate"
+    assert event["reason"].startswith("message text under 100 octets/s after the grace: ")
 
 
 @pytest_twisted.ensureDeferred

@@ -103,13 +103,15 @@ class SessionDeadlines:
         deadline had passed, the 421 is on its way and the bytes must not be read."""
         now = self.clock.seconds()
         if self.text_since is not None:
-            if now > self._text_allowed_until():
-                self._expire("min_data_rate", now)
-                return True
+            expired = "min_data_rate" if now > self._text_allowed_until() else None
         elif now >= self.session_ends and self.session.state in _COMMAND_STATES:
-            self._expire("max_session_time", now)
-            return True
-        return False
+            expired = "max_session_time"
+        else:
+            return False
+        if expired is None or self.protocol.held:
+            return False  # held: bytes a TLS layer hands on while a hook of ours runs
+        self._expire(expired, now)
+        return True
 
     def input_left(self) -> None:
         """A pass over the input stopped with bytes unread: if they are the start of a
@@ -196,13 +198,17 @@ class SessionDeadlines:
     def _expire(self, limit: str, now: float) -> None:
         """421 and close: the client overran ``limit``."""
         protocol = self.protocol
-        self.text_since = self.line_since = None
         if limit == "command_deadline":
             reason = f"command line not complete {self.command_deadline:g}s after its first byte"
-        elif limit == "min_data_rate":
-            reason = f"message text under {self.min_data_rate} octets/s after the grace"
+        elif limit == "min_data_rate" and self.text_since is not None:
+            octets = protocol.bytes_received - self._text_offset
+            reason = (
+                f"message text under {self.min_data_rate} octets/s after the grace: "
+                f"{octets} octets in {now - self.text_since:.1f}s"
+            )
         else:
             reason = f"session longer than {self.max_session_time:g}s"
+        self.text_since = self.line_since = None
         protocol.log.info(
             "{conn_id} deadline: {reason}",
             reason=reason,
