@@ -8,6 +8,7 @@ shipped ones), ``client`` (forwarding) and ``testing``.
 """
 
 from qpconn import moved
+from qpconn.hooks.plugin import Plugin
 from qpconn.hooks.results import (
     DECLINED,
     DENY,
@@ -18,12 +19,19 @@ from qpconn.hooks.results import (
     OK,
     Result,
 )
+from qpconn.mail.address import Address
+from qpconn.mail.connection import Connection
+from qpconn.mail.transaction import Transaction
 
 __version__ = "0.1.0"
 
 moved.install()  # qpconn.results, qpconn.address ... still import (see qpconn.moved)
 
 __all__ = [
+    "Address",
+    "Connection",
+    "Plugin",
+    "Transaction",
     "DECLINED",
     "DENY",
     "DENY_DISCONNECT",

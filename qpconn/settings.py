@@ -119,6 +119,8 @@ _TABLE = (
     Setting("max_connection_rate", "count", "60"),
     _seconds("connection_rate_window", "60", above_zero=True),
     Setting("connection_limit_exceptions", "networks"),
+    # the front proxies that may use XCLIENT (qpconn.smtp.xclient)
+    Setting("xclient_hosts", "networks"),
     Setting("bare_newline", "choice", "reject", choices=("reject", "normalize")),
     # read by qpconn.smtp.limits, applied by qpconn.server.deadlines
     _seconds("command_deadline", None),
@@ -147,6 +149,13 @@ _TABLE = (
     Setting("hosts_allow", "list", plugin="hosts_allow"),
     Setting("karma_db", "path", plugin="karma"),
     Setting("public_suffix_list", "path", plugin="dmarc"),
+    Setting(
+        "milter_default_action", "choice", "tempfail", choices=("tempfail", "accept"),
+        plugin="milter",
+    ),
+    Setting("milter_connect_timeout", "seconds", "30", 0, True, DAY, plugin="milter"),
+    Setting("milter_command_timeout", "seconds", "30", 0, True, DAY, plugin="milter"),
+    Setting("milter_content_timeout", "seconds", "300", 0, True, DAY, plugin="milter"),
 )
 
 #: Every setting file, by name.

@@ -203,12 +203,19 @@ def maildir_line(path: Any) -> str:
     return f"queue/maildir {path}"
 
 
-def split_message(message: bytes) -> tuple[list[bytes], bytes]:
-    """Header fields (folded lines joined with a space) and the body of a stored message."""
-    head, sep, body = message.partition(b"\r\n\r\n")
+def split_message(message: bytes, newline: bytes = b"\n") -> tuple[list[bytes], bytes]:
+    """Header fields (folded lines joined with a space) and the body of a stored message.
+
+    A Maildir file's lines end in LF (``queue/maildir``'s default); ``newline=b"\\r\\n"``
+    for one stored with ``line_endings=crlf``. A header stored with the other line ending
+    fails the assertion: the split checks how the file was written, too.
+    """
+    head, sep, body = message.partition(newline * 2)
     assert sep, message
+    if newline == b"\n":
+        assert b"\r" not in head, f"CR in a header stored with LF line endings: {head!r}"
     fields: list[bytes] = []
-    for line in head.split(b"\r\n"):
+    for line in head.split(newline):
         if line[:1] in (b" ", b"\t"):
             fields[-1] += b" " + line.strip()
         else:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from qpconn.core.bdat import ChunkEnd, ChunkStart, parse_bdat
-from qpconn.core.events import Command, MessageData, MessageEnd, ProtocolError
+from qpconn.core.events import ChunkEnd, ChunkStart, Command, MessageData, MessageEnd, ProtocolError
+from qpconn.core.receive import parse_bdat
 from qpconn.core.reply import Reply
 from qpconn.core.session import NEED_DATA, PAUSED, Limits, ServerSession, SessionError, State
 

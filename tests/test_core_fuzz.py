@@ -5,8 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qpconn.core.bdat import ChunkEnd
-from qpconn.core.events import Command, MessageData, MessageEnd, ProtocolError
+from qpconn.core.events import ChunkEnd, Command, MessageData, MessageEnd, ProtocolError
 from qpconn.core.reply import Reply
 from qpconn.core.session import NEED_DATA, PAUSED, Limits, ServerSession
 from tests.support.fuzz import FUZZ_SETTINGS, check_replies, split, stream_tokens

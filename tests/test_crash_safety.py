@@ -127,11 +127,20 @@ def check_intact(seed: int, data: bytes, prefix: bytes) -> str:
 
 
 def check_maildir(seed: int, new: Path) -> Counter[str]:
-    """Every file in new/ is one whole message; how often each id is there."""
+    """Every file in new/ is one whole message; how often each id is there.
+
+    A Maildir file has LF line endings (no CR at all: the messages sent have none but
+    their CRLFs) and the size its name gives (``,S=``); with those checked, its lines are
+    compared with what was sent.
+    """
     seen: Counter[str] = Counter()
     if new.exists():
         for name in sorted(os.listdir(new)):
-            seen[check_intact(seed, (new / name).read_bytes(), MAILDIR_PREFIX)] += 1
+            data = (new / name).read_bytes()
+            assert b"\r" not in data, f"{name}: CR in a Maildir file{replay(seed)}"
+            assert name.endswith(f",S={len(data)}"), f"{name}: {len(data)} bytes{replay(seed)}"
+            as_sent = data.replace(b"\n", b"\r\n")
+            seen[check_intact(seed, as_sent, MAILDIR_PREFIX)] += 1
     return seen
 
 

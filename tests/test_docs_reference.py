@@ -183,5 +183,5 @@ async def test_complete_example_refuses_listed_senders_and_adds_its_header(
 
     assert await in_thread(client) == [(550, b"5.7.1 Mail from this sender is not accepted")] * 2
     (message,) = server.messages()
-    head = message.partition(b"\r\n\r\n")[0]
-    assert head.endswith(b"\r\nX-Peer: unknown [127.0.0.1] verified=no")
+    head = message.partition(b"\n\n")[0]
+    assert head.endswith(b"\nX-Peer: unknown [127.0.0.1] verified=no")

@@ -112,8 +112,8 @@ def test_tac_file_serves_mail_into_the_maildir_from_the_environment(tmp_path):
         ehlo = send(port, "user@mx.tac.test")
         assert ehlo[0] == 250 and ehlo[1].startswith(b"mx.tac.test Hi ")
         (message,) = delivered(maildir)
-        assert b"Delivered-To: user@mx.tac.test\r\n" in message
-        assert b"Subject: from the test\r\n" in message
+        assert b"Delivered-To: user@mx.tac.test\n" in message
+        assert b"Subject: from the test\n" in message
         content = wait_for_log(log, " disconnect")
     assert " connect from 127.0.0.1:" in content
     assert " accepted from=<sender@example.org> to=<user@mx.tac.test> " in content

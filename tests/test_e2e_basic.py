@@ -23,12 +23,12 @@ async def test_message_from_smtplib_lands_in_maildir_with_trace_headers(server):
     refused = await in_thread(client)
     assert refused == {}
     (message,) = server.messages()
-    head, _, body = message.partition(b"\r\n\r\n")
-    lines = head.split(b"\r\n")
+    head, _, body = message.partition(b"\n\n")
+    lines = head.split(b"\n")
     assert lines[0] == b"Return-Path: <sender@example.org>"
     assert lines[1] == b"Delivered-To: user@mx.test"
     assert lines[2].startswith(b"Received: from client.test (unknown [127.0.0.1])")
     assert b"by mx.test (qpconn" in head and b"with ESMTP id " in head
     assert b"for <user@mx.test>;" in head
     assert b"Subject: hello" in head
-    assert body == b"first line\r\n.leading dot\r\n"
+    assert body == b"first line\n.leading dot\n"  # stored as Maildir readers expect: LF

@@ -63,7 +63,9 @@ def envelope(smtp: Client) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_chunks_are_stored_raw_and_see_the_same_hooks_as_data(qpconn_server, tmp_path):
-    server = start(qpconn_server)
+    # line_endings=crlf: the Maildir keeps the octets as received, so "raw" can be seen
+    raw = "queue/maildir maildir line_endings=crlf"
+    server = qpconn_server(plugins=[Watch, "relay", "rcpt_ok", raw])
     first, second = MESSAGE[:20], MESSAGE[20:] + b"bare\nlf and \r\n.\r\n no end marker\r\n"
 
     def raw_client():
@@ -80,7 +82,7 @@ async def test_chunks_are_stored_raw_and_see_the_same_hooks_as_data(qpconn_serve
     assert two.code == 250 and "Queued as" in two.last
     assert noop == 250
     (stored,) = (tmp_path / "maildir" / "new").iterdir()
-    fields, body = split_message(stored.read_bytes())
+    fields, body = split_message(stored.read_bytes(), b"\r\n")
     assert b"with ESMTP id" in b" ".join(f for f in fields if f.startswith(b"Received:"))
     # Stored exactly as sent: no unstuffing, the bare LF and the "." line kept.
     assert body == (first + second).partition(b"\r\n\r\n")[2]
@@ -133,7 +135,8 @@ async def test_pipelined_chunks_are_answered_in_order(qpconn_server, tmp_path):
     assert "Queued as" in replies[4].last
     assert closed
     (stored,) = (tmp_path / "maildir" / "new").iterdir()
-    assert split_message(stored.read_bytes())[1] == MESSAGE.partition(b"\r\n\r\n")[2]
+    # stored with LF line endings, as Maildir readers expect
+    assert split_message(stored.read_bytes())[1] == b"line one\n.dot\n"
 
 
 @pytest_twisted.ensureDeferred

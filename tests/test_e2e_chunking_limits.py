@@ -84,7 +84,7 @@ async def test_a_pause_inside_a_chunk_is_data_time_and_between_chunks_idle_time(
     assert first_word(idle) == (421, "4.4.2")
     assert 0.3 < waited < 2.0 and closed
     (message,) = server.messages()
-    assert message.endswith(b"first half, second half\r\n")
+    assert message.endswith(b"first half, second half\n")
 
 
 # -- max_errors and BDAT LAST --------------------------------------------------------------
@@ -167,7 +167,7 @@ async def test_octets_past_the_announced_size_are_read_as_commands(qpconn_server
     assert extra[0] == 250, extra
     assert noop[0] == 250
     (message,) = server.messages()
-    assert message.endswith(b"\r\n\r\nexactly this")
+    assert message.endswith(b"\n\nexactly this")
     assert b"evil" not in message
 
 

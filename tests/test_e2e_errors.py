@@ -50,7 +50,7 @@ async def test_commands_out_of_sequence_get_503_and_change_nothing(server):
     assert "nested MAIL" in nested.last
     assert last[:2] == [250, 354] and last[2].code == 250
     (message,) = server.messages()
-    assert message.startswith(b"Return-Path: <a@example.org>\r\n")
+    assert message.startswith(b"Return-Path: <a@example.org>\n")
 
 
 @pytest_twisted.ensureDeferred

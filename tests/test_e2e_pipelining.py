@@ -51,7 +51,7 @@ async def test_pipelined_transaction_in_one_write_gets_replies_in_order(server):
     assert replies[2].last.startswith("2.1.5 <two@mx.test>")
     assert closed
     (message,) = server.messages()
-    assert split_message(message)[1] == b"piped\r\n"
+    assert split_message(message)[1] == b"piped\n"
 
 
 @pytest_twisted.ensureDeferred
@@ -102,7 +102,7 @@ async def test_pipelined_replies_stay_in_order_when_a_rcpt_hook_answers_later(
     assert replies[3].last.startswith("2.1.5 <three@slow.test>")
     assert stored.code == 250
     (message,) = server.messages()
-    assert b"Delivered-To: one@slow.test\r\nDelivered-To: three@slow.test\r\n" in message
+    assert b"Delivered-To: one@slow.test\nDelivered-To: three@slow.test\n" in message
 
 
 class SlowRcpt(Plugin):
@@ -153,7 +153,7 @@ async def test_concurrent_sessions_with_waiting_hooks_each_store_their_own_messa
     assert stored == {
         f"Return-Path: <s{n}@example.org>".encode(): (
             [f"Delivered-To: r{n}@mx.test".encode(), f"Delivered-To: r{n}b@mx.test".encode()],
-            f"body {n}\r\n".encode(),
+            f"body {n}\n".encode(),
         )
         for n in range(sessions)
     }

@@ -168,7 +168,7 @@ async def test_async_def_plugin_accepts_recipients_and_denies_at_data_post(qpcon
     assert (denied.code, denied.last) == (552, "5.7.1 async says no")
     assert passed.code == 250
     (message,) = server.messages()
-    assert b"Subject: fine\r\n" in message
+    assert b"Subject: fine\n" in message
 
 
 @pytest_twisted.ensureDeferred
@@ -250,7 +250,7 @@ async def test_refused_ehlo_keeps_the_open_transaction_and_its_sender(qpconn_ser
     assert refused.code == 550
     assert rest == [250, 354] and stored.code == 250
     (message,) = server.messages()
-    assert message.startswith(b"Return-Path: <a@example.org>\r\n")
+    assert message.startswith(b"Return-Path: <a@example.org>\n")
     # The trace still names the greeting that was accepted.
     assert b"Received: from client.test " in message
 
@@ -283,7 +283,7 @@ async def test_mail_pre_plugin_rewrites_the_sender(qpconn_server, tmp_path):
     assert mail.last == "2.1.0 <rewritten@x.example>, sender OK"
     assert stored.code == 250
     (message,) = server.messages()
-    assert message.startswith(b"Return-Path: <rewritten@x.example>\r\n")
+    assert message.startswith(b"Return-Path: <rewritten@x.example>\n")
 
 
 @pytest_twisted.ensureDeferred
@@ -323,7 +323,7 @@ async def test_received_line_hook_replaces_the_received_value(qpconn_server, tmp
     reply = await in_thread(client)
     queue_id = reply.last.split()[-1]
     (message,) = server.messages()
-    received = [line for line in message.split(b"\r\n") if line.startswith(b"Received:")]
+    received = [line for line in message.split(b"\n") if line.startswith(b"Received:")]
     assert received == [f"Received: from custom.example by mx.test id {queue_id}; custom".encode()]
 
 

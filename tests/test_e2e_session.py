@@ -85,7 +85,7 @@ async def test_esmtp_transaction_is_stored_with_trace_fields_and_unstuffed_body(
     assert_recent(trace["date"])
     # The 250 names the queue id the Received field carries.
     assert reply.lines == (f"2.0.0 Queued as {trace['id']}",)
-    assert body == b"first line\r\n.leading dot\r\n.\r\nlast\r\n"
+    assert body == b"first line\n.leading dot\n.\nlast\n"
 
 
 @pytest_twisted.ensureDeferred
@@ -127,7 +127,7 @@ async def test_two_recipients_make_one_file_with_two_delivered_to_and_no_for_cla
     assert trace["rcpt"] is None
     assert b" for " not in fields[3]
     assert_recent(trace["date"])
-    assert body == b"hi\r\n"
+    assert body == b"hi\n"
 
 
 @pytest_twisted.ensureDeferred
@@ -143,11 +143,11 @@ async def test_each_transaction_on_one_connection_gets_its_own_queue_id(server):
     assert first.code == second.code == 250
     assert first.lines != second.lines
     stored = {(received(split_message(m)[0])["id"], split_message(m)[1]) for m in server.messages()}
-    assert stored == {(first.last.split()[-1], b"one\r\n"), (second.last.split()[-1], b"two\r\n")}
+    assert stored == {(first.last.split()[-1], b"one\n"), (second.last.split()[-1], b"two\n")}
 
 
 @pytest_twisted.ensureDeferred
-async def test_message_sent_line_by_line_is_stored_byte_for_byte(server):
+async def test_message_sent_line_by_line_is_stored_whole_with_lf_line_endings(server):
     text = (
         b"From: <a@example.org>\r\n"
         b"Subject: slow\r\n"
@@ -173,7 +173,7 @@ async def test_message_sent_line_by_line_is_stored_byte_for_byte(server):
     (message,) = server.messages()
     fields, _ = split_message(message)
     assert fields[3:] == [b"From: <a@example.org>", b"Subject: slow", b"X-Folded: one two"]
-    assert message.endswith(b"\r\n" + text)
+    assert message.endswith(b"\n" + text.replace(b"\r\n", b"\n"))
 
 
 @pytest_twisted.ensureDeferred
@@ -188,7 +188,7 @@ async def test_lowercase_commands_null_sender_and_space_after_colon_are_accepted
     replies = await in_thread(client)
     assert [r.code for r in replies] == [250, 250, 354, 250]
     (message,) = server.messages()
-    assert message.startswith(b"Return-Path: <>\r\nDelivered-To: user@mx.test\r\n")
+    assert message.startswith(b"Return-Path: <>\nDelivered-To: user@mx.test\n")
 
 
 @pytest_twisted.ensureDeferred
@@ -228,7 +228,7 @@ async def test_twisted_smtp_client_delivers_a_message(server):
     (stored,) = server.messages()
     fields, body = split_message(stored)
     assert received(fields)["helo"] == "twisted.client.test"
-    assert body == b"from twisted.mail\r\n"
+    assert body == b"from twisted.mail\n"
 
 
 @pytest_twisted.ensureDeferred

@@ -62,7 +62,7 @@ async def test_utf8_message_with_smtplib(qpconn_server, tmp_path):
     received = next(f for f in fields if f.startswith(b"Received:"))
     assert b" with UTF8SMTP id " in received
     assert "Subject: Grüße".encode() in fields
-    assert body == b"Hallo, Welt!\r\n"
+    assert body == b"Hallo, Welt!\n"
     first = plugin_of(server, Seen).rcpts[0]
     # Both forms kept: as the client wrote it, and in A-labels for DNS and next hops.
     assert (first.user, first.host) == ("用户", "bücher.test")

@@ -43,4 +43,4 @@ async def test_swaks_delivers_into_the_maildir(server, mode):
     assert b"Subject: from swaks" in fields
     assert any(f.startswith(b"Received: from client.test (unknown [127.0.0.1])") for f in fields)
     # swaks dot-stuffs and the server unstuffs: the body comes out as it went in.
-    assert stored.startswith(b"first line\r\n.leading dot\r\n..two dots\r\nlast line\r\n")
+    assert stored.startswith(b"first line\n.leading dot\n..two dots\nlast line\n")

@@ -163,7 +163,7 @@ async def test_relayclients_entry_for_the_client_lets_it_relay(qpconn_server):
 
     assert (await in_thread(client)).code == 250
     (message,) = server.messages()
-    assert b"Delivered-To: x@elsewhere.example\r\n" in message
+    assert b"Delivered-To: x@elsewhere.example\n" in message
 
 
 @pytest_twisted.ensureDeferred
@@ -210,8 +210,8 @@ async def test_maildir_template_stores_one_copy_per_recipient_directory(qpconn_s
     }
     assert sorted(found) == ["mx.test/jo", "other.test/ann"]
     assert (
-        b"Delivered-To: jo+tag@mx.test\r\nDelivered-To: jo-x@mx.test\r\nReceived:"
+        b"Delivered-To: jo+tag@mx.test\nDelivered-To: jo-x@mx.test\nReceived:"
         in found["mx.test/jo"]
     )
-    assert b"Delivered-To: Ann@Other.test\r\nReceived:" in found["other.test/ann"]
-    assert all(message.endswith(b"\r\n\r\nshared\r\n") for message in found.values())
+    assert b"Delivered-To: Ann@Other.test\nReceived:" in found["other.test/ann"]
+    assert all(message.endswith(b"\n\nshared\n") for message in found.values())

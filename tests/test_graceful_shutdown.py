@@ -89,7 +89,7 @@ def test_message_in_flight_finishes_and_idle_sessions_get_421(tmp_path, reaper):
     assert process.wait(timeout=10) in (0, -signal.SIGTERM)  # twistd re-raises the signal
     (name,) = os.listdir(tmp_path / "maildir" / "new")
     stored = (tmp_path / "maildir" / "new" / name).read_bytes()
-    assert stored.endswith(b"\r\n\r\nfirst half\r\nsecond half\r\n")
+    assert stored.endswith(b"\n\nfirst half\nsecond half\n")
 
 
 def test_grace_period_ends_with_421_and_nothing_stored(tmp_path, reaper):

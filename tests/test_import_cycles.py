@@ -33,36 +33,6 @@ from tests.support.importgraph import (
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "qpconn"
 
-# TEMPORARY: qpconn/core/ is being rewritten right now (its session, BDAT and TLS/AUTH
-# classes are mixins of one another: core/session.py imports core/bdat.py and
-# core/tls_auth.py at its top, and they import core/session.py back inside functions).
-# The rewrite removes this cycle; delete the entry then (test_allow_lists_are_still_needed
-# fails as soon as it is gone). Only cycles entirely inside qpconn/core/ belong here.
-CORE_CYCLES_BEING_REMOVED: list[frozenset[str]] = [
-    frozenset({"qpconn.core.bdat", "qpconn.core.session", "qpconn.core.tls_auth"}),
-]
-
-# TEMPORARY: cycles through the Twisted adapter and the command layer, which are being
-# restructured right now (server/protocol.py, guard.py, tls.py, lmtp.py and smtp/*.py).
-# At 6d5022b there is none: the list is empty, and it is only a place for such a cycle while
-# that restructuring is under way, never a place to leave one.
-ADAPTER_CYCLES_BEING_REMOVED: list[frozenset[str]] = []
-
-#: the modules an ADAPTER_CYCLES_BEING_REMOVED entry must go through
-ADAPTER_MODULES = frozenset(
-    {
-        "qpconn.server.protocol",
-        "qpconn.server.guard",
-        "qpconn.server.tls",
-        "qpconn.server.lmtp",
-        *(
-            "qpconn.smtp." + path.stem if path.stem != "__init__" else "qpconn.smtp"
-            for path in (PACKAGE_DIR / "smtp").glob("*.py")
-        ),
-    }
-)
-
-
 @pytest.fixture(scope="module")
 def graph() -> ImportGraph:
     return read_package(PACKAGE_DIR, "qpconn", MOVED)
@@ -88,14 +58,9 @@ def describe(graph: ImportGraph, members: frozenset[str]) -> str:
     return "\n".join(lines)
 
 
-def allowed(cycle: frozenset[str]) -> bool:
-    """A cycle is tolerated while it stays inside one allow-listed group (it may shrink)."""
-    return any(cycle <= entry for entry in CORE_CYCLES_BEING_REMOVED + ADAPTER_CYCLES_BEING_REMOVED)
-
-
 # -- qpconn itself -----------------------------------------------------------------------------
 def test_no_import_cycles(graph):
-    unexpected = [c for c in find_cycles(graph.successors()) if not allowed(c)]
+    unexpected = find_cycles(graph.successors())
     report = "\n\n".join(describe(graph, c) for c in unexpected)
     assert not unexpected, (
         f"{len(unexpected)} import cycle(s) in qpconn. Break each one by moving the shared "
@@ -105,30 +70,11 @@ def test_no_import_cycles(graph):
     )
 
 
-def test_allow_lists_are_still_needed(graph):
-    """An entry whose cycle is gone must go, so the allow-lists only ever shrink."""
-    cycles = find_cycles(graph.successors())
-    stale = [
-        sorted(entry)
-        for entry in CORE_CYCLES_BEING_REMOVED + ADAPTER_CYCLES_BEING_REMOVED
-        if not any(c <= entry for c in cycles)
-    ]
-    assert not stale, f"no cycle left inside these allow-list entries, delete them: {stale}"
-
-
-def test_allow_lists_stay_in_their_lanes():
-    """The core list holds core-only cycles; the adapter list, cycles through the adapter."""
-    for entry in CORE_CYCLES_BEING_REMOVED:
-        assert all(m.startswith("qpconn.core.") for m in entry), sorted(entry)
-    for entry in ADAPTER_CYCLES_BEING_REMOVED:
-        assert entry & ADAPTER_MODULES, sorted(entry)
-
-
 def test_the_graph_is_read_from_the_real_package(graph):
     """Guards against a finder that passes because it sees nothing: known imports are there."""
     assert len(graph.modules) > 100
     assert "qpconn.app.service" in graph.successors()["qpconn.app.options"]
-    assert "qpconn.core.bdat" in graph.successors()["qpconn.core.session"]
+    assert "qpconn.core.states" in graph.successors()["qpconn.core.session"]
     # inside a function: app/options.py imports app/prefork.py only when --workers is given
     assert "qpconn.app.prefork" in graph.successors()["qpconn.app.options"]
     assert graph.edge("qpconn.app.options", "qpconn.app.prefork").deferred

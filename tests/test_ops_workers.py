@@ -136,6 +136,9 @@ def test_workers_share_the_listener_and_the_metrics_add_up_every_worker(
     log = wait_for_count(server, "accepted from=<sender@example.org>", 5)
     for pid in set(pids):
         assert re.search(rf"\[worker-{pid}\] .* accepted from=<sender@example\.org>", log), log
+    # the parent says where it listens, and Twisted's line for its listener is not "_Unused"
+    assert f"listening on tcp:127.0.0.1:{server.address[1]} for 2 workers" in log, log
+    assert "_Unused" not in log, log
 
     figures = scrape(metrics_port)
     assert figures["qpconn_transactions_total"] == 5

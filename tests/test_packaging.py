@@ -7,6 +7,7 @@ through its own packaging metadata, with pip's usual isolated build.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sysconfig
@@ -88,3 +89,34 @@ def test_pip_install_makes_twistd_qpconn_available(tmp_path, editable):
         assert location.is_relative_to(source)
     else:
         assert location.is_relative_to(env_dir)
+
+
+def test_pip_install_puts_only_qpconn_and_its_twisted_plugin_on_the_path(tmp_path):
+    """What the wheel holds: the qpconn package and twisted/plugins/qpconn_plugin.py.
+
+    The checkout's other top-level directories (tests, docs, bench) must not become
+    importable packages of whoever installs qpconn; the copy has them, as a checkout does.
+    """
+    env_dir = _fresh_env(tmp_path)
+    source = _copy_source(tmp_path)
+    for name in ("tests", "docs", "bench"):
+        (source / name).mkdir()
+        (source / name / "__init__.py").write_text("")
+    pip = [env_dir / "bin" / "python", "-m", "pip", "install", "-q", "--no-deps", str(source)]
+    subprocess.run(pip, check=True, capture_output=True, timeout=300)
+    probe = (
+        "import importlib.metadata as m, importlib.util as u, json; "
+        "files = [str(f) for f in m.distribution('qpconn').files]; "
+        "print(json.dumps([files, [n for n in ('tests', 'docs', 'bench') if u.find_spec(n)]]))"
+    )
+    done = subprocess.run(
+        [env_dir / "bin" / "python", "-c", probe],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    files, importable = json.loads(done.stdout)
+    assert importable == []
+    installed = {f.split("/")[0] for f in files if not f.startswith(("qpconn-", "../"))}
+    assert installed == {"qpconn", "twisted"}, sorted(files)
+    twisted = [f for f in files if f.startswith("twisted/") and "__pycache__" not in f]
+    assert twisted == ["twisted/plugins/qpconn_plugin.py"]  # no twisted/__init__.py above it

@@ -161,10 +161,11 @@ async def test_reject_1_refuses_mail_without_a_passing_signature(qpconn_server, 
 
 
 def verify(message: bytes, public: str) -> bool:
-    """Check a stored message's signature as a receiving server would."""
-    head, _, body = message.partition(b"\r\n\r\n")
-    fields = [f for f in head.split(b"\r\n") if not f.startswith((b"Return-Path", b"Delivered"))]
-    text = b"\r\n".join(fields) + b"\r\n\r\n" + body
+    """Check a stored message's signature as a receiving server would: a Maildir file's
+    LF line endings are CRLF again on the wire, where the signature was made."""
+    head, _, body = message.partition(b"\n\n")
+    fields = [f for f in head.split(b"\n") if not f.startswith((b"Return-Path", b"Delivered"))]
+    text = b"\r\n".join(fields) + b"\r\n\r\n" + body.replace(b"\n", b"\r\n")
     return dkimpy.verify(text, dnsfunc=lambda name, timeout=5: key_record(public).encode())
 
 

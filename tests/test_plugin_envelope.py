@@ -161,7 +161,7 @@ async def test_dont_require_anglebrackets(qpconn_server, dns):
     replies = await in_thread(script, server.address, "127.0.0.2", commands)
     assert codes(replies) == [220, 250, 250, 250, 250, 354, 250]
     (message,) = server.messages()
-    assert message.startswith(b"Return-Path: <a@example.org>\r\n")
-    assert b"Delivered-To: user@mx.test\r\n" in message
+    assert message.startswith(b"Return-Path: <a@example.org>\n")
+    assert b"Delivered-To: user@mx.test\n" in message
     replies = await in_thread(script, server.address, "127.0.0.2", ["EHLO c", "MAIL FROM:"])
     assert replies[2].code == 501

@@ -155,10 +155,10 @@ async def test_subject_tagged_above_munge_subject_threshold(qpconn_server, spamd
     assert subjects == [[b"Subject: lunch"], [b"Subject: [SPAM] offer"],
                         [b"Subject: [SPAM] =?utf-8?q?caf=C3=A9?= deals"],
                         [b"Subject: [SPAM] offer"], [b"Subject: [SPAM]"]]  # fmt: skip
-    assert b"Subject: [SPAM] =?utf-8?q?caf=C3=A9?=\r\n deals\r\n" in server.messages()[2]
+    assert b"Subject: [SPAM] =?utf-8?q?caf=C3=A9?=\n deals\n" in server.messages()[2]
     server = start(qpconn_server, line)  # the default prefix, qpsmtpd's
     assert (await deliver(server, SPAM)).code == 250
-    assert b"\r\nSubject: *** SPAM *** offer\r\n" in server.messages()[-1]
+    assert b"\nSubject: *** SPAM *** offer\n" in server.messages()[-1]
     server = start(qpconn_server, f"spamassassin spamd_socket {spamd.address}")
     assert (await deliver(server, SPAM)).code == 250  # without the option: untouched
-    assert b"\r\nSubject: offer\r\n" in server.messages()[-1]
+    assert b"\nSubject: offer\n" in server.messages()[-1]

@@ -152,9 +152,9 @@ async def test_two_maildirs_both_receive_the_message(qpconn_server, tmp_path):
     (first,) = maildir_messages(archive)
     (second,) = maildir_messages(inbox)
     assert first == second
-    assert first.startswith(b"Return-Path: <a@example.org>\r\nDelivered-To: user@mx.test\r\n")
-    assert b"\r\nReceived: from client.test (unknown [127.0.0.1])" in first
-    assert first.endswith(b"\r\n\r\nbody line\r\n")
+    assert first.startswith(b"Return-Path: <a@example.org>\nDelivered-To: user@mx.test\n")
+    assert b"\nReceived: from client.test (unknown [127.0.0.1])" in first
+    assert first.endswith(b"\n\nbody line\n")
 
 
 @pytest_twisted.ensureDeferred
@@ -187,7 +187,7 @@ async def test_paths_have_their_own_notes_header_and_connection(qpconn_server, t
     # The third path's Maildir got the message as the session had it: no X-Path, the
     # recipients the writers cleared still there.
     (stored,) = maildir_messages(tmp_path / "third")
-    assert b"X-Path" not in stored and b"Delivered-To: user@mx.test\r\n" in stored
+    assert b"X-Path" not in stored and b"Delivered-To: user@mx.test\n" in stored
 
 
 @pytest_twisted.ensureDeferred

@@ -148,7 +148,7 @@ async def test_tricks_that_name_a_local_mailbox_are_stored_locally_as_that_mailb
     # Stored in our own Maildir under the literal local mailbox: no percent or bang
     # hack, no source route was followed anywhere.
     assert delivered == [b"Delivered-To: " + mailbox.encode()]
-    assert body == b"body\r\n"
+    assert body == b"body\n"
 
 
 @pytest_twisted.ensureDeferred

@@ -42,7 +42,7 @@ def test_twistd_qpconn_with_defaults_stores_mail_in_working_directory_maildir(tm
     (name,) = os.listdir(new)
     message = (new / name).read_bytes()
     assert b"Subject: via twistd" in message
-    assert message.endswith(b"\r\n\r\nbody\r\n")
+    assert message.endswith(b"\n\nbody\n")
     log = (tmp_path / "server.log").read_text()
     assert " connect from 127.0.0.1:" in log
     assert " accepted from=<someone@example.org> to=<user@localhost>" in log
@@ -192,7 +192,7 @@ def test_twistd_serves_on_tcp6_and_an_inherited_systemd_socket(tmp_path: Path):
     subjects = sorted(
         line
         for name in os.listdir(new)
-        for line in (new / name).read_bytes().split(b"\r\n")
+        for line in (new / name).read_bytes().split(b"\n")
         if line.startswith(b"Subject: ")
     )
     expected = [b"Subject: via systemd"] + ([b"Subject: via tcp6"] if v6_port else [])

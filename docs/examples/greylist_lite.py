@@ -27,10 +27,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from qpconn import DECLINED, DENYSOFT
-from qpconn.hooks.results import Result
-from qpconn.mail.address import Address
-from qpconn.plugins import Plugin
+from qpconn import DECLINED, DENYSOFT, Address, Plugin, Transaction
+from qpconn.hooks.types import HookResult, Params
 
 Triplet = tuple[str, str, str]
 
@@ -56,14 +54,12 @@ class GreylistLite(Plugin):
         self.seen: dict[Triplet, list[Any]] = {}
         self.last_prune = self.clock()
 
-    def triplet(self, transaction: Any, recipient: Address) -> Triplet:
+    def triplet(self, transaction: Transaction, recipient: Address) -> Triplet:
         sender = transaction.sender.address if transaction.sender is not None else ""
         ip = transaction.connection.remote_ip or "unix"
         return ip, sender.lower(), recipient.address.lower()
 
-    def hook_rcpt(
-        self, transaction: Any, recipient: Address, params: dict[str, str | None]
-    ) -> Result | tuple[Result, str]:
+    def hook_rcpt(self, transaction: Transaction, recipient: Address, params: Params) -> HookResult:
         if transaction.connection.relay_client:
             return DECLINED
         now = self.clock()
@@ -87,11 +83,12 @@ class GreylistLite(Plugin):
         # DECLINED, not OK: rcpt_ok still decides whether we take mail for this address.
         return DECLINED
 
-    def hook_data_post(self, transaction: Any) -> None:
+    def hook_data_post(self, transaction: Transaction) -> HookResult:
         waited = transaction.notes.get(NOTE)
-        if waited is not None:
+        if waited is not None and transaction.header is not None:
             transaction.header.add("X-Greylist", f"delayed {int(waited)} seconds by greylist_lite")
         # Returning None is DECLINED: the other data_post plugins and the queue carry on.
+        return None
 
     def prune(self, now: float) -> None:
         """Forget triplets whose latest attempt is older than LIFETIME."""

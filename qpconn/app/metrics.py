@@ -12,8 +12,12 @@ serve:
   (``event="rejection"``), the connections refused by a connection limit
   (``event="connection_refused"``) and the sessions ended by a deadline
   (``event="deadline"``: ``command_deadline``, ``min_data_rate``, ``max_session_time``, or
-  ``timeout`` for a client that did not take its replies). Counting the events the log
-  already carries means the metrics and the log can never disagree about what happened.
+  ``timeout`` for a client that did not take its replies); and the events of the server's
+  plugins (``event="limit_refused"``, ``"redis_outage"``, ``"http_queue"``, and
+  ``"plugin_outcome"``: what rspamd said, what the next hop said of a recipient, a
+  scanner or next hop that could not be asked), whose log source is
+  the server itself (:meth:`qpconn.hooks.plugin.Plugin.attach`). Counting the events the
+  log already carries means the metrics and the log can never disagree about what happened.
 
 Connections open and total are read from the factory when scraped. Each
 :class:`ServerMetrics` has its own registry, so several servers (or tests) in one
@@ -42,6 +46,7 @@ from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from qpconn.hooks.results import HookOutcome
+from qpconn.server.fastpath.listening import fail_start_on_bind_error
 
 if TYPE_CHECKING:
     from qpconn.server.factory import SMTPFactory
@@ -142,6 +147,37 @@ class ServerMetrics:
             ["limit"],
             registry=r,
         )
+        self.limit_refusals = Counter(
+            "qpconn_limit_refusals",
+            "Sessions, senders and recipients refused by the limit plugin, by limit",
+            ["limit"],
+            registry=r,
+        )
+        self.redis_outages = Counter(
+            "qpconn_redis_outages",
+            "Times a plugin's Redis stopped answering (one per outage), by plugin",
+            ["plugin"],
+            registry=r,
+        )
+        self.plugin_outcomes = Counter(
+            "qpconn_plugin_outcomes",
+            "What checking plugins concluded (rspamd's action, a recipient verified...)",
+            ["plugin", "outcome"],
+            registry=r,
+        )
+        self.http_queue = Counter(
+            "qpconn_http_queue_responses",
+            "queue/http deliveries by what the endpoint did: 2xx, 4xx, 5xx, timeout, refused",
+            ["plugin", "outcome"],
+            registry=r,
+        )
+        self.milter_verdicts = Counter(
+            "qpconn_milter_verdicts",
+            "What milters decided, by milter address, stage and verdict (accept, reject, "
+            "tempfail, discard, shutdown, continue at the end of a message, error)",
+            ["milter", "stage", "verdict"],
+            registry=r,
+        )
         self.bytes_received = Counter(
             "qpconn_received_bytes", "Octets of message text received", registry=r
         )
@@ -218,7 +254,7 @@ class ServerMetrics:
         if kind is None:
             return
         source = event.get("log_source")
-        if getattr(source, "factory", None) is not self.factory:
+        if source is not self.factory and getattr(source, "factory", None) is not self.factory:
             return
         code = event.get("code")
         if kind == "transaction":
@@ -232,10 +268,21 @@ class ServerMetrics:
                 self.queue.labels(plugin, outcome.get(reply_class(code), "other")).inc()
         elif kind == "rejection":
             self.rejections.labels(str(event.get("hook")), reply_class(code)).inc()
+        elif kind == "milter":
+            labels = (str(event.get("milter")), str(event.get("stage")), str(event.get("verdict")))
+            self.milter_verdicts.labels(*labels).inc()
         elif kind == "connection_refused":
             self.connections_refused.labels(str(event.get("limit"))).inc()
         elif kind == "deadline":
             self.deadlines.labels(str(event.get("limit"))).inc()
+        elif kind == "limit_refused":
+            self.limit_refusals.labels(str(event.get("limit"))).inc()
+        elif kind == "redis_outage":
+            self.redis_outages.labels(str(event.get("plugin"))).inc()
+        elif kind == "http_queue":
+            self.http_queue.labels(str(event.get("plugin")), str(event.get("outcome"))).inc()
+        elif kind == "plugin_outcome":
+            self.plugin_outcomes.labels(str(event.get("plugin")), str(event.get("outcome"))).inc()
 
 
 class _MetricsService(StreamServerEndpointService):
@@ -283,7 +330,7 @@ def metrics_service(
     site.noisy = False
     service = _MetricsService(serverFromString(reactor, endpoint), site)
     service.metrics = metrics
-    service._raiseSynchronously = True
+    fail_start_on_bind_error(service)  # a port in use stops the start
     service.setName("qpconn-metrics")
     if parent is not None:
         service.setServiceParent(parent)

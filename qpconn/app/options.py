@@ -29,12 +29,23 @@ class Options(usage.Options):
 
     synopsis = (
         "[--listen ENDPOINT ...] [--lmtp ENDPOINT ...] [--config DIR] [--hostname NAME] "
-        "[--proxy-protocol [--proxy-from CIDR ...]]"
+        "[--proxy-protocol [--proxy-from CIDR ...]] [--metrics ENDPOINT] [--tracing]"
     )
     longdesc = (
         "An SMTP server with qpsmtpd-style plugins. With no --config it accepts mail for "
         "localhost and this host's name and stores it in ./maildir."
     )
+    def opt_version(self) -> None:
+        """Display qpconn's version (with Twisted's and Python's) and exit."""
+        import platform
+
+        from qpconn import __version__
+        from twisted import copyright
+
+        python = platform.python_version()
+        print(f"qpconn {__version__} (Twisted {copyright.version}, Python {python})")
+        sys.exit(0)
+
     optParameters = [
         ["config", "c", None, "qpsmtpd-style config directory (plugins, me, rcpthosts, ...)"],
         ["hostname", None, None, "name of this server (overrides the config file 'me')"],
@@ -59,6 +70,12 @@ class Options(usage.Options):
             None,
             "require a HAProxy PROXY header (v1 or v2) from trusted balancers on every "
             "connection; other peers are refused (config proxy_timeout, default 5 s)",
+        ],
+        [
+            "tracing",
+            None,
+            "OpenTelemetry spans of every session, transaction and hook run, exported as the "
+            "OTEL_* environment variables say (needs the otel extra; qpconn.app.tracing)",
         ],
     ]
 
@@ -121,6 +138,8 @@ class Options(usage.Options):
         except (ValueError, OSError) as exc:
             # OSError: an endpoint naming a file that cannot be read (ssl:...:privateKey=).
             raise usage.UsageError(str(exc)) from exc
+        if self["tracing"]:
+            check_tracing()
         self["lookups"] = lookup_settings(self)
         self["proxy"] = proxy_settings(self)
         try:
@@ -133,6 +152,20 @@ class Options(usage.Options):
             validate(config)
         except ConfigError as exc:
             config_failure(self, exc)
+
+
+def check_tracing() -> None:
+    """UsageError unless ``--tracing`` can work: OpenTelemetry's SDK is installed and the
+    exporters ``OTEL_TRACES_EXPORTER`` names are too (nothing is started here)."""
+    try:
+        from qpconn.app.tracing import tracing_problems
+    except ImportError as exc:
+        raise usage.UsageError(
+            f"--tracing needs OpenTelemetry ({exc}): pip install 'qpconn[otel]'"
+        ) from None
+    problems = tracing_problems()
+    if problems:
+        raise usage.UsageError("--tracing: " + "; ".join(problems))
 
 
 def config_failure(options: usage.Options, exc: Exception) -> NoReturn:
@@ -170,7 +203,7 @@ def build_service(options: Options) -> IService:
     )
     if options["workers"] is not None:
         return prefork_service(options)
-    add_operations(top, options["metrics"])
+    add_operations(top, options["metrics"], tracing=bool(options["tracing"]))
     return top
 
 
@@ -189,6 +222,7 @@ def prefork_service(options: Options) -> IService:
         proxy_settings(options),
         options["tls-cert"],
         options["tls-key"],
+        tracing=bool(options["tracing"]),
     )
     return PreforkService(options["listen"], spec, options["workers"], options["metrics"])
 

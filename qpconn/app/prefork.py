@@ -62,7 +62,9 @@ from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromSt
 from twisted.logger import Logger, globalLogPublisher
 from twisted.python.failure import Failure
 
+from qpconn.app.service import describe_address
 from qpconn.log.relay import decode
+from qpconn.server.fastpath.listening import fail_start_on_bind_error
 from qpconn.server.lmtp import LMTP_PREFIX
 from qpconn.server.peerinfo import LookupSettings
 from qpconn.server.proxy import ProxySettings
@@ -86,8 +88,13 @@ def worker_spec(
     proxy: ProxySettings,
     tls_cert: str | None,
     tls_key: str | None,
+    tracing: bool = False,
 ) -> dict[str, Any]:
-    """What a worker needs to build the same server as the command line describes (JSON)."""
+    """What a worker needs to build the same server as the command line describes (JSON).
+
+    With ``tracing`` each worker process builds its own tracer provider (and exporter
+    threads) from the ``OTEL_*`` environment it inherits (qpconn.app.tracing).
+    """
     return {
         "config": os.path.abspath(config_dir) if config_dir else None,
         "hostname": hostname,
@@ -96,6 +103,7 @@ def worker_spec(
                   "timeout": proxy.timeout},
         "tls_cert": os.path.abspath(tls_cert) if tls_cert else None,
         "tls_key": os.path.abspath(tls_key) if tls_key else None,
+        "tracing": tracing,
     }  # fmt: skip
 
 
@@ -114,6 +122,11 @@ class _Unused(protocol.Factory):
     """The parent never reads from its listeners; a connection reaching it is a bug."""
 
     noisy = False
+
+    def logPrefix(self) -> str:
+        # Twisted's "<prefix> starting on N" line (debug chatter: qpconn.log.level); the
+        # parent's own line says "listening on ADDRESS for N workers".
+        return "workers-listener"
 
     def buildProtocol(self, addr: Any) -> None:
         return None
@@ -212,7 +225,7 @@ class PreforkService(MultiService):
             family = getattr(port, "addressFamily", socket.AF_INET)
             self.ports.append((port, family, lmtp))
             log.info("listening on {address} for {count} workers",
-                     address=str(port.getHost()), count=self.count)  # fmt: skip
+                     address=describe_address(port.getHost(), lmtp), count=self.count)  # fmt: skip
         super().privilegedStartService()
 
     def startService(self) -> None:
@@ -239,7 +252,7 @@ class PreforkService(MultiService):
         service = StreamServerEndpointService(
             serverFromString(self.reactor, self.metrics_endpoint), site
         )
-        service._raiseSynchronously = True
+        fail_start_on_bind_error(service)  # a port in use stops the start
         service.setName("qpconn-metrics")
         service.setServiceParent(self)
 
@@ -359,9 +372,10 @@ def _build_worker(spec: dict[str, Any]) -> MultiService:
         listener = StreamServerEndpointService(
             endpoint, LMTPListenerFactory(factory) if lmtp else factory
         )
-        listener._raiseSynchronously = True
+        fail_start_on_bind_error(listener)  # a port in use stops the start
         listener.setServiceParent(top)
-    add_operations(top, None)  # SIGHUP reloads this worker's config
+    # SIGHUP reloads this worker's config; --tracing: its sessions' spans
+    add_operations(top, None, tracing=spec.get("tracing", False))
     if spec["metrics"]:
         from qpconn.app.metrics import ServerMetrics
 

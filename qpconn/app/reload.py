@@ -52,6 +52,7 @@ _LIVE = frozenset(
         "plugins",
         "runner",
         "metrics",
+        "tracer",
     }
 )
 

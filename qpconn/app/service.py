@@ -16,8 +16,9 @@ from twisted.internet.interfaces import IReactorCore
 
 from qpconn.config import Config
 from qpconn.hooks.plugin import Plugin
-from qpconn.log.level import parse_level, set_level
+from qpconn.log.level import LevelLogger, parse_level, set_level
 from qpconn.server.factory import SMTPFactory
+from qpconn.server.fastpath.listening import fail_start_on_bind_error
 from qpconn.server.lmtp import LMTP_PREFIX, LMTPListenerFactory
 from qpconn.server.peerinfo import LookupSettings
 from qpconn.server.protocol import SMTPServerProtocol
@@ -29,6 +30,7 @@ from qpconn.settings import log_warnings, plugin_warnings
 from qpconn.smtp.commands import SMTPCommands
 
 __all__ = [
+    "describe_address",
     "make_service",
     "make_factory",
     "make_config",
@@ -36,6 +38,41 @@ __all__ = [
     "parse_listen",
     "DEFAULT_LISTEN",
 ]
+
+log = LevelLogger(namespace="qpconn.app.service")
+
+
+def describe_address(address: Any, lmtp: bool = False) -> str:
+    """A listening address as an endpoint string reads: ``tcp:127.0.0.1:2525``,
+    ``tcp6:[::1]:25``, ``unix:/run/qpconn.sock``; ``lmtp:`` in front for an LMTP one."""
+    if hasattr(address, "host") and hasattr(address, "port"):
+        host, port = address.host, address.port
+        text = f"tcp6:[{host}]:{port}" if ":" in host else f"tcp:{host}:{port}"
+    elif hasattr(address, "name"):
+        name = address.name.decode() if isinstance(address.name, bytes) else address.name
+        text = f"unix:{name}"
+    else:
+        text = str(address)
+    return ("lmtp:" if lmtp else "") + text
+
+
+class LoggedListener(StreamServerEndpointService):
+    """A listener that says, once it listens, where: ``listening on tcp:127.0.0.1:2525``.
+
+    Twisted's own line for a new port ("SMTPFactory starting on 2525") names neither
+    the address nor the protocol; it is debug chatter for qpconn (qpconn.log.level).
+    """
+
+    lmtp = False
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._waitingForPort.addCallback(self._listening)
+
+    def _listening(self, port: Any) -> Any:
+        log.info("listening on {address}", address=describe_address(port.getHost(), self.lmtp))
+        return port
+
 
 #: Loopback only, unprivileged port: a fresh install never listens on the world by accident.
 DEFAULT_LISTEN = "tcp:2525:interface=127.0.0.1"
@@ -168,17 +205,20 @@ def make_service(
             listen, pair = endpoint
             endpoint = ssl_endpoint(reactor, listen, policy, pair)
         serving = LMTPListenerFactory(factory) if lmtp else factory
-        listener = StreamServerEndpointService(endpoint, serving)
-        # Fail start-up loudly (as strports.service does) when a port cannot be bound.
-        listener._raiseSynchronously = True
+        listener = LoggedListener(endpoint, serving)
+        listener.lmtp = lmtp
+        fail_start_on_bind_error(listener)  # a port in use stops the start
         listener.setServiceParent(top)
     top.factory = factory  # type: ignore[attr-defined]
     return top
 
 
-def add_operations(top: service.MultiService, metrics: str | None) -> None:
+def add_operations(
+    top: service.MultiService, metrics: str | None, *, tracing: bool = False
+) -> None:
     """SIGHUP reloads the config (qpconn.app.reload); ``metrics`` (an endpoint string, or
-    None) serves Prometheus figures.
+    None) serves Prometheus figures; ``tracing`` exports OpenTelemetry spans of the
+    sessions as the ``OTEL_*`` environment variables say (qpconn.app.tracing).
 
     What a service from :func:`make_service` gets when it runs a whole process, under
     ``twistd qpconn`` and in each ``--workers`` worker alike; it lives here, beside the
@@ -194,3 +234,7 @@ def add_operations(top: service.MultiService, metrics: str | None) -> None:
         from qpconn.app.metrics import metrics_service  # prometheus_client: only when asked
 
         metrics_service(metrics, factory, top)
+    if tracing:
+        from qpconn.app.tracing import tracing_service  # opentelemetry: only when asked
+
+        tracing_service(factory, top)

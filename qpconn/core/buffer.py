@@ -1,4 +1,6 @@
-"""Framing of the byte stream: command lines and message text.
+"""Scanning the receive buffer: one line off its front, and message text up to its end.
+
+The readers in :mod:`qpconn.core.receive` cut the session's buffer with these.
 
 Everything here works on whole buffers with C-speed scans (``bytes.find``/``replace``, io's
 newline decoder), never a Python loop per line and no list of lines: a 100 KiB message

@@ -1,9 +1,10 @@
 """Events the session core hands to the application.
 
 They are small immutable records, as in h11: the core decides *what happened* on the wire,
-the application decides *what to answer*. A :class:`Command` and a :class:`MessageEnd`
-each need exactly one reply through :meth:`qpconn.core.session.ServerSession.send`; the
-other events are information only.
+the application decides *what to answer*. A :class:`Command`, a :class:`MessageEnd`, a
+:class:`ChunkEnd` and an :class:`AuthResponse` each need exactly one reply through
+:meth:`qpconn.core.session.ServerSession.send`; the other events are information only.
+Every event the core hands out is one of :data:`Event`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,16 @@ from dataclasses import dataclass
 
 from qpconn.core.reply import Reply
 
-__all__ = ["AuthResponse", "Command", "MessageData", "MessageEnd", "ProtocolError", "Event"]
+__all__ = [
+    "AuthResponse",
+    "ChunkEnd",
+    "ChunkStart",
+    "Command",
+    "MessageData",
+    "MessageEnd",
+    "ProtocolError",
+    "Event",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,4 +89,31 @@ class AuthResponse:
         return f"AuthResponse(<{len(self.data)} characters>)"
 
 
-Event = Command | MessageData | MessageEnd | ProtocolError | AuthResponse
+@dataclass(frozen=True, slots=True)
+class ChunkStart:
+    """A BDAT command was accepted by the core; its ``size`` octets follow as MessageData.
+
+    Information only (no reply): the application may run the ``data`` hook here when
+    ``first`` (the first chunk of the transaction). The reply comes with :class:`ChunkEnd`.
+    """
+
+    size: int
+    last: bool
+    first: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkEnd:
+    """All octets of a chunk were read: it needs exactly one reply.
+
+    ``total`` counts every chunk of the transaction so far, ``oversized`` says that total
+    went past ``databytes`` (the octets past it were dropped).
+    """
+
+    size: int
+    last: bool
+    total: int
+    oversized: bool = False
+
+
+Event = Command | MessageData | MessageEnd | ProtocolError | AuthResponse | ChunkStart | ChunkEnd

@@ -1,71 +1,77 @@
-"""The SMTP session state machine, without any I/O.
-
-Rules this module keeps (and no other module does):
-
-* Which command is legal in which state: the table ``_LEGAL`` below, read at a glance.
-  Out of sequence is 503, except DATA after only refused recipients: 554, as RFC 5321
-  §3.3 allows (as Postfix does), so the client learns why.
-* What a reply does to the state: ``send()`` looks at the pending command and the reply
-  code, so the application cannot forget a transition, and the state cannot move without
-  a reply going out.
-* One command at a time: while a command waits for its reply, no further input is
-  interpreted (pipelined commands wait in the buffer), so replies always come out in order.
-* Limits on what a line may contain: length, NUL, bare CR or LF, non-ASCII. The core
-  answers those itself with a 500-class reply and stays in step with the client.
+"""The server side of an SMTP session, without any I/O: bytes in, events out, replies in.
 
 Use it like h11: ``receive_data(bytes)``, then ``next_event()`` until it returns
-``NEED_DATA`` or ``PAUSED``; answer each :class:`Command` and :class:`MessageEnd` with
-``send(reply)``; write out ``data_to_send()``. Nothing here knows about sockets or time.
+``NEED_DATA`` or ``PAUSED``; answer each :class:`Command`, :class:`MessageEnd`,
+:class:`ChunkEnd` and :class:`AuthResponse` with ``send(reply)``; write out
+``data_to_send()``. Nothing here knows about sockets or time.
+
+:class:`ServerSession` is composed of three parts, each with the rules it keeps:
+:mod:`qpconn.core.states` (which command is legal when, what a reply does: tables),
+:mod:`qpconn.core.receive` (the receive buffer and one reader per kind of input: line
+rules, BDAT framing, limits on memory) and :mod:`qpconn.core.events`. The rules this module
+keeps, and no other does:
+
+* **One thing at a time.** While a command (a message end, a chunk, a SASL response)
+  waits for its reply, no further input is interpreted: pipelined commands wait in the
+  buffer, so replies always come out in order.
+* **No state change without a reply.** ``send()`` looks the reply up in the transition
+  table and applies the row, so the application cannot forget a transition, and the
+  state cannot move without a reply going out. The core's own refusals are queued here,
+  in their place among the replies.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from collections.abc import Callable
 
-from qpconn.core.bdat import ChunkEnd, ChunkingRules, ChunkStart
-from qpconn.core.buffer import DataReader, take_line
 from qpconn.core.events import (
     AuthResponse,
+    ChunkEnd,
+    ChunkStart,
     Command,
     Event,
-    MessageData,
     MessageEnd,
     ProtocolError,
 )
+from qpconn.core.receive import (
+    Chunks,
+    Limits,
+    MessageText,
+    ReceiveBuffer,
+    parse_bdat,
+    read_command_line,
+    read_sasl_response,
+    refuse,
+)
 from qpconn.core.reply import Reply
-from qpconn.core.tls_auth import TLSAuthRules
+from qpconn.core.states import (
+    AFTER_TRANSACTION,
+    CHUNK,
+    CHUNK_LINE,
+    CHUNK_SIZE_UNKNOWN,
+    CLOSING_CODES,
+    CORE_REFUSAL,
+    ENVELOPE_STATES,
+    GREETING,
+    IMPLICIT_TLS,
+    LAST_CHUNK,
+    MESSAGE_END,
+    SASL_RESPONSE,
+    TLS_HANDSHAKE,
+    TRANSACTION_RESET,
+    TRANSITIONS_BY_ANSWER,
+    UNCHANGED,
+    VERBS,
+    CommandRule,
+    Reading,
+    Refusal,
+    State,
+    Transition,
+    transition,
+)
 
 __all__ = ["State", "Limits", "ServerSession", "NEED_DATA", "PAUSED", "SessionError"]
-
-
-class State(enum.Enum):
-    """Where the session is. Transaction states (MAIL, RCPT, DATA) imply a HELO was seen."""
-
-    GREETING = "greeting"  # connected, the application has not greeted yet
-    INIT = "init"  # greeted, no HELO/EHLO accepted yet
-    READY = "ready"  # HELO/EHLO accepted, no transaction
-    MAIL = "mail"  # MAIL accepted
-    RCPT = "rcpt"  # at least one RCPT accepted
-    DATA = "data"  # reading message text
-    STARTTLS = "starttls"  # 220 to STARTTLS sent: input is discarded until tls_started()
-    CLOSED = "closed"  # a closing reply was sent, or the peer went away
-
-    # Members are singletons compared by identity: hash them by identity too, in C.
-    # (Enum's own __hash__ is Python code, run on every command's check of _LEGAL.)
-    __hash__ = object.__hash__
-
-
-# Plain module names for the states: an Enum member looked up on its class costs ten
-# times a global, and the session core looks at its state several times per command.
-_GREETING = State.GREETING
-_INIT = State.INIT
-_READY = State.READY
-_MAIL = State.MAIL
-_RCPT = State.RCPT
-_DATA = State.DATA
-_STARTTLS = State.STARTTLS
-_CLOSED = State.CLOSED
 
 
 class _Sentinel(enum.Enum):
@@ -78,124 +84,73 @@ NEED_DATA = _Sentinel.NEED_DATA
 #: A command awaits its reply (or the session is closed): call ``send`` first.
 PAUSED = _Sentinel.PAUSED
 
-_S = State
-_SESSION = frozenset({_S.INIT, _S.READY, _S.MAIL, _S.RCPT})
-# Which verbs are legal in which states. A verb absent here is not the core's to judge:
-# it goes to the application (the unrecognized_command hook, or a protocol subclass).
-_LEGAL: dict[str, frozenset[State]] = {
-    "HELO": _SESSION,
-    "EHLO": _SESSION,
-    "MAIL": frozenset({_S.READY}),
-    "RCPT": frozenset({_S.MAIL, _S.RCPT}),
-    "DATA": frozenset({_S.RCPT}),
-    "RSET": _SESSION,
-    "NOOP": _SESSION,
-    "QUIT": _SESSION,
-    "VRFY": _SESSION,
-    "HELP": _SESSION,
-    # RFC 3207 §4 and RFC 4954 §4: after EHLO, outside a transaction (see _tls_auth_refusal
-    # for "already active" / "already authenticated").
-    "STARTTLS": frozenset({_S.READY}),
-    "AUTH": frozenset({_S.READY}),
-}
-# Verbs whose argument may hold UTF-8 once SMTPUTF8 is offered (Limits.utf8).
-_UTF8_VERBS = frozenset({"MAIL", "RCPT", "VRFY", "EXPN"})
-# Verbs that take no argument (RFC 5321 §4.1.1); NOOP and HELP take an optional one.
-_NO_ARG = frozenset({"DATA", "RSET", "QUIT", "STARTTLS"})
-_NEED_ARG = frozenset({"HELO", "EHLO", "VRFY", "AUTH"})
-_PREFIX = {"MAIL": "FROM:", "RCPT": "TO:"}
-# Verbs with rules of their own in TLSAuthRules._tls_auth_refusal
-_TLS_AUTH = frozenset({"STARTTLS", "AUTH"})
-_USAGE = {
-    "HELO": "Syntax: HELO hostname",
-    "EHLO": "Syntax: EHLO hostname",
-    "MAIL": "Syntax: MAIL FROM:<address>",
-    "RCPT": "Syntax: RCPT TO:<address>",
-    "VRFY": "Syntax: VRFY address",
-    "AUTH": "Syntax: AUTH mechanism [initial-response]",
-}
-# The tables above, compiled into one lookup per command line: verb -> (legal states,
-# takes no argument, needs one, prefix of the argument, usage text, TLS/AUTH rules apply).
-_Rule = tuple[frozenset[State], bool, bool, str, str, bool]
-_RULES: dict[str, _Rule] = {
-    verb: (
-        legal,
-        verb in _NO_ARG,
-        verb in _NEED_ARG,
-        _PREFIX.get(verb, ""),
-        f"5.5.4 {_USAGE.get(verb, '')}",
-        verb in _TLS_AUTH,
-    )
-    for verb, legal in _LEGAL.items()
-}
-
-
-@dataclass
-class Limits:
-    """The size rules the core enforces. Defaults follow RFC 5321 §4.5.3.1."""
-
-    #: longest command line including CRLF
-    command_line: int = 512
-    #: extra octets MAIL and RCPT may use for parameters (RFC 1870 grants SIZE 26)
-    parameter_allowance: int = 26
-    #: longest AUTH command or SASL response line including CRLF (RFC 4954 §4: 12288)
-    auth_line: int = 12288
-    #: longest line of message text including CRLF; 0 = unlimited
-    text_line: int = 1000
-    #: largest message in octets (``databytes``); 0 = unlimited
-    message_size: int = 0
-    #: allow UTF-8 in command lines (only once SMTPUTF8 is offered)
-    utf8: bool = False
-    #: offer CHUNKING: frame ``BDAT n [LAST]`` and its octets (see qpconn.core.bdat)
-    chunking: bool = True
-    #: speak LMTP (RFC 2033): LHLO instead of HELO/EHLO
-    lmtp: bool = False
-    #: store bare CR/LF in message text as CRLF instead of flagging it for refusal
-    #: (config ``bare_newline normalize``); never changes what ends the text
-    normalize_newlines: bool = False
-
-    def copy(self) -> Limits:
-        """An independent copy for one session (a session may change its own, e.g. LMTP).
-
-        Made once per connection: copying the attribute dict is several times cheaper
-        than ``dataclasses.replace``, which calls ``__init__`` with every field.
-        """
-        new = Limits.__new__(Limits)
-        new.__dict__.update(self.__dict__)
-        return new
+#: The TRANSITIONS rows for a reply to each event that needs one, besides a Command (whose
+#: rows come with its verb: states.VERBS).
+_ON_MESSAGE_END = TRANSITIONS_BY_ANSWER[MESSAGE_END]
+_ON_CHUNK = TRANSITIONS_BY_ANSWER[CHUNK]
+_ON_LAST_CHUNK = TRANSITIONS_BY_ANSWER[LAST_CHUNK]
+_ON_SASL_RESPONSE = TRANSITIONS_BY_ANSWER[SASL_RESPONSE]
 
 
 class SessionError(RuntimeError):
     """The application broke the protocol contract (e.g. replied with nothing pending)."""
 
 
-def _error(code: int, text: str) -> Reply:
-    return Reply(code, text)
+class ServerSession:
+    """The server side of one SMTP session, fed with bytes, answered with replies."""
 
-
-class ServerSession(TLSAuthRules, ChunkingRules):
-    """The server side of one SMTP session, fed with bytes, answered with replies.
-
-    STARTTLS and the SASL exchange of AUTH follow the rules in :mod:`qpconn.core.tls_auth`;
-    BDAT chunks (CHUNKING) and LMTP's LHLO those in :mod:`qpconn.core.bdat`.
-    """
+    # Slots: a session per connection, its attributes read several times per command.
+    __slots__ = (
+        "_buffer",
+        "_chunks",
+        "_on_reply",
+        "_out",
+        "_pending",
+        "_read",
+        "_reads",
+        "_text",
+        "authenticated",
+        "bdat_active",
+        "esmtp",
+        "limits",
+        "rcpt_attempts",
+        "state",
+        "tls_active",
+    )
 
     def __init__(self, limits: Limits | None = None) -> None:
         self.limits = limits or Limits()
-        self.state = _GREETING
-        self._buf = bytearray()
+        self.state = State.GREETING
+        self._reads = Reading.NOTHING
+        self._read = ServerSession._read_nothing  # _READERS[self._reads], kept at hand
+        self._buffer = ReceiveBuffer()
         self._out: list[bytes] = []
         self._pending: Command | MessageEnd | ChunkEnd | AuthResponse | None = None
-        self._data: DataReader | None = None
-        self._end_after_text: MessageEnd | None = None
-        self._discarding = False
+        #: the TRANSITIONS rows for a reply to what is pending (set when it is handed out)
+        self._on_reply: tuple[Transition, ...] = ()
+        self._text: MessageText | None = None
+        self._chunks: Chunks | None = None
         #: RCPT commands in this transaction, accepted or not (for "no valid recipients").
         self.rcpt_attempts = 0
+        #: the session is encrypted (STARTTLS done, or implicit TLS): see tls_started()
+        self.tls_active = False
+        #: a 235 reply to AUTH was sent (since the last TLS start)
+        self.authenticated = False
+        #: a chunk of this transaction was accepted: DATA and RCPT are out of place now
+        self.bdat_active = False
         #: the client greeted with EHLO (extensions may be used)
         self.esmtp = False
-        # tls_active, authenticated and the SASL mode: see TLSAuthRules
 
-    # -- input --------------------------------------------------------------------------
+    # -- the flags REFUSALS rows read (states.CONDITIONS) ----------------------------------
+    @property
+    def recipients_refused(self) -> bool:
+        return self.rcpt_attempts > 0
+
+    @property
+    def helo_only(self) -> bool:
+        return not self.esmtp
+
+    # -- input ------------------------------------------------------------------------------
     def receive_data(self, data: bytes) -> None:
         """Add bytes from the client. Nothing is interpreted until ``next_event``.
 
@@ -203,201 +158,182 @@ class ServerSession(TLSAuthRules, ChunkingRules):
         a client sends there was sent in clear text after it asked for encryption, and
         interpreting it would let a man in the middle inject commands (CVE-2011-0411).
         """
-        state = self.state
-        if state is not _CLOSED and state is not _STARTTLS:
-            self._buf += data
+        buffer = self._buffer
+        if not buffer.ignoring:
+            buffer += data
 
     @property
     def buffered(self) -> int:
         """Bytes received and not yet interpreted (for memory accounting)."""
-        return len(self._buf)
+        return len(self._buffer)
 
-    def next_event(self) -> Event | ChunkStart | ChunkEnd | _Sentinel:
+    @property
+    def reading(self) -> Reading:
+        """What the next bytes from the client are, by the state machine."""
+        return self._reads
+
+    @property
+    def reading_chunk(self) -> bool:
+        """The octets of an accepted BDAT chunk are being read: message text, not a pause
+        between commands (the adapter runs ``data_timeout`` then, as after ``354``)."""
+        chunks = self._chunks
+        return chunks is not None and chunks.reading
+
+    @property
+    def bdat_total(self) -> int:
+        """Octets of all chunks of this transaction."""
+        chunks = self._chunks
+        return 0 if chunks is None else chunks.total
+
+    def next_event(self) -> Event | _Sentinel:
         """The next thing that happened, NEED_DATA, or PAUSED while a reply is owed."""
-        state = self.state
-        if self._pending is not None or state is _GREETING or state is _CLOSED:
+        if self._pending is not None:
             return PAUSED
-        if state is _STARTTLS:
-            return PAUSED  # nothing is read until tls_started()
-        if self._chunk is not None:
-            chunk = self._next_chunk_event()  # BDAT octets: see qpconn.core.bdat
-            return NEED_DATA if chunk is None else chunk
-        if state is _DATA:
-            return self._next_data_event()
-        if not self._buf:
-            return NEED_DATA  # a command or a SASL response needs bytes
-        if self._sasl:
-            sasl = self._next_sasl_event()
-            return NEED_DATA if sasl is None else sasl
-        event = self._next_command_event()
-        return NEED_DATA if event is None else event
+        return self._read(self)
 
-    def _next_data_event(self) -> Event | _Sentinel:
-        end = self._end_after_text
-        if end is not None:
-            self._end_after_text = None
-            self._pending = end
-            return end
-        reader = self._data
-        assert reader is not None
-        while True:
-            before = len(self._buf)
-            text, finished = reader.feed(self._buf)
-            # Text past the size limit is dropped (None): keep reading while that
-            # consumes input, or an over-long tail would wait for the next receive.
-            if text or finished or len(self._buf) == before:
+    # One reader per kind of input (see _READERS below the class).
+    def _read_nothing(self) -> _Sentinel:
+        return PAUSED  # before the greeting, until tls_started(), once closed
+
+    def _read_command(self) -> Event | _Sentinel:
+        buffer = self._buffer
+        if not buffer:
+            return NEED_DATA  # the usual call after each command: nothing more came yet
+        found = read_command_line(buffer, self.limits)
+        if found is None:
+            return NEED_DATA
+        if type(found) is ProtocolError:
+            return self._refused(found)
+        verb, arg, line = found
+        # Judged here: a refusal (states.REFUSALS), a syntax error, or a Command.
+        rules = VERBS.get(verb)
+        if rules is None:
+            return self._issue(Command(verb, arg), ())  # not the core's to judge
+        rule = rules.command
+        refusal = None
+        for row in rules.refusals[self.state]:  # the first whose condition holds
+            when = row.when
+            if when is None or getattr(self, when):
+                refusal = row
                 break
-        if finished:
-            self._data = None
-            end = MessageEnd(
-                size=reader.size,
-                oversized=reader.oversized,
-                long_line=reader.long_line,
-                bare_lf=reader.bare_lf,
-                bare_cr=reader.bare_cr,
-            )
-            if text:
-                # Hand out the last text first; the end follows on the next call.
-                self._end_after_text = end
-                return MessageData(text)
-            self._pending = end
-            return end
-        if text:
-            return MessageData(text)
-        return NEED_DATA
-
-    def _next_command_event(self) -> Event | ChunkStart | ChunkEnd | None:
-        """Frame and check one command line; None when no whole line is buffered."""
-        buf = self._buf
-        if self._discarding:
-            end = buf.find(b"\n")
-            if end < 0:
-                buf.clear()
-                return None
-            del buf[: end + 1]
-            self._discarding = False
-        line = take_line(buf)
-        if line is None:
-            if len(buf) > self._line_budget(buf):
-                # Answer now and drop the rest of the line as it comes: memory stays bounded.
-                buf.clear()
-                self._discarding = True
-                return self._protocol_error(500, "5.5.2 Line too long", b"")
-            return None
-        return self._check_command(line)
-
-    def _check_command(self, line: bytes) -> Event | ChunkStart | ChunkEnd | None:
-        limits = self.limits
-        if len(line) < 2 or line[-2] != 13:
-            return self._protocol_error(
-                500, "5.5.2 Bare LF received; lines must end with CRLF", line
-            )
-        body = line[:-2]
-        # An int is looked for with memchr; `b"\0" in body` takes the slower substring path.
-        if 0 in body:
-            return self._protocol_error(500, "5.5.2 NUL character in command", line)
-        if 13 in body:  # CR
-            return self._protocol_error(500, "5.5.2 Bare CR in command", line)
-        try:
-            text = body.decode("ascii")
-        except UnicodeDecodeError:
-            if not limits.utf8:
-                return self._protocol_error(500, "5.5.2 Non-ASCII characters in command", line)
-            try:
-                text = body.decode("utf-8")
-            except UnicodeDecodeError:
-                return self._protocol_error(500, "5.5.2 Invalid UTF-8 in command", line)
-            if text.partition(" ")[0].upper() not in _UTF8_VERBS:
-                # RFC 6531 §3.3: UTF-8 belongs in mailboxes, not in any other command.
-                return self._protocol_error(500, "5.5.2 Non-ASCII characters in command", line)
-        verb, _, arg = text.partition(" ")
-        verb = verb.upper()
-        if limits.lmtp:
-            verb, lmtp_error = self._lmtp_verb(verb, line)
-            if lmtp_error is not None:
-                return lmtp_error
-        arg = arg.strip(" ")
-        rule = _RULES.get(verb)
-        allowed = limits.command_line
-        if rule is None:  # not the core's to judge (see _LEGAL); BDAT is framed here
-            if len(line) > allowed:
-                return self._protocol_error(500, "5.5.2 Line too long", line)
-            if verb == "BDAT" and limits.chunking:
-                return self._bdat_command(arg, line)
-            return self._issue(Command(verb, arg))
-        legal, no_arg, need_arg, prefix, usage, tls_auth = rule
-        if prefix:
-            allowed += limits.parameter_allowance
-        elif verb == "AUTH":
-            allowed = max(allowed, limits.auth_line)
-        if len(line) > allowed:
-            return self._protocol_error(500, "5.5.2 Line too long", line)
-        if tls_auth or self.bdat_active:
-            refusal = self._tls_auth_refusal(verb, line) or self._chunking_refusal(verb, line)
-            if refusal is not None:
-                return refusal
-        if self.state not in legal:
-            return self._protocol_error(*self._sequence_error(verb), line)
+        if rule.offered_with:  # BDAT: the core's while CHUNKING is offered
+            if not getattr(self.limits, rule.offered_with):
+                return self._issue(Command(verb, arg), ())
+            return self._bdat(rule, arg, line, refusal)
+        if refusal is not None:
+            return self._refuse(refusal, verb, line)
         if arg:
-            if no_arg:
-                return self._protocol_error(501, f"5.5.4 Syntax: {verb} takes no argument", line)
+            if rule.argument == "none":
+                return self._refused(refuse(501, f"5.5.4 Syntax: {verb} takes no argument", line))
+            prefix = rule.prefix
             if prefix:
                 if arg[: len(prefix)].upper() != prefix:
-                    return self._protocol_error(501, usage, line)
+                    return self._refused(refuse(501, rule.usage, line))
                 arg = arg[len(prefix) :]
-        elif need_arg or prefix:
-            return self._protocol_error(501, usage, line)
-        return self._issue(Command(verb, arg))
-
-    def _sequence_error(self, verb: str) -> tuple[int, str]:
-        """503 for a command out of sequence; 554 for DATA when every RCPT was refused."""
-        state = self.state
-        if state is _INIT and verb in ("MAIL", "RCPT", "DATA"):
-            return 503, "5.5.1 Error: send HELO/EHLO first"
-        if verb == "MAIL":
-            return 503, "5.5.1 Error: nested MAIL command"
-        if verb in ("RCPT", "DATA") and state is _READY:
-            return 503, "5.5.1 Error: need MAIL command"
-        if verb == "DATA" and state is _MAIL:
-            if self.rcpt_attempts:
-                # RFC 5321 §3.3 allows 503 or 554 here; 554 says why.
-                return 554, "5.5.1 Error: no valid recipients"
-            return 503, "5.5.1 Error: need RCPT command"
-        return 503, f"5.5.1 Error: {verb} not allowed now"
-
-    def _issue(self, command: Command) -> Command:
+        elif rule.argument == "required":
+            return self._refused(refuse(501, rule.usage, line))
+        command = Command(verb, arg)
         self._pending = command
-        if command.verb == "RCPT":
+        self._on_reply = rules.replies
+        if verb == "RCPT":
             self.rcpt_attempts += 1
         return command
 
-    def _protocol_error(self, code: int, text: str, line: bytes) -> ProtocolError:
-        reply = _error(code, text)
-        self._out.append(reply.to_bytes())
-        if line[:5].upper() == b"AUTH ":
-            line = b"AUTH <redacted>\r\n"  # an initial response carries credentials
-        return ProtocolError(reply, line)
+    def _read_sasl_response(self) -> Event | _Sentinel:
+        buffer = self._buffer
+        if not buffer:
+            return NEED_DATA
+        found = read_sasl_response(buffer, self.limits)
+        if found is None:
+            return NEED_DATA
+        if type(found) is ProtocolError:
+            return self._refused(found)
+        self._pending = found
+        self._on_reply = _ON_SASL_RESPONSE
+        return found
 
-    # -- output -------------------------------------------------------------------------
+    def _read_message_text(self) -> Event | _Sentinel:
+        text = self._text
+        if text is None:
+            if not self._buffer:
+                return NEED_DATA  # the usual call right after the 354
+            text = self._text = MessageText(self.limits)
+        found = text.read(self._buffer)
+        if found is None:
+            return NEED_DATA
+        if type(found) is MessageEnd:
+            self._pending = found
+            self._on_reply = _ON_MESSAGE_END
+            self._text = None
+        return found
+
+    def _read_chunk(self) -> Event | _Sentinel:
+        chunks = self._chunks
+        assert chunks is not None
+        found = chunks.read(self._buffer, self.limits.message_size)
+        if found is None:
+            return NEED_DATA
+        kind = type(found)
+        if kind is ChunkEnd:
+            self._pending = found
+            self._on_reply = _ON_LAST_CHUNK if found.last else _ON_CHUNK
+        elif kind is ProtocolError:
+            return self._refused(found)
+        return found
+
+    def _bdat(
+        self, rule: CommandRule, arg: str, line: bytes, refusal: Refusal | None
+    ) -> Event | _Sentinel:
+        """Start reading a chunk; one out of place is read and dropped, then refused."""
+        parsed = parse_bdat(arg)
+        if parsed is None:
+            return self._refused(refuse(501, rule.usage, line), CHUNK_SIZE_UNKNOWN)
+        size, last = parsed
+        chunks = self._chunks
+        if chunks is None:
+            chunks = self._chunks = Chunks()
+        self._apply(transition(CHUNK_LINE, 0))
+        if refusal is not None:
+            text = refusal.text.format(verb="BDAT")
+            chunks.start(size, last, refuse(refusal.code, text, line))
+            return self._read_chunk()
+        chunks.start(size, last)
+        return ChunkStart(size, last, first=not self.bdat_active)
+
+    def _issue(self, command: Command, on_reply: tuple[Transition, ...]) -> Command:
+        self._pending = command
+        self._on_reply = on_reply
+        return command
+
+    def _refuse(self, refusal: Refusal, verb: str, line: bytes) -> ProtocolError:
+        return self._refused(refuse(refusal.code, refusal.text.format(verb=verb), line))
+
+    def _refused(self, error: ProtocolError, answers: str = CORE_REFUSAL) -> ProtocolError:
+        """Queue the core's own refusal in its place among the replies, and apply its row."""
+        self._out.append(error.reply.to_bytes())
+        self._apply(transition(answers, error.reply.code))
+        return error
+
+    # -- output -----------------------------------------------------------------------------
     @property
     def pending(self) -> Command | MessageEnd | ChunkEnd | AuthResponse | None:
-        """The command (message end, SASL response) that waits for a reply, if any."""
+        """The command (message end, chunk, SASL response) that waits for a reply, if any."""
         return self._pending
 
     def greet(self, reply: Reply, close: bool = False) -> None:
-        """Send the greeting (or a refusal: any non-2xx greeting closes the session)."""
-        if self.state is not _GREETING:
+        """Send the greeting (or a refusal: any greeting of 400 or more ends the session)."""
+        if self.state is not State.GREETING:
             raise SessionError("greeting already sent")
         self._out.append(reply.to_bytes())
-        if close or reply.code >= 400:
+        if close:
             self.close()  # releases whatever an early talker already sent
         else:
-            self.state = _INIT
+            self._apply(transition(GREETING, reply.code))
 
     def send(self, reply: Reply, close: bool = False) -> None:
-        """Answer the pending command; the reply code decides the state change.
+        """Answer the pending command; the transition table says what the reply does.
 
-        ``close`` (or a 421/221 code) ends the session after this reply.
+        ``close`` (or a 221/421 code) ends the session after this reply.
         """
         pending = self._pending
         if pending is None:
@@ -405,52 +341,70 @@ class ServerSession(TLSAuthRules, ChunkingRules):
         self._pending = None
         self._out.append(reply.to_bytes())
         code = reply.code
-        if close or code in (221, 421):
+        if close or code in CLOSING_CODES:
             self.close()
             return
-        if type(pending) is not Command or pending.verb in _TLS_AUTH:  # commands: most
-            if isinstance(pending, MessageEnd):
-                self._end_transaction()
-                return
-            if isinstance(pending, ChunkEnd):
-                if self._chunk_replied(code, pending.last):
-                    self._end_transaction()
-                return
-            if self._tls_auth_transition(pending, code):
-                return
-        verb = pending.verb
-        if verb == "DATA":
-            if code == 354:
-                self.state = _DATA
-                limits = self.limits
-                self._data = DataReader(
-                    limits.message_size, limits.text_line, limits.normalize_newlines
-                )
-            return
-        if not 200 <= code < 300:
-            return  # a refused command changes nothing
-        if verb in ("HELO", "EHLO"):
-            self._end_transaction()
-            self.state = _READY
-            self.esmtp = verb == "EHLO"
-        elif verb == "MAIL":
-            self.state = _MAIL
-            self.rcpt_attempts = 0
-        elif verb == "RCPT":
-            self.state = _RCPT
-        elif verb == "RSET":
-            self._end_transaction()
+        rule = UNCHANGED
+        for row in self._on_reply:  # states.transition() for what was pending
+            if code in row.codes:
+                rule = row
+                break
+        self._apply(rule)
 
-    def _end_transaction(self) -> None:
-        if self.state in (_MAIL, _RCPT, _DATA):
-            self.state = _READY
-        self.rcpt_attempts = 0
-        self._reset_chunking()
+    def send_intermediate(self, reply: Reply) -> None:
+        """LMTP: one of several replies to the end of a message, all but the last.
+
+        The last one goes through ``send()``, which ends the transaction. Only legal while
+        a message end (DATA's or a LAST chunk's) waits for its replies.
+        """
+        if not isinstance(self._pending, MessageEnd | ChunkEnd):
+            raise SessionError("intermediate replies only answer the end of a message")
+        self._out.append(reply.to_bytes())
+
+    def _apply(self, rule: Transition) -> None:
+        """Make the changes a row of the transition table names, in its fields' order."""
+        if rule.ends_transaction:
+            self.state = AFTER_TRANSACTION.get(self.state, self.state)
+            self.rcpt_attempts = 0
+            self.bdat_active = False
+            chunks = self._chunks
+            if chunks is not None:
+                chunks.total = 0
+                chunks.oversized = False
+        if rule.to is not None:
+            self.state = rule.to
+        for name, value in rule.flags:  # esmtp, authenticated, tls_active, bdat_active
+            setattr(self, name, value)
+        reads = rule.reads
+        if reads is not self._reads:
+            self._reads = reads
+            self._read = _READERS[reads]
+            buffer = self._buffer
+            if rule.drops_input:
+                buffer.ignore()
+            elif buffer.ignoring:
+                buffer.listen()
+        if rule.closes:
+            self.close()
 
     def reset_transaction(self) -> None:
         """Forget the transaction without a command (e.g. a plugin ended it)."""
-        if self.state in (_MAIL, _RCPT):
-            self._end_transaction()
+        if self.state in ENVELOPE_STATES:
+            self._apply(transition(TRANSACTION_RESET, 0))
+
+    def tls_started(self) -> None:
+        """The TLS handshake is done: from here the session is encrypted.
+
+        After STARTTLS the session starts over (RFC 3207 §4.2): no HELO/EHLO, no AUTH,
+        and nothing buffered from before the handshake. With implicit TLS (called
+        before the greeting) only ``tls_active`` changes.
+        """
+        if self.state is State.GREETING:
+            self._apply(transition(IMPLICIT_TLS, 0))
+        elif self.state is State.STARTTLS:
+            self._apply(transition(TLS_HANDSHAKE, 0))
+        else:
+            raise SessionError("tls_started() without a 220 reply to STARTTLS")
 
     def send_unsolicited(self, reply: Reply) -> None:
         """A reply no command asked for: 421 on timeout or shutdown. Ends the session."""
@@ -459,16 +413,17 @@ class ServerSession(TLSAuthRules, ChunkingRules):
 
     def close(self) -> None:
         """No more input is interpreted; buffered bytes are released."""
-        self.state = _CLOSED
+        self.state = State.CLOSED
+        self._reads = Reading.NOTHING
+        self._read = ServerSession._read_nothing
         self._pending = None
-        self._data = None
-        self._end_after_text = None
-        self._chunk = None
-        self._buf = bytearray()
+        self._text = None
+        self._chunks = None
+        self._buffer.ignore()
 
     @property
     def closed(self) -> bool:
-        return self.state is _CLOSED
+        return self.state is State.CLOSED
 
     def data_to_send(self) -> bytes:
         """All reply bytes produced since the last call, to be written in one go."""
@@ -477,3 +432,14 @@ class ServerSession(TLSAuthRules, ChunkingRules):
         out = b"".join(self._out)
         self._out.clear()
         return out
+
+
+#: The reader for each kind of input (states.Reading): next_event() calls the one the
+#: state machine names.
+_READERS: dict[Reading, Callable[[ServerSession], Event | _Sentinel]] = {
+    Reading.NOTHING: ServerSession._read_nothing,
+    Reading.COMMAND: ServerSession._read_command,
+    Reading.SASL_RESPONSE: ServerSession._read_sasl_response,
+    Reading.MESSAGE_TEXT: ServerSession._read_message_text,
+    Reading.CHUNK: ServerSession._read_chunk,
+}

@@ -23,8 +23,11 @@ from qpconn.log.level import LevelLogger
 
 if TYPE_CHECKING:
     from qpconn.config import Config
+    from qpconn.hooks.types import HookSignatures as _TypedHooks
+else:  # at run time a hook is a method a plugin defines itself (see qpconn.hooks.types)
+    _TypedHooks = object
 
-__all__ = ["Plugin", "PluginLoadError", "HOOKS", "load_plugin", "load_plugins"]
+__all__ = ["Plugin", "PluginLoadError", "HOOKS", "load_plugin", "load_plugins", "plugin_class_of"]
 
 #: Every hook a plugin may implement, with qpsmtpd's names. A method is named
 #: ``hook_`` + the hook name with ``-`` turned into ``_`` (``hook_pre_connection``).
@@ -67,7 +70,7 @@ class PluginLoadError(Exception):
     """A ``plugins`` line that names nothing loadable, or whose arguments are refused."""
 
 
-class Plugin:
+class Plugin(_TypedHooks):
     """Base class for plugins. Override :meth:`register` to take the config arguments.
 
     Attributes available to every hook: ``self.name`` (as written in ``config/plugins``),
@@ -81,6 +84,9 @@ class Plugin:
     #: names of the config files of its own this plugin reads (``("mypolicy",)``): listed,
     #: ``python -m qpconn check`` does not warn that no setting of that name exists
     config_files: tuple[str, ...] = ()
+    #: hooks this plugin may add in :meth:`register` with :meth:`register_hook`, depending
+    #: on its arguments: ``python -m qpconn plugins`` lists them without loading it
+    registers_hooks: tuple[str, ...] = ()
     #: the SMTPFactory serving with this plugin (set by :meth:`attach`): ``server.resolver``
     #: (DNS, obeying ``--dns-server``), ``server.clock``, ``server.me``. None until then.
     server: Any = None
@@ -93,14 +99,15 @@ class Plugin:
         self._extra_hooks: list[tuple[str, HookFunction]] = []
         self.register(*args)
 
-    def register(self, *args: str) -> None:
+    def register(self, *args: Any, **kwargs: Any) -> None:
         """Called once at load time with the arguments from ``config/plugins``.
 
         Refuse bad arguments here (raise ``ValueError``): the server then does not start,
         which is better than discovering a typo when the first mail arrives.
         """
-        if args:
-            raise ValueError(f"plugin {self.name} takes no arguments, got {' '.join(args)!r}")
+        if args or kwargs:
+            given = " ".join([*map(str, args), *(f"{k}={v}" for k, v in kwargs.items())])
+            raise ValueError(f"plugin {self.name} takes no arguments, got {given!r}")
 
     def attach(self, server: Any) -> None:
         """Called once the server exists, before the first session.
@@ -109,6 +116,9 @@ class Plugin:
         resolver, its clock, its host name.
         """
         self.server = server
+        # The plugin's log events name their server (log_source), so that the server's
+        # metrics count the events of its own plugins (limit refusals, Redis outages).
+        self.log.source = server
 
     def register_hook(self, hook: str, function: HookFunction) -> None:
         """Hook a function that is not named ``hook_<name>`` (as qpsmtpd's register_hook)."""
@@ -155,6 +165,12 @@ def _plugin_class(obj: Any, name: str) -> type[Plugin]:
             "set plugin_class = TheClass in it"
         )
     raise PluginLoadError(f"plugin {name}: {obj!r} is not a Plugin class or module")
+
+
+def plugin_class_of(obj: Any, name: str) -> type[Plugin]:
+    """The Plugin class a module or an entry point's object stands for, as the loader
+    finds it (``python -m qpconn plugins`` lists plugins without instantiating them)."""
+    return _plugin_class(obj, name)
 
 
 def resolve(name: str) -> type[Plugin]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -22,6 +22,9 @@ from qpconn.core.sasl import MECHANISMS
 from qpconn.hooks.plugin import HOOKS, HookFunction, Plugin
 from qpconn.hooks.results import DECLINED_OUTCOME, DENYSOFT, HookOutcome, Result, normalize
 from qpconn.log.level import LevelLogger
+
+if TYPE_CHECKING:
+    from qpconn.hooks.tracing import SessionTrace
 
 __all__ = ["HookRunner"]
 
@@ -76,34 +79,54 @@ class HookRunner:
         transaction: Any,
         *args: Any,
         log_context: LogContext = None,
+        trace: SessionTrace | None = None,
     ) -> HookOutcome:
         """Run ``hook`` until a plugin decides; DECLINED when none does.
 
         ``log_context``: fields for the log line of a failing plugin, or a callable that
         returns them (called only then: the common, successful run builds nothing).
+        ``trace``: the session's spans (qpconn.hooks.tracing), when tracing is on: each
+        plugin call is then a span under the session's or the transaction's.
         """
         for plugin, function in self._table[hook]:
-            outcome = await self._call(hook, plugin, function, transaction, args, log_context)
+            outcome = await self._call(
+                hook, plugin, function, transaction, args, log_context, trace
+            )
             if outcome.result is Result.DECLINED and not outcome.error:
                 continue
             if hook not in ("deny", "ok"):
                 if outcome.error or outcome.result.is_deny:
                     if "deny" in self.used:
-                        await self._notify("deny", transaction, outcome, hook)
+                        await self._notify("deny", transaction, outcome, hook, trace)
                 elif outcome.result in _OK_LIKE and "ok" in self.used:
-                    await self._notify("ok", transaction, outcome, hook)
+                    await self._notify("ok", transaction, outcome, hook, trace)
             return outcome
         return DECLINED_OUTCOME
 
-    async def run_all(self, hook: str, transaction: Any, *args: Any) -> None:
+    async def run_all(
+        self, hook: str, transaction: Any, *args: Any, trace: SessionTrace | None = None
+    ) -> None:
         """Run every plugin of a notification hook (disconnect, queue_post ...); results ignored."""
         for plugin, function in self._table[hook]:
-            await self._call(hook, plugin, function, transaction, args, None)
+            await self._call(hook, plugin, function, transaction, args, None, trace)
 
-    async def _notify(self, hook: str, transaction: Any, outcome: HookOutcome, source: str) -> None:
+    async def _notify(
+        self,
+        hook: str,
+        transaction: Any,
+        outcome: HookOutcome,
+        source: str,
+        trace: SessionTrace | None,
+    ) -> None:
         if self._table[hook]:
             await self.run_all(
-                hook, transaction, outcome.plugin, source, outcome.result, outcome.message
+                hook,
+                transaction,
+                outcome.plugin,
+                source,
+                outcome.result,
+                outcome.message,
+                trace=trace,
             )
 
     async def _call(
@@ -114,9 +137,12 @@ class HookRunner:
         transaction: Any,
         args: tuple[Any, ...],
         log_context: LogContext,
+        trace: SessionTrace | None,
     ) -> HookOutcome:
         observer = self.observer
-        started = time.perf_counter() if observer is not None else 0.0
+        span = trace.hook_started(hook, plugin.name, transaction) if trace is not None else None
+        timed = observer is not None or span is not None
+        started = time.perf_counter() if timed else 0.0
         try:
             value = function(transaction, *args)
             if type(value) not in _PLAIN and inspect.isawaitable(value):
@@ -133,9 +159,15 @@ class HookRunner:
                 result="error",
                 **(context or {}),
             )
+            if span is not None:
+                span.record_exception(failure.value)
             outcome = HookOutcome(DENYSOFT, None, plugin.name, error=True)
-        if observer is not None:
-            observer(hook, plugin.name, time.perf_counter() - started, outcome)
+        if timed:
+            seconds = time.perf_counter() - started
+            if observer is not None:
+                observer(hook, plugin.name, seconds, outcome)
+            if span is not None and trace is not None:
+                trace.hook_ended(span, outcome, seconds)
         return outcome
 
     def _bounded(self, awaitable: Any, plugin: Plugin) -> defer.Deferred[Any]:

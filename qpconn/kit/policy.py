@@ -38,17 +38,29 @@ def parse_options(
 ) -> dict[str, str]:
     """qpsmtpd-style ``key value`` argument pairs, checked against what the plugin knows.
 
+    ``key=value`` in one word means the same (the form the forwarding plugins use, so an
+    administrator need not remember which plugin takes which); a word is read that way
+    only when it is not itself a known key and the text before its ``=`` is one.
+
     Unknown keys, a key without a value, a value not in ``choices`` and a non-number for
     a key in ``numbers`` are errors: the server refuses to start rather than run a
     policy the administrator did not write.
     """
     words = list(args)
-    if len(words) % 2:
-        raise ValueError(f"{plugin}: arguments come in 'name value' pairs, got {words!r}")
     options = dict(defaults)
     numeric = set(numbers)
-    for key, value in zip(words[::2], words[1::2], strict=True):
-        if key not in defaults:
+    position = 0
+    while position < len(words):  # bounded: every pass consumes one or two words
+        word = words[position]
+        key, equals, value = word.partition("=")
+        if word not in defaults and equals and key in defaults:
+            position += 1
+        elif word in defaults:
+            if position + 1 >= len(words):
+                raise ValueError(f"{plugin}: {word!r} needs a value ({word} VALUE or {word}=VALUE)")
+            key, value = word, words[position + 1]
+            position += 2
+        else:
             known = ", ".join(sorted(defaults))
             raise ValueError(f"{plugin}: unknown argument {key!r} (known: {known})")
         allowed = (choices or {}).get(key)

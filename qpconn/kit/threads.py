@@ -30,6 +30,7 @@ __all__ = [
     "worker_pool",
     "run_in_pool",
     "inline_pools",
+    "stop_pools",
     "call_in_reactor",
     "dns_bridge",
     "DNSFunction",
@@ -69,6 +70,13 @@ def _stop(name: str) -> None:
     pool = _POOLS.pop(name, None)
     if pool is not None:
         pool.stop()
+
+
+def stop_pools() -> None:
+    """Stop every pool now. A process whose reactor never runs (``python -m qpconn
+    test``) has no shutdown to stop them, and their threads would keep it from exiting."""
+    for name in list(_POOLS):
+        _stop(name)
 
 
 def run_in_pool(pool: str, function: Callable[..., T], *args: Any, **kwargs: Any) -> Any:

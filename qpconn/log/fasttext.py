@@ -43,6 +43,8 @@ from twisted.logger import ILogObserver, formatEventAsClassicLogText, formatTime
 from twisted.python import threadable
 from zope.interface import implementer
 
+from qpconn.log.level import wanted
+
 __all__ = ["FastTextObserver"]
 
 #: a line is flushed at the latest after this many are pending
@@ -173,6 +175,8 @@ class FastTextObserver:
 
     # -- writing --------------------------------------------------------------------------
     def __call__(self, event: dict[str, Any]) -> None:
+        if not wanted(event):
+            return  # Twisted's per-port lines, under loglevel info and above
         line = self.format(event)
         if not line:
             return

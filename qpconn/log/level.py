@@ -14,12 +14,21 @@ start-up by :func:`qpconn.app.service.make_service` from the config directory.
 
 from __future__ import annotations
 
+import re
 from time import time
 from typing import Any
 
 from twisted.logger import Logger, LogLevel
 
-__all__ = ["LEVELS", "LevelLogger", "current_level", "parse_level", "set_level"]
+__all__ = [
+    "LEVELS",
+    "LevelLogger",
+    "current_level",
+    "is_twisted_chatter",
+    "parse_level",
+    "set_level",
+    "wanted",
+]
 
 #: accepted names, lowest first (qpsmtpd's words and Twisted's)
 LEVELS: dict[str, LogLevel] = {
@@ -57,6 +66,34 @@ def set_level(level: LogLevel) -> None:
 
 def current_level() -> LogLevel:
     return next(level for level, rank in _RANK.items() if rank == _threshold)
+
+
+#: Twisted's own lines for each port it opens and closes, logged at info through its
+#: legacy ``log.msg``: every DNS question (``--dns-server``, the plugins' lookups) opens a
+#: UDP port and writes four ("DNSDatagramProtocol starting on N", "Starting protocol
+#: <...DNSDatagramProtocol...>", "(UDP Port N Closed)", "Stopping protocol ..."); each
+#: listener writes "<Factory> starting on N" without its address, which qpconn's own
+#: "listening on ADDRESS" line replaces. They count as debug here.
+_CHATTER = re.compile(
+    r"\S+ starting on \S+"
+    r"|\((?:UDP|TCP) Port \S+ Closed\)"
+    r"|(?:Starting|Stopping) protocol <twisted\.names\.dns\.DNS(?:Datagram)?Protocol .*",
+    re.S,
+)
+
+
+def is_twisted_chatter(event: dict[str, Any]) -> bool:
+    """True for Twisted's per-port lines (see :data:`_CHATTER`): debug, not info."""
+    if event.get("log_namespace") != "log_legacy":
+        return False
+    text = event.get("log_text")
+    return isinstance(text, str) and _CHATTER.fullmatch(text) is not None
+
+
+def wanted(event: dict[str, Any]) -> bool:
+    """Whether qpconn's observers write ``event``: Twisted's chatter only at ``loglevel
+    debug``. qpconn's own events below the threshold were never emitted at all."""
+    return _threshold == 0 or not is_twisted_chatter(event)
 
 
 class LevelLogger(Logger):

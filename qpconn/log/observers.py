@@ -24,23 +24,35 @@ from __future__ import annotations
 import os
 import sys
 
-from twisted.logger import ILogObserver, jsonFileLogObserver
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    PredicateResult,
+    jsonFileLogObserver,
+)
 
 from qpconn.log.fasttext import FastTextObserver
+from qpconn.log.level import wanted
 
 __all__ = ["json_stdout", "json_file", "fast_text"]
 
 
+def _wanted(event: dict) -> PredicateResult:
+    return PredicateResult.maybe if wanted(event) else PredicateResult.no
+
+
 def json_stdout() -> ILogObserver:
-    """Every event as one JSON line on standard output (systemd's journal, containers)."""
-    return jsonFileLogObserver(sys.stdout, recordSeparator="")
+    """Every event as one JSON line on standard output (systemd's journal, containers);
+    Twisted's per-port lines only under ``loglevel debug`` (qpconn.log.level.wanted)."""
+    return FilteringLogObserver(jsonFileLogObserver(sys.stdout, recordSeparator=""), [_wanted])
 
 
 def json_file() -> ILogObserver:
     """Every event as one JSON line appended to ``$QPCONN_JSON_LOG`` (default
-    ``qpconn.json`` in the working directory)."""
+    ``qpconn.json`` in the working directory), filtered as :func:`json_stdout`."""
     path = os.environ.get("QPCONN_JSON_LOG") or "qpconn.json"
-    return jsonFileLogObserver(open(path, "a", encoding="utf-8"), recordSeparator="")
+    out = open(path, "a", encoding="utf-8")  # noqa: SIM115 - the observer's for good
+    return FilteringLogObserver(jsonFileLogObserver(out, recordSeparator=""), [_wanted])
 
 
 def fast_text() -> ILogObserver:

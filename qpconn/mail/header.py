@@ -97,12 +97,13 @@ class Header:
         wanted = name.lower()
         return sum(1 for key, _ in self._fields if key.lower() == wanted)
 
-    def add(self, name: str, value: str, index: int | None = None) -> None:
-        """Add a field; ``index=0`` puts it on top, as trace fields must be (RFC 5321 §4.4)."""
-        if "\r" in value or "\n" in value.replace("\n\t", "").replace("\n ", ""):
-            raise ValueError("header value with a line break that is not a fold")
-        raw = f"{name}: {value}".replace("\n", "\r\n").encode("utf-8") + b"\r\n"
-        entry = (name, raw)
+    def add(self, name: str, value: str, index: int | None = None, *, space: bool = True) -> None:
+        """Add a field; ``index=0`` puts it on top, as trace fields must be (RFC 5321 §4.4).
+
+        ``space=False`` writes ``name:value``, for a value that brings its own leading
+        white space (a milter's, under SMFIP_HDR_LEADSPC).
+        """
+        entry = (name, _field_bytes(name, value, space))
         if index == 0 and self._parsed is None:
             self._top.insert(0, entry)  # on top: the rest need not be split for that
         elif index is None:
@@ -125,6 +126,32 @@ class Header:
                 self._fields[index] = (key, head + b": " + text.encode("utf-8") + tail)
                 return True
         return False
+
+    def change(self, name: str, occurrence: int, value: str | None, *, space: bool = True) -> bool:
+        """Give the ``occurrence``-th field called ``name`` (1 for the first) a new value,
+        or remove it when ``value`` is None; False when there is no such field.
+
+        What a milter's SMFIR_CHGHEADER does; ``space`` as for :meth:`add`.
+        """
+        wanted = name.lower()
+        seen = 0
+        for index, (key, _) in enumerate(self._fields):
+            if key.lower() == wanted:
+                seen += 1
+                if seen == occurrence:
+                    if value is None:
+                        del self._fields[index]
+                    else:
+                        self._fields[index] = (key, _field_bytes(key, value, space))
+                    return True
+        return False
+
+    def raw_items(self) -> list[tuple[str, bytes]]:
+        """(name, value as received: the octets after the colon, folds kept, without the
+        final CRLF) of every field in order: what a filter that checks signatures over
+        the exact text (a milter doing DKIM) must be given."""
+        return [(key, raw.split(b":", 1)[1][:-2] if b":" in raw else b"")
+                for key, raw in self._fields]  # fmt: skip
 
     def delete(self, name: str) -> int:
         """Remove every field of this name; return how many were removed."""
@@ -167,6 +194,15 @@ class Header:
         if self._parsed is None:
             return b"".join([raw for _, raw in self._top]) + self._raw
         return b"".join([raw for _, raw in self._parsed])
+
+
+def _field_bytes(name: str, value: str, space: bool) -> bytes:
+    if "\r" in value or "\n" in value.replace("\n\t", "").replace("\n ", ""):
+        raise ValueError("header value with a line break that is not a fold")
+    if not _FIELD.fullmatch(name.encode("utf-8", "surrogateescape") + b":"):
+        raise ValueError(f"{name!r} is not a header field name")
+    text = f"{name}: {value}" if space else f"{name}:{value}"
+    return text.replace("\n", "\r\n").encode("utf-8", "surrogateescape") + b"\r\n"
 
 
 def _parse(raw: bytes) -> list[tuple[str, bytes]]:

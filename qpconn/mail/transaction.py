@@ -10,17 +10,14 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Iterator
-from typing import IO, TYPE_CHECKING
+from collections.abc import Iterable, Iterator
+from typing import IO
 
 from qpconn.mail.address import Address
-from qpconn.mail.connection import Notes
+from qpconn.mail.connection import Connection, Notes
 from qpconn.mail.dsn import MailDSN, RcptDSN, mail_dsn, rcpt_dsn
 from qpconn.mail.header import Header, is_field_line, split_header
 from qpconn.mail.spool import spool_prefix
-
-if TYPE_CHECKING:
-    from qpconn.mail.connection import Connection
 
 __all__ = ["Transaction", "Recipient"]
 
@@ -54,7 +51,8 @@ class Transaction:
     """Envelope (sender, recipients), header, body and notes of one message.
 
     ``connection`` points back at the session's Connection, so a plugin handed only the
-    transaction can still see who is talking.
+    transaction can still see who is talking; a transaction made outside a session (a
+    test, a tool) gets a blank one, so that ``transaction.connection`` is always there.
     """
 
     def __init__(
@@ -65,7 +63,7 @@ class Transaction:
         size_threshold: int = 1 << 20,
         spool_dir: str | None = None,
     ) -> None:
-        self.connection = connection
+        self.connection: Connection = connection if connection is not None else Connection()
         #: queue id, shown in the Received header, the 250 reply and the logs
         self.id = id
         self.sender: Address | None = None
@@ -178,6 +176,26 @@ class Transaction:
         for piece in self._memory:
             self._file.write(piece)
         self._memory = []
+
+    def replace_body(self, chunks: Iterable[bytes]) -> None:
+        """Put a new body in place of the one received (a milter's SMFIR_REPLBODY).
+
+        The new text is kept as received text is: in memory, spooled to disk past
+        ``size_threshold``; the old spool file is removed. ``data_size`` still counts
+        what the client sent.
+        """
+        if self._file is not None:
+            name = self._file.name
+            self._file.close()
+            self._file = None
+            try:
+                os.unlink(name)
+            except FileNotFoundError:
+                pass
+        self._memory = []
+        self._memory_size = 0
+        for chunk in chunks:
+            self._store(chunk)
 
     @property
     def body_size(self) -> int:

@@ -18,12 +18,19 @@ processes may share it. Time (the age of the last bad point) is the server's clo
 (``self.server.clock``: the reactor, or the fake clock of :mod:`qpconn.testing`).
 If the file cannot be used the plugin logs a warning and judges nobody.
 
+With ``redis URL`` the history lives in Redis instead (:mod:`qpconn.kit.karmaredis`), shared
+by every server that uses the URL, so a client's bad points follow it to every node behind
+an MX name; keys expire ``expire_days`` (default 60) after the address was last scored.
+A Redis that cannot be used means the same as a bad file (nobody judged, nothing scored),
+logged once per outage (:class:`qpconn.kit.redisstate.RedisOutage`); Redis is left alone
+for a few seconds after a failure and used again, reconnected, when it answers.
+
 Refusals by the plugins named in ``ignore`` (comma-separated, default ``greylisting``) do
 not count either: a deferral every new sender gets says nothing bad about it, and
 counting one per greylisted recipient would keep out the very retry greylisting asks for.
 
-Arguments: ``db PATH``, ``negative N``, ``penalty_days N``, ``reject 1|0|naughty``,
-``ignore NAME,...``.
+Arguments: ``db PATH``, ``redis URL``, ``redis_timeout N``, ``expire_days N``,
+``negative N``, ``penalty_days N``, ``reject 1|0|naughty``, ``ignore NAME,...``.
 """
 
 from __future__ import annotations
@@ -34,7 +41,9 @@ from typing import Any
 
 from qpconn.hooks.results import DONE, OK
 from qpconn.hooks.verdicts import RejectPolicy, naughty_mark, record
+from qpconn.kit.karmaredis import RedisKarmaStore
 from qpconn.kit.policy import parse_options
+from qpconn.kit.redisstate import RedisOutage
 from qpconn.kit.threads import run_in_pool
 from qpconn.plugins import Plugin
 
@@ -49,8 +58,15 @@ _UPSERT = """INSERT INTO karma (ip, good, bad, connections, last_seen, last_bad)
     last_seen = excluded.last_seen, last_bad = COALESCE(excluded.last_bad, last_bad)"""
 
 
+class _Unavailable(Exception):
+    """The history could not be read or written (already logged)."""
+
+
 class KarmaStore:
     """The SQLite file; every method blocks, so call them from a thread."""
+
+    #: what the methods raise when the file cannot be used
+    errors: tuple[type[BaseException], ...] = (sqlite3.Error,)
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -79,13 +95,25 @@ class Karma(Plugin):
         options = parse_options(
             self.name,
             args,
-            {"db": "", "negative": "3", "penalty_days": "1", "reject": "1",
-             "ignore": "greylisting"},
+            {"db": "", "redis": "", "redis_timeout": "2", "expire_days": "60",
+             "negative": "3", "penalty_days": "1", "reject": "1", "ignore": "greylisting"},
             {"reject": ("0", "1", "naughty")},
-            numbers=["negative", "penalty_days"],
-        )
-        path = options["db"] or self.config.get("karma_db") or "./karma.db"
-        self.store = KarmaStore(self.config.path(path))
+            numbers=["negative", "penalty_days", "redis_timeout", "expire_days"],
+        )  # fmt: skip
+        self.store: KarmaStore | RedisKarmaStore
+        #: a Redis outage, logged once; None with the SQLite file (each failure is logged)
+        self.outage: RedisOutage | None = None
+        if options["redis"]:
+            expire = float(options["expire_days"]) * DAY
+            if expire <= 0:
+                raise ValueError("expire_days must be positive")
+            self.store = RedisKarmaStore(options["redis"], float(options["redis_timeout"]),
+                                         expire)  # fmt: skip
+            self.outage = RedisOutage(self.name, self.store.path, self.log,
+                                      "judging nobody and scoring nothing")  # fmt: skip
+        else:
+            path = options["db"] or self.config.get("karma_db") or "./karma.db"
+            self.store = KarmaStore(self.config.path(path))
         self.negative = float(options["negative"])
         self.penalty = float(options["penalty_days"]) * DAY
         self.policy = RejectPolicy(reject=options["reject"], reject_type="temp")
@@ -94,6 +122,25 @@ class Karma(Plugin):
     def _now(self) -> float:
         return float(self.server.clock.seconds())
 
+    async def _use(self, what: str, function: Any, *args: Any) -> Any:
+        """``function(*args)`` in the worker pool; a store that cannot be used is logged
+        (a Redis outage once) and raises :class:`_Unavailable`."""
+        outage = self.outage
+        if outage is not None and outage.holding():
+            raise _Unavailable("not asked: it failed less than a few seconds ago")
+        try:
+            result = await run_in_pool("karma", function, *args)
+        except self.store.errors as exc:
+            if outage is None:
+                self.log.warn("karma: cannot {what} {path}: {error}", what=what,
+                              path=self.store.path, error=exc)  # fmt: skip
+            else:
+                outage.failed(exc)
+            raise _Unavailable(str(exc)) from exc
+        if outage is not None:
+            outage.answered()
+        return result
+
     async def hook_connect(self, transaction: Any) -> Any:
         connection = transaction.connection
         ip = connection.remote_ip
@@ -101,9 +148,8 @@ class Karma(Plugin):
             record(transaction, self.name, "skip", "relay client or no IP", stage="connect")
             return None
         try:
-            good, bad, last_bad = await run_in_pool("karma", self.store.read, ip)
-        except sqlite3.Error as exc:
-            self.log.warn("karma: cannot read {path}: {error}", path=self.store.path, error=exc)
+            good, bad, last_bad = await self._use("read", self.store.read, ip)
+        except _Unavailable as exc:
             record(transaction, self.name, "temperror", f"database: {exc}", stage="connect")
             return None
         score = good - bad
@@ -149,10 +195,8 @@ class Karma(Plugin):
         scores = connection.notes.get(NOTE)
         if not scores or connection.remote_ip is None or not (scores["good"] or scores["bad"]):
             return
+        good, bad = scores["good"], scores["bad"]
         try:
-            good, bad = scores["good"], scores["bad"]
-            await run_in_pool(
-                "karma", self.store.add, connection.remote_ip, good, bad, self._now()
-            )
-        except sqlite3.Error as exc:
-            self.log.warn("karma: cannot write {path}: {error}", path=self.store.path, error=exc)
+            await self._use("write", self.store.add, connection.remote_ip, good, bad, self._now())
+        except _Unavailable:
+            pass  # logged; this session's points are lost, which errs on the client's side

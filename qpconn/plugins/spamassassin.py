@@ -1,12 +1,11 @@
-"""spamassassin: score each message with spamd (SpamAssassin's daemon), add X-Spam headers,
-refuse above a threshold.
+"""spamassassin: score each message with spamd, add X-Spam headers, refuse above a threshold.
 
 At ``data_post`` the message (with our ``Received`` on top, which SpamAssassin reads) is
-sent to spamd with the spamd protocol's ``SYMBOLS`` request over TCP or a unix socket
-(``spamd_socket``, default ``127.0.0.1:783``). spamd answers with the score, its
-threshold and the names of the rules that hit. The message then gets, on top, in place
-of the ``X-Spam-Flag``/``-Status``/``-Level`` fields it came with (removed before the scan,
-and also when the scan fails: a sender must not pass its own verdict along):
+sent to spamd (SpamAssassin's daemon) with the spamd protocol's ``SYMBOLS`` request over TCP
+or a unix socket (``spamd_socket``, default ``127.0.0.1:783``). spamd answers with the
+score, its threshold and the names of the rules that hit. The message then gets, on top, in
+place of the ``X-Spam-Flag``/``-Status``/``-Level`` fields it came with (removed before the
+scan, and also when the scan fails: a sender must not pass its own verdict along):
 
 * ``X-Spam-Flag: YES`` when spamd calls it spam;
 * ``X-Spam-Status: Yes, score=15.3 required=5.0 tests=GTUBE,MISSING_DATE``;

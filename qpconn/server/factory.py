@@ -19,6 +19,8 @@ from qpconn.config import Config
 from qpconn.core.session import Limits
 from qpconn.hooks.plugin import Plugin, load_plugins
 from qpconn.hooks.runner import HookRunner
+from qpconn.hooks.tracing import SessionTrace, Tracer
+from qpconn.kit.policy import NetworkList
 from qpconn.mail.connection import Connection
 from qpconn.mail.smtputf8 import smtputf8_offered
 from qpconn.mail.spool import clean_stale_spool
@@ -83,6 +85,9 @@ class SMTPFactory(ServerFactory):
     lmtp_commands: type[SMTPCommands] = LMTPCommands
     #: connections accepted since start-up (metrics: ``qpconn_connections_total``)
     connections_total = 0
+    #: the tracing back end (qpconn.app.tracing, ``--tracing``), or None: no spans, and a
+    #: session pays one attribute check at its start and one at its end
+    tracer: Tracer | None = None
 
     def __init__(
         self,
@@ -125,6 +130,8 @@ class SMTPFactory(ServerFactory):
         #: the STARTTLS certificate (tls_cert/tls_key, loaded now so a bad file stops the
         #: server) and the TLS/AUTH policy (tls_required, tls_before_auth, auth_max_failures)
         self.security = read_security_settings(self.config, tls_from_config(self.config))
+        #: the proxies that may hand over their client's facts with XCLIENT (smtp/xclient.py)
+        self.xclient_hosts = NetworkList("xclient_hosts", self.config.lines("xclient_hosts"))
         self.limits = Limits(
             message_size=self.databytes,
             # SMTPUTF8 is offered unless `smtputf8 no`; addresses hold UTF-8 only after
@@ -199,11 +206,18 @@ class SMTPFactory(ServerFactory):
         self.connections_total += 1
         if getattr(self, "metrics", None) is not None:  # qpconn.app.metrics, --workers mode
             self.metrics.session_changed(True)
+        if self.tracer is not None:  # its spans go with its handlers (qpconn.hooks.tracing)
+            commands = session.commands
+            commands.trace = SessionTrace(self.tracer, commands.connection)
 
     def session_ended(self, session: SMTPServerProtocol) -> None:
         if session in self.sessions and getattr(self, "metrics", None) is not None:
             self.metrics.session_changed(False)
         self.sessions.discard(session)
+        commands = session.commands
+        if commands.trace is not None:  # before the connection is reset: its facts go on
+            commands.trace.session_ended(commands.connection)
+            commands.trace = None
 
     def describe(self) -> dict[str, Any]:
         """A summary for logs: host name and plugin list."""

@@ -33,8 +33,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from qpconn.core.bdat import ChunkEnd
-from qpconn.core.events import Command, MessageEnd
+from qpconn.core.events import ChunkEnd, Command, MessageEnd
 from qpconn.core.reply import Reply
 from qpconn.core.session import State
 from qpconn.server.deadlines import SessionDeadlines

@@ -67,6 +67,9 @@ class ReplyWriter:
         #: reply bytes held until the end of this reactor turn, and their size
         self.unsent: list[bytes] = []
         self.unsent_size = 0
+        #: the last reply line when the server ended the session with it (not 221): the
+        #: disconnect line names it, so every session the server closed says why
+        self.closed_with: str | None = None
         # Twisted tells the protocol when the write buffer fills and drains.
         transport.registerProducer(protocol, True)
         bound_send_buffer(transport)
@@ -106,6 +109,9 @@ class ReplyWriter:
                 protocol.tls.after_flush()  # the 220 to STARTTLS is out: handshake now
             state = session.state  # a TLS failure may have closed it
         if state is State.CLOSED:
+            last = data.rstrip(b"\r\n").rpartition(b"\r\n")[2]  # the reply that ends it
+            if last and self.closed_with is None and not last.startswith(b"221"):
+                self.closed_with = last.decode("utf-8", "replace")
             self.send_unsent()
             self.hang_up()
 

@@ -41,8 +41,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from qpconn.core.bdat import ChunkStart
-from qpconn.core.events import Command, MessageData, ProtocolError
+from qpconn.core.events import ChunkStart, Command, MessageData, ProtocolError
 from qpconn.core.reply import Reply
 from qpconn.core.session import NEED_DATA, PAUSED, ServerSession
 from qpconn.log.level import LevelLogger
@@ -54,6 +53,8 @@ from qpconn.server.tls import TLSLayer
 from qpconn.smtp.commands import HandlerResult, SMTPCommands
 
 if TYPE_CHECKING:
+    from qpconn.mail.connection import Connection
+    from qpconn.mail.transaction import Transaction
     from qpconn.server.factory import SMTPFactory
 
 __all__ = ["SMTPServerProtocol"]
@@ -148,18 +149,23 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             self._proxy_wait = ProxyHeaderWait(self)
 
     @property
-    def connection(self) -> Any:
+    def connection(self) -> Connection:
         """The session's Connection (the handlers own it; STARTTLS replaces it)."""
         return self.commands.connection
 
     @property
-    def transaction(self) -> Any:
+    def transaction(self) -> Transaction:
         """The session's current Transaction (owned by the handlers)."""
         return self.commands.transaction
 
     def log_context(self) -> dict[str, Any]:
         """Fields every log event of this session carries."""
         return self.commands.log_context()
+
+    @property
+    def handler_running(self) -> bool:
+        """A handler went asynchronous and is still at work (the queue hook, typically)."""
+        return self._inflight is not None
 
     def pause_reading(self) -> None:
         """Stop reading from the client until the handler at work is done (flow control)."""
@@ -391,6 +397,10 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         """The connection is going: connectionLost follows and cleans up."""
 
     # -- output (qpconn.server.output) -----------------------------------------------------
+    def flush(self) -> None:
+        """Write what the core has to send (now, or with this turn's other replies)."""
+        self.output.flush()
+
     def close_with(self, reply: Reply) -> None:
         """End the session with a reply no command asked for (421): written, then closed."""
         self.output.close_with(reply)
@@ -399,13 +409,16 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         """Idle too long: say so (RFC 5321 §4.5.3.2 wants a 421) and close; a client that
         does not take its replies is aborted instead (the 421 would wait behind them)."""
         if self._output_paused or self.session.closed:
+            reason = f"replies not read for {self.factory.timeout:g}s"
             self.log.info(
                 "{conn_id} deadline: {reason}",
-                reason=f"replies not read for {self.factory.timeout:g}s",
+                reason=reason,
                 event="deadline",
                 limit="timeout",
                 **self.log_context(),
             )
+            if self.output.closed_with is None:
+                self.output.closed_with = f"an abort ({reason})"
             self.session.close()
             self.transport.abortConnection()
             return
@@ -452,7 +465,16 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             await self.commands.close()  # disconnect hooks; the transaction is released
         finally:
             self.factory.session_ended(self)
-            self.log.info("{conn_id} disconnect", **self.log_context())
+            closed_with = self.output.closed_with
+            if closed_with is None:
+                self.log.info("{conn_id} disconnect", **self.log_context())
+            else:
+                self.log.info(
+                    "{conn_id} disconnect: closed by the server after {reply}",
+                    reply=closed_with,
+                    closed_by="server",
+                    **self.log_context(),
+                )
             self.commands.connection.reset()
             self._release()
 

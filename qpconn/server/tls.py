@@ -2,7 +2,7 @@
 
 What needs a reactor and OpenSSL lives here; the SMTP side of STARTTLS (the 220, the
 state reset) is in :mod:`qpconn.smtp.security` and the byte-level rule (nothing sent
-after STARTTLS and before the handshake is ever read) in :mod:`qpconn.core.tls_auth`.
+after STARTTLS and before the handshake is ever read) in :mod:`qpconn.core.states`.
 
 * :func:`load_tls_options` reads ``tls_cert``/``tls_key`` once, at start-up, so a wrong
   path or a key that does not match the certificate stops the server instead of failing

@@ -7,7 +7,7 @@ protocol adapter owns one :class:`SMTPCommands` per connection, calls
 :meth:`SMTPCommands.dispatch` and writes what comes back.
 
 Subclass it to change the conversation: override :meth:`greeting`, :meth:`ehlo_lines`,
-any ``smtp_<VERB>`` handler, or add one for a new verb (``async def smtp_XCLIENT(self,
+any ``smtp_<VERB>`` handler, or add one for a new verb (``async def smtp_XFORWARD(self,
 arg)``); a handler returns a :class:`~qpconn.core.reply.Reply` or ``(Reply, close)``. Plug
 the subclass in with ``SMTPFactory(commands=...)`` or ``make_service(..., commands=...)``.
 """
@@ -20,15 +20,15 @@ from collections.abc import Coroutine
 from typing import Any
 
 import qpconn
-from qpconn.core.bdat import ChunkEnd
-from qpconn.core.events import AuthResponse, Command, MessageEnd
+from qpconn.core.events import AuthResponse, ChunkEnd, Command, MessageEnd
 from qpconn.core.reply import Reply
-from qpconn.hooks.results import DECLINED_OUTCOME, DONE, OK, reply_for
+from qpconn.hooks.results import DONE, OK, reply_for
 from qpconn.mail.address import AddressError
 from qpconn.mail.received import received_value
 from qpconn.smtp.context import HandlerResult
 from qpconn.smtp.extensions import MAIL_EXTENSION_PARAMS, ExtensionCommands
 from qpconn.smtp.security import TLSAuthCommands
+from qpconn.smtp.xclient import XClientCommands
 
 __all__ = ["SMTPCommands", "HandlerResult"]
 
@@ -50,11 +50,12 @@ def _positive(decided: tuple[Reply, bool] | None) -> bool:
     return decided is None or 200 <= decided[0].code < 300
 
 
-class SMTPCommands(TLSAuthCommands, ExtensionCommands):
+class SMTPCommands(TLSAuthCommands, ExtensionCommands, XClientCommands):
     """The handlers of one session; see the module docstring.
 
     STARTTLS and AUTH are in :class:`qpconn.smtp.security.TLSAuthCommands`; BDAT, DSN
-    and SMTPUTF8 in :class:`qpconn.smtp.extensions.ExtensionCommands`; the state they all
+    and SMTPUTF8 in :class:`qpconn.smtp.extensions.ExtensionCommands`; XCLIENT in
+    :class:`qpconn.smtp.xclient.XClientCommands`; the state they all
     share (connection, transaction, settings, hooks, logging) in
     :class:`qpconn.smtp.context.CommandContext`.
     """
@@ -122,6 +123,7 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         lines = ["PIPELINING", "8BITMIME", f"SIZE {self.databytes}", "ENHANCEDSTATUSCODES"]
         lines += self.tls_auth_ehlo_lines()  # STARTTLS, AUTH ...: see smtp_security
         lines += self.extension_ehlo_lines()  # CHUNKING, DSN, SMTPUTF8: smtp_extensions
+        lines += self.xclient_ehlo_lines()  # XCLIENT, to xclient_hosts only: smtp/xclient.py
         extra = self.transaction.notes.get("capabilities") or []
         return lines + [str(item) for item in extra]
 
@@ -161,13 +163,12 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
 
     # -- MAIL -----------------------------------------------------------------------------
     async def smtp_MAIL(self, arg: str) -> HandlerResult:
+        if self.trace is not None:  # tracing: the transaction's span starts at its MAIL
+            self.trace.transaction_started(self.transaction)
         refusal = self.tls_refusal_for_mail()  # tls_required: 530 before any hook
         if refusal is not None:
             return refusal
-        hooked = self.runner.used  # no coroutine for a hook no plugin implements
-        outcome = DECLINED_OUTCOME
-        if "mail_pre" in hooked:
-            outcome = await self.run_hook("mail_pre", arg)
+        outcome = await self.run_hook("mail_pre", arg)
         if outcome.result is OK and outcome.message is not None:
             arg = outcome.message
         else:
@@ -182,14 +183,17 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         if params:  # without parameters there is nothing to check
             problem = self.check_mail_params(params) or self.check_extension_mail_params(params)
             if problem is not None:
+                if problem.code == 552:  # SIZE= over databytes: a policy refusal, say so
+                    self.log_limit(
+                        "mail", "databytes", problem, sender=sender.format(),
+                        size=params.get("SIZE"), databytes=self.databytes,
+                    )  # fmt: skip
                 return problem
-        outcome = DECLINED_OUTCOME
-        if "mail" in hooked:
-            outcome = await self.run_hook("mail", sender, params)
+        outcome = await self.run_hook("mail", sender, params)
         decided = reply_for("mail", outcome)
         if not _positive(decided):
             assert decided is not None
-            self.log_rejection("mail", outcome, decided[0], sender=sender.format())
+            self.log_rejection("mail", outcome, decided[0], decided[1], sender=sender.format())
             return decided
         self.transaction.sender = sender
         self.transaction.mail_params = params
@@ -217,11 +221,10 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         limit = self.session_limits.max_rcpt
         if limit and len(self.transaction.recipients) >= limit:
             # Before any hook: past the limit nothing about the address matters.
-            return Reply(452, "4.5.3 Too many recipients")
-        hooked = self.runner.used  # no coroutine for a hook no plugin implements
-        outcome = DECLINED_OUTCOME
-        if "rcpt_pre" in hooked:
-            outcome = await self.run_hook("rcpt_pre", arg)
+            refusal = Reply(452, "4.5.3 Too many recipients")
+            self.log_limit("rcpt", "max_rcpt", refusal, max_rcpt=limit)
+            return refusal
+        outcome = await self.run_hook("rcpt_pre", arg)
         if outcome.result is OK and outcome.message is not None:
             arg = outcome.message
         else:
@@ -238,13 +241,11 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         problem = self.check_rcpt_params(params)  # NOTIFY, ORCPT: see smtp_extensions
         if problem is not None:
             return problem
-        outcome = DECLINED_OUTCOME
-        if "rcpt" in hooked:
-            outcome = await self.run_hook("rcpt", recipient, params)
+        outcome = await self.run_hook("rcpt", recipient, params)
         decided = reply_for("rcpt", outcome)
         if not _positive(decided):
             assert decided is not None
-            self.log_rejection("rcpt", outcome, decided[0], rcpt=recipient.format())
+            self.log_rejection("rcpt", outcome, decided[0], decided[1], rcpt=recipient.format())
             return decided
         self.transaction.add_recipient(recipient, params)
         return decided or Reply(250, f"2.1.5 {recipient.format()}, recipient ok")
@@ -256,9 +257,7 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         refusal = self.data_refusal()  # BODY=BINARYMIME needs BDAT
         if refusal is not None:
             return refusal
-        outcome = DECLINED_OUTCOME
-        if "data" in self.runner.used:
-            outcome = await self.run_hook("data")
+        outcome = await self.run_hook("data")
         decided = reply_for("data", outcome)
         if decided is not None:
             return decided
@@ -312,7 +311,7 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         txn = self.transaction
         refusal = self.refuse_message_text(end)
         if refusal is not None:
-            self.log_transaction("rejected", refusal, hook="data")
+            self.log_transaction("rejected", refusal, hook="data", size=end.size)
             return refusal
         if txn.end_of_data() and self._verdict is None:
             await self.headers_end()
@@ -320,9 +319,7 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
             self.log_transaction("rejected", self._verdict[0], hook="data_headers_end")
             return self._verdict
         await self.add_received_header()
-        outcome = DECLINED_OUTCOME
-        if "data_post" in self.runner.used:
-            outcome = await self.run_hook("data_post")
+        outcome = await self.run_hook("data_post")
         decided = reply_for("data_post", outcome)
         if decided is not None:
             self.log_transaction("rejected", decided[0], plugin=outcome.plugin, hook="data_post")
@@ -347,9 +344,7 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         """Prepend our Received field (a received_line plugin may supply the text)."""
         txn = self.transaction
         assert txn.header is not None
-        outcome = DECLINED_OUTCOME
-        if "received_line" in self.runner.used:
-            outcome = await self.run_hook("received_line")
+        outcome = await self.run_hook("received_line")
         if outcome.result is OK and outcome.message:
             value = outcome.message
         else:
@@ -360,17 +355,12 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
 
     async def queue_message(self) -> HandlerResult:
         """queue_pre, queue and queue_post: 250 only when a queue plugin said OK."""
-        hooked = self.runner.used  # no coroutine for a hook no plugin implements
-        outcome = DECLINED_OUTCOME
-        if "queue_pre" in hooked:
-            outcome = await self.run_hook("queue_pre")
+        outcome = await self.run_hook("queue_pre")
         decided = reply_for("queue_pre", outcome)
         stage = "queue_pre"
         if decided is None:
             stage = "queue"
-            outcome = DECLINED_OUTCOME
-            if "queue" in hooked:
-                outcome = await self.run_hook("queue")
+            outcome = await self.run_hook("queue")
             decided = reply_for("queue", outcome) or (
                 Reply(250, outcome.message or f"Queued as {self.transaction.id}", "2.0.0"),
                 False,
@@ -379,8 +369,8 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands):
         self.log_transaction(
             "accepted" if reply.code < 300 else "rejected", reply, plugin=outcome.plugin, hook=stage
         )
-        if "queue_post" in hooked:
-            await self.runner.run_all("queue_post", self.transaction)
+        if self.runner.has("queue_post"):
+            await self.runner.run_all("queue_post", self.transaction, trace=self.trace)
         return decided
 
     # -- small commands -------------------------------------------------------------------

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from qpconn.config import Config
     from qpconn.core.session import ServerSession
     from qpconn.hooks.runner import HookRunner
+    from qpconn.hooks.tracing import SessionTrace
+    from qpconn.kit.policy import NetworkList
     from qpconn.log.level import LevelLogger
     from qpconn.mail.connection import Connection
     from qpconn.smtp.limits import SessionLimits
@@ -41,6 +43,8 @@ _TRANSACTION_LINE = (
     "{conn_id} {queue_id} {verdict} from={sender} to={rcpts} size={size} "
     "reply={code} elapsed={elapsed:.3f}s"
 )
+_REJECTION = "{conn_id} {stage} rejected by {plugin}: {code} {text}"
+_CLOSING_REJECTION = _REJECTION + " (closing the connection)"
 
 
 class ServerSettings(Protocol):
@@ -54,6 +58,11 @@ class ServerSettings(Protocol):
     spool_dir: str | None
     session_limits: SessionLimits
     security: SecuritySettings
+    #: the peers that may use XCLIENT (config ``xclient_hosts``)
+    xclient_hosts: NetworkList
+
+    async def lookup_peer(self, connection: Connection) -> None:
+        """Fill in rDNS/FCrDNS and ident for ``connection`` (XCLIENT's new address)."""
 
 
 class CommandContext:
@@ -64,6 +73,10 @@ class CommandContext:
     ``log`` the session's bound logger (the adapter's, so one connection's lines share one
     source).
     """
+
+    #: this session's spans (qpconn.hooks.tracing), set by the factory when a tracer is on;
+    #: None otherwise, and then tracing costs one attribute check per hook run
+    trace: SessionTrace | None = None
 
     def __init__(
         self,
@@ -105,7 +118,9 @@ class CommandContext:
         runner = self.runner
         if hook not in runner.used:
             return DECLINED_OUTCOME  # most hooks have no plugin: nothing to run or log
-        return await runner.run(hook, self.transaction, *args, log_context=self.log_context)
+        return await runner.run(
+            hook, self.transaction, *args, log_context=self.log_context, trace=self.trace
+        )
 
     def new_transaction(self) -> Transaction:
         """A fresh transaction; its id (the queue id) is the connection id plus a counter."""
@@ -124,18 +139,24 @@ class CommandContext:
 
     async def end_transaction(self, old: Transaction) -> None:
         """Run reset_transaction hooks for a transaction that had an envelope; release it."""
+        trace = self.trace
         if (old.sender is not None or old.recipients) and self.runner.has("reset_transaction"):
-            await self.runner.run_all("reset_transaction", old)
+            await self.runner.run_all("reset_transaction", old, trace=trace)
+        if trace is not None:
+            trace.transaction_ended(old, "reset")
         old.close()
         self._verdict = None
 
     async def close(self) -> None:
         """The connection is gone: disconnect hooks, then the transaction is released."""
+        trace = self.trace
+        if trace is not None:  # a transaction under way ends with the connection
+            trace.transaction_ended(self.transaction, "disconnect")
         try:
             runner = self.runner
             for hook in ("disconnect", "post-connection"):
                 if runner.has(hook):
-                    await runner.run_all(hook, self.transaction)
+                    await runner.run_all(hook, self.transaction, trace=trace)
         finally:
             self.transaction.close()
 
@@ -144,14 +165,23 @@ class CommandContext:
         """A verb with no handler (or one this server does not offer): the hook, else 500."""
         outcome = await self.run_hook("unrecognized_command", verb, arg)
         decided = reply_for("unrecognized_command", outcome)
-        return decided if decided is not None else Reply(500, "5.5.1 Unrecognized command")
+        if decided is None:
+            return Reply(500, "5.5.1 Unrecognized command")
+        if outcome.plugin is not None:  # a plugin's refusal (count_unrecognized_commands' 521
+            # closes the session): the log must say who and why
+            self.log_rejection("unrecognized_command", outcome, decided[0], closing=decided[1])
+        return decided
 
     # -- logging --------------------------------------------------------------------------
-    def log_rejection(self, stage: str, outcome: HookOutcome, reply: Reply, **fields: Any) -> None:
-        """One line for a MAIL or RCPT a plugin refused (``event`` ``rejection``)."""
+    def log_rejection(
+        self, stage: str, outcome: HookOutcome, reply: Reply, closing: bool = False, **fields: Any
+    ) -> None:
+        """One line for a command a plugin refused (``event`` ``rejection``); ``closing``
+        when the refusal ends the session, which the line then says."""
         self.log.info(
-            "{conn_id} {stage} rejected by {plugin}: {code} {text}",
+            _CLOSING_REJECTION if closing else _REJECTION,
             stage=stage,
+            closing=closing,
             hook=stage,
             event="rejection",
             result="rejected",
@@ -161,12 +191,40 @@ class CommandContext:
             **fields,
             **self.log_context(),
         )
+        if self.trace is not None:
+            self.trace.refused(self.transaction, stage, reply.code, outcome.plugin)
+
+    def log_limit(self, stage: str, limit: str, reply: Reply, **fields: Any) -> None:
+        """One line for a command refused by a limit of the server itself, not a plugin
+        (``SIZE=`` over ``databytes``, a recipient past ``max_rcpt``): ``event``
+        ``rejection`` with ``limit`` naming the setting."""
+        self.log.info(
+            "{conn_id} {stage} refused by the {limit} limit: {code} {text}",
+            stage=stage,
+            hook=stage,
+            event="rejection",
+            result="rejected",
+            plugin="-",
+            limit=limit,
+            code=reply.code,
+            text=reply.text,
+            **fields,
+            **self.log_context(),
+        )
 
     def log_transaction(
-        self, verdict: str, reply: Reply, plugin: str | None = None, hook: str = "queue"
+        self,
+        verdict: str,
+        reply: Reply,
+        plugin: str | None = None,
+        hook: str = "queue",
+        size: int | None = None,
     ) -> None:
         """The one summary line of a transaction that reached the end of DATA (``event``
-        ``transaction``); ``hook`` is where it was decided. Metrics count these events."""
+        ``transaction``); ``hook`` is where it was decided. Metrics count these events.
+
+        ``size`` is the size received when it differs from what was stored: an oversized
+        message's text past ``databytes`` is read and dropped, never stored."""
         txn = self.transaction
         started = txn.notes.get("data_started")
         recipients = txn.recipients
@@ -177,7 +235,7 @@ class CommandContext:
             "verdict": verdict,
             "sender": txn.sender.format() if txn.sender else "<>",
             "rcpts": ",".join([r.format() for r in recipients]),
-            "size": txn.data_size,
+            "size": txn.data_size if size is None else size,
             "code": reply.code,
             "plugin": plugin,
             "hook": hook,
@@ -187,3 +245,5 @@ class CommandContext:
             "elapsed": (time.monotonic() - started) if started else 0.0,
         }
         self.log.emit_fields(LogLevel.info, _TRANSACTION_LINE, fields)
+        if self.trace is not None:
+            self.trace.transaction_decided(txn, verdict, reply.code, hook, plugin)

@@ -1,7 +1,7 @@
 """CHUNKING/BINARYMIME, DSN and SMTPUTF8 command handling, one part of SMTPCommands.
 
 Like :mod:`qpconn.smtp.commands`, nothing here touches a socket. The session core frames BDAT
-chunks (:mod:`qpconn.core.bdat`); this module answers them with the same hooks and the
+chunks (:mod:`qpconn.core.receive`); this module answers them with the same hooks and the
 same :class:`~qpconn.mail.transaction.Transaction` as DATA:
 
 * the first chunk of a transaction runs the ``data`` hook (a refusal is given as the
@@ -21,8 +21,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from qpconn.core.bdat import ChunkEnd, ChunkStart
-from qpconn.core.events import MessageEnd
+from qpconn.core.events import ChunkEnd, ChunkStart, MessageEnd
 from qpconn.core.reply import Reply
 from qpconn.hooks.results import reply_for
 from qpconn.mail.address import Address, AddressError, parse_params, split_path_and_params
@@ -136,7 +135,7 @@ class ExtensionCommands(CommandContext):
             return await self.message_end(MessageEnd(size=end.total))
         if refusal is None:
             return Reply(250, f"2.0.0 {end.size} octets received")
-        self.log_transaction("rejected", refusal[0])
+        self.log_transaction("rejected", refusal[0], size=end.total)
         await self.reset_transaction()
         return refusal
 

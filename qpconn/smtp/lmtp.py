@@ -16,8 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from qpconn.core.bdat import ChunkEnd
-from qpconn.core.events import AuthResponse, Command, MessageEnd
+from qpconn.core.events import AuthResponse, ChunkEnd, Command, MessageEnd
 from qpconn.core.reply import Reply
 from qpconn.mail.outcomes import recipient_replies
 from qpconn.smtp.commands import SOFTWARE, SMTPCommands

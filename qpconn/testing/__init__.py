@@ -27,21 +27,17 @@ asked for another type has no records of it (NODATA), as a real server answers.
 
 from __future__ import annotations
 
-import ipaddress
 import itertools
 import os
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet import defer, error
+from twisted.internet import error
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.names import dns
-from twisted.names import error as dns_error
-from twisted.names.common import ResolverBase
 from twisted.python.failure import Failure
 
 from qpconn.config import Config
@@ -52,6 +48,7 @@ from qpconn.hooks.runner import HookRunner
 from qpconn.kit import threads as workers
 from qpconn.server.factory import SMTPFactory
 from qpconn.server.peerinfo import _SHARED_CACHE, LookupSettings, PeerInfo
+from qpconn.testing.dnstable import DNSTable
 
 __all__ = [
     "run_session",
@@ -68,71 +65,6 @@ __all__ = [
 #: How many timer jumps one step may take before the helper gives up (a hook in a loop).
 MAX_CLOCK_JUMPS = 10_000
 _markers = itertools.count(1)
-
-_SPECIAL = {
-    "nxdomain": dns_error.DNSNameError,
-    "servfail": dns_error.DNSServerError,
-}
-
-
-def _record(name: bytes, kind: int, value: Any) -> Any:
-    text = str(value)
-    if kind == dns.A:
-        return dns.Record_A(text)
-    if kind == dns.AAAA:
-        return dns.Record_AAAA(text)
-    if kind == dns.MX:
-        preference, _, host = text.partition(" ")
-        return dns.Record_MX(int(preference), host.encode())
-    if kind == dns.TXT:
-        return dns.Record_TXT(*(v.encode() for v in (value if isinstance(value, list) else [text])))
-    if kind in (dns.PTR, dns.CNAME, dns.NS):
-        return {dns.PTR: dns.Record_PTR, dns.CNAME: dns.Record_CNAME, dns.NS: dns.Record_NS}[kind](
-            text.encode()
-        )
-    raise ValueError(f"DNSTable: no support for record type {dns.QUERY_TYPES.get(kind, kind)}")
-
-
-class DNSTable(ResolverBase):
-    """A resolver answering from a table (see the module docstring); records questions.
-
-    ``questions`` lists every ``(name, type)`` asked, in order, so a test can check what a
-    plugin looked up as well as what it made of the answer.
-    """
-
-    def __init__(self, table: Mapping[tuple[str, str], Any] | None = None, ttl: int = 300) -> None:
-        super().__init__()
-        self.ttl = ttl
-        self.questions: list[tuple[str, str]] = []
-        self.table: dict[tuple[str, str], Any] = {}
-        for (name, rtype), answer in (table or {}).items():
-            rtype = rtype.upper()
-            if rtype == "PTR":
-                try:
-                    name = ipaddress.ip_address(name).reverse_pointer
-                except ValueError:
-                    pass
-            self.table[(name.lower().rstrip("."), rtype)] = answer
-
-    def _lookup(self, name: bytes, cls: int, type: int, timeout: Any = None) -> Any:
-        text = name.decode("ascii", "replace").lower().rstrip(".")
-        rtype = dns.QUERY_TYPES.get(type, str(type))
-        self.questions.append((text, rtype))
-        answer = self.table.get((text, rtype))
-        if answer is None:
-            if any(known == text for known, _ in self.table):
-                return defer.succeed(([], [], []))  # the name exists: NODATA, not NXDOMAIN
-            return defer.fail(dns_error.DNSNameError(text))
-        if isinstance(answer, str) and answer in _SPECIAL:
-            return defer.fail(_SPECIAL[answer](text))
-        if answer == "timeout":
-            return defer.Deferred()  # the caller's own deadline (on the fake clock) ends it
-        values = answer if isinstance(answer, list | tuple) else [answer]
-        records = [
-            dns.RRHeader(name, type, cls, self.ttl, _record(name, type, value)) for value in values
-        ]
-        return defer.succeed((records, [], []))
-
 
 class RecordingQueue(Plugin):
     """A queue plugin that keeps each message it is given (appended after the plugins
@@ -223,6 +155,8 @@ def load_listed_plugins(
 INLINE_POOLS = ("greylist", "karma")
 
 ConfigSpec = Mapping[str, str | Sequence[str]] | str | os.PathLike[str] | None
+#: ``step(item, replies) -> go on?`` (see :meth:`Harness.run`)
+StepWatcher = Callable[[str | bytes | None, list[Reply]], bool]
 PluginList = Iterable[Plugin | type[Plugin] | str] | None
 
 
@@ -291,11 +225,17 @@ class Harness:
         remote_ip: str = "192.0.2.1",
         remote_port: int = 50000,
         early: bytes = b"",
+        step: StepWatcher | None = None,
     ) -> SessionResult:
-        """One client session from ``remote_ip``; see :func:`run_session`."""
+        """One client session from ``remote_ip``; see :func:`run_session`.
+
+        ``step(item, replies)`` is called with the greeting (``item`` None) and after each
+        item of the script with the replies it brought; when it returns False the rest of
+        the script is not sent (``python -m qpconn test`` stops at a refused DATA).
+        """
         with workers.inline_pools(*self.inline_pools):
             return _drive(
-                self.factory, script, self.dns, remote_ip, remote_port, self.clock, early
+                self.factory, script, self.dns, remote_ip, remote_port, self.clock, early, step
             )
 
     def close(self) -> None:
@@ -391,6 +331,7 @@ def _drive(
     remote_port: int,
     clock: Clock,
     early: bytes = b"",
+    step: StepWatcher | None = None,
 ) -> SessionResult:
     family = IPv6Address if ":" in remote_ip else IPv4Address
     local = "::1" if family is IPv6Address else "127.0.0.1"
@@ -415,12 +356,18 @@ def _drive(
     if early and not transport.disconnecting:
         proto.dataReceived(early)  # while the connect hooks still hold the greeting back
     _settle(proto, clock)
-    for item in script:
-        if transport.disconnecting:
-            break
-        data = item if isinstance(item, bytes) else item.encode("utf-8") + b"\r\n"
-        proto.dataReceived(data)
-        _settle(proto, clock)
+    seen = 0  # replies already given to ``step``
+    for item in (None, *script):
+        if item is not None:
+            if transport.disconnecting:
+                break
+            proto.dataReceived(item if isinstance(item, bytes) else item.encode("utf-8") + b"\r\n")
+            _settle(proto, clock)
+        if step is not None:
+            replies = _parse_replies(transport.value())
+            seen, fresh = len(replies), replies[seen:]
+            if not step(item, fresh):
+                break
     closed_by_server = bool(transport.disconnecting)
     conn = proto.connection
     snapshot = {

@@ -123,6 +123,9 @@ def _read(path: str) -> list[str]:
 class FlatFile(Plugin):
     """PLAIN, LOGIN (and CRAM-MD5 for users with a secret) from a password file."""
 
+    #: CRAM-MD5 only when some user has a CRAM secret (see register)
+    registers_hooks = ("auth-cram-md5",)
+
     #: spent on unknown users too, so timing does not tell which users exist
     _dummy = _Hash.parse(
         "scrypt$14$8$1$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="

@@ -1,9 +1,15 @@
-"""queue/maildir PATH: store accepted mail in a Maildir, durably, before saying 250.
+"""queue/maildir [PATH] [line_endings=lf|crlf]: store mail in a Maildir, durably, before the 250.
 
 Delivery follows the Maildir protocol: the message is written under ``tmp/``, the file is
 fsynced, renamed into ``new/`` and the directory fsynced. Only then is the queue hook
 answered OK, so a 250 means the message survives a crash or power cut, and a reader never
 sees a half-written file in ``new/``.
+
+Lines end in LF in the stored file, as every Maildir reader expects (qmail, Postfix's
+local and virtual delivery, Dovecot, mutt): SMTP's CRLF is the wire's line ending, not the
+mailbox's. The file in ``new/`` is named with ``,S=<size>``, the size of the file as
+stored, which Dovecot reads instead of a ``stat``. ``line_endings=crlf`` keeps the bytes
+as received (for a reader that wants CRLF); the size is then that of the CRLF file.
 
 PATH may hold qpsmtpd's templates: ``%d`` (recipient domain), ``%l`` (local part) and
 ``%u`` (user, the local part up to any ``+`` or ``-`` extension). Then each recipient's
@@ -30,7 +36,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from itertools import count
 from typing import Any
 
@@ -39,7 +45,7 @@ from qpconn.kit.groupsync import sync_directory
 from qpconn.kit.threads import run_in_pool, worker_pool
 from qpconn.plugins import Plugin
 
-__all__ = ["Maildir", "clean_tmp", "deliver", "ensure_maildir"]
+__all__ = ["Maildir", "clean_tmp", "deliver", "ensure_maildir", "lf_lines"]
 
 _sequence = count(1)
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
@@ -118,14 +124,38 @@ def unique_name(queue_id: str) -> str:
     return f"{int(now)}.M{int(now % 1 * 1e6)}P{os.getpid()}Q{queue_id}_{next(_sequence)}.{host}"
 
 
-def deliver(maildir: str, name: str, prefix: bytes, chunks: Iterable[bytes]) -> str:
+def lf_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """``chunks`` with every CRLF turned into LF, however the chunks split them.
+
+    A CR that ends a chunk is held back until the next chunk shows whether an LF follows
+    it; a CR not followed by LF (possible in BINARYMIME content) is kept as it is.
+    """
+    held = b""
+    for chunk in chunks:
+        if not chunk:
+            continue
+        data = held + chunk
+        held = b""
+        if data.endswith(b"\r"):
+            data, held = data[:-1], b"\r"
+        yield data.replace(b"\r\n", b"\n")
+    if held:
+        yield held
+
+
+def deliver(
+    maildir: str, name: str, prefix: bytes, chunks: Iterable[bytes], *, crlf: bool = False
+) -> str:
     """Write one message into ``maildir`` durably; return the path in ``new/``.
+
+    ``prefix`` and ``chunks`` are the message as received, lines ending in CRLF; they are
+    stored with LF line endings unless ``crlf``. The name in ``new/`` is ``name`` with
+    ``,S=<size>`` (the size of the stored file) added.
 
     Runs in a worker thread. On any failure the file in ``tmp/`` is removed and the error
     propagates: nothing half-written ever appears in ``new/``.
     """
     tmp_path = os.path.join(maildir, "tmp", name)
-    new_path = os.path.join(maildir, "new", name)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
     try:
         fd = os.open(tmp_path, flags, 0o600)
@@ -135,12 +165,15 @@ def deliver(maildir: str, name: str, prefix: bytes, chunks: Iterable[bytes]) -> 
         ensure_maildir(maildir)
         fd = os.open(tmp_path, flags, 0o600)
     try:
+        size = 0
+        pieces = _prepend(prefix, chunks)
         with os.fdopen(fd, "wb") as handle:
-            handle.write(prefix)
-            for chunk in chunks:
-                handle.write(chunk)
+            for piece in pieces if crlf else lf_lines(pieces):
+                handle.write(piece)
+                size += len(piece)
             handle.flush()
             os.fsync(handle.fileno())
+        new_path = os.path.join(maildir, "new", f"{name},S={size}")
         try:
             os.rename(tmp_path, new_path)
         except FileNotFoundError:  # new/ removed meanwhile
@@ -173,9 +206,20 @@ def expand(template: str, local: str, domain: str) -> str:
 class Maildir(Plugin):
     """Queue plugin writing to a Maildir (or one Maildir per recipient with templates)."""
 
-    def register(self, path: str = "./maildir", *rest: str) -> None:
-        if rest:
-            raise ValueError(f"takes one path, got extra arguments {' '.join(rest)!r}")
+    def register(self, *args: str) -> None:
+        words = list(args)
+        #: store lines as received (CRLF) rather than as Maildir readers expect (LF)
+        self.crlf = False
+        for word in list(words):
+            if word.startswith("line_endings="):
+                value = word.partition("=")[2].lower()
+                if value not in ("lf", "crlf"):
+                    raise ValueError(f"line_endings must be lf or crlf, not {value!r}")
+                self.crlf = value == "crlf"
+                words.remove(word)
+        if len(words) > 1:
+            raise ValueError(f"takes one path, got extra arguments {' '.join(words[1:])!r}")
+        path = words[0] if words else "./maildir"
         self.template = self.config.path(path)
         self.per_recipient = bool(_TEMPLATE.search(path))
         if not self.per_recipient:
@@ -220,7 +264,9 @@ class Maildir(Plugin):
         head = next(iter(transaction.message_chunks()))
         try:
             worker_pool("maildir", POOL_SIZE)  # created with its size on first use
-            written = await run_in_pool("maildir", self._deliver_all, jobs, head, transaction)
+            written = await run_in_pool(
+                "maildir", self._deliver_all, jobs, head, transaction, self.crlf
+            )
         except OSError as exc:
             self.log.error(
                 "{queue_id} maildir delivery failed: {error}", queue_id=transaction.id, error=exc
@@ -233,12 +279,12 @@ class Maildir(Plugin):
 
     @staticmethod
     def _deliver_all(
-        jobs: list[tuple[str, str, bytes]], head: bytes, transaction: Any
+        jobs: list[tuple[str, str, bytes]], head: bytes, transaction: Any, crlf: bool
     ) -> list[str]:
         written = []
         for path, name, prefix in jobs:
             chunks = _prepend(head, transaction.body_chunks())
-            written.append(deliver(path, name, prefix, chunks))
+            written.append(deliver(path, name, prefix, chunks, crlf=crlf))
         return written
 
 

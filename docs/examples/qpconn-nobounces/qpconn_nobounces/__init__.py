@@ -11,11 +11,8 @@ known to be null at MAIL, the recipients at RCPT, so the refusal is given at RCP
 
 from __future__ import annotations
 
-from typing import Any
-
-from qpconn import DECLINED, DENY
-from qpconn.hooks.results import Result
-from qpconn.plugins import Plugin
+from qpconn import DECLINED, DENY, Address, Plugin, Transaction
+from qpconn.hooks.types import HookResult, Params
 
 __all__ = ["NoBounces"]
 
@@ -29,8 +26,8 @@ class NoBounces(Plugin):
             raise ValueError(f"not an address: {bad[0]}")
         self.allowed = {r.lower() for r in recipients}
 
-    def hook_rcpt(self, transaction: Any, recipient: Any, params: Any) -> Result | Any:
-        if not transaction.sender.is_null:
+    def hook_rcpt(self, transaction: Transaction, recipient: Address, params: Params) -> HookResult:
+        if transaction.sender is None or not transaction.sender.is_null:
             return DECLINED
         if recipient.address.lower() in self.allowed:
             return DECLINED
