@@ -122,6 +122,11 @@ _TABLE = (
     # the front proxies that may use XCLIENT (qpconn.smtp.xclient)
     Setting("xclient_hosts", "networks"),
     Setting("bare_newline", "choice", "reject", choices=("reject", "normalize")),
+    # read by qpconn.smtp.limits, applied by qpconn.server.deadlines
+    _seconds("command_deadline", None),
+    Setting("min_data_rate", "count", "500"),
+    _seconds("data_rate_grace", None),
+    _seconds("max_session_time", "3600"),
     Setting("smtputf8", "choice", "yes", choices=_YES_NO),
     Setting("tls_cert", "file"),
     Setting("tls_key", "file"),

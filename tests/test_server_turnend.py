@@ -5,8 +5,8 @@ all of them; a failing call is logged and keeps no other from running; a call ma
 they run waits for the next turn.
 
 With more than one session open the server sends the replies of one reactor turn
-together at its end (SMTPServerProtocol.flush). Whatever a session writes at once -- a
-closing 221, the 220 before a TLS handshake, the replies owed to a client that half-closed
+together at its end (qpconn.server.output.ReplyWriter.flush). Whatever a session writes at
+once -- a closing 221, the 220 before a TLS handshake, the replies owed to a client that half-closed
 -- must not overtake or lose replies held earlier in the same turn. Each of those tests
 keeps a second session open so that the held path is the one taken.
 """

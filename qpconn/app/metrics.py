@@ -9,9 +9,11 @@ serve:
   DNS and ident latency and outcomes (timeouts included);
 * the session's own structured log events: the per-transaction summary line
   (``event="transaction"``), the refusals at connect, MAIL and RCPT
-  (``event="rejection"``) and the connections refused by a connection limit
-  (``event="connection_refused"``); and the events of the server's plugins
-  (``event="limit_refused"``, ``"redis_outage"``, ``"http_queue"``, and
+  (``event="rejection"``), the connections refused by a connection limit
+  (``event="connection_refused"``) and the sessions ended by a deadline
+  (``event="deadline"``: ``command_deadline``, ``min_data_rate``, ``max_session_time``, or
+  ``timeout`` for a client that did not take its replies); and the events of the server's
+  plugins (``event="limit_refused"``, ``"redis_outage"``, ``"http_queue"``, and
   ``"plugin_outcome"``: what rspamd said, what the next hop said of a recipient, a
   scanner or next hop that could not be asked), whose log source is
   the server itself (:meth:`qpconn.hooks.plugin.Plugin.attach`). Counting the events the
@@ -135,6 +137,13 @@ class ServerMetrics:
         self.connections_refused = Counter(
             "qpconn_connections_refused",
             "Connections refused with 421 by a connection limit, by the setting that refused",
+            ["limit"],
+            registry=r,
+        )
+        self.deadlines = Counter(
+            "qpconn_deadlines",
+            "Sessions ended by a deadline (421 4.4.2, or aborted when not reading), by the "
+            "setting that ended them",
             ["limit"],
             registry=r,
         )
@@ -264,6 +273,8 @@ class ServerMetrics:
             self.milter_verdicts.labels(*labels).inc()
         elif kind == "connection_refused":
             self.connections_refused.labels(str(event.get("limit"))).inc()
+        elif kind == "deadline":
+            self.deadlines.labels(str(event.get("limit"))).inc()
         elif kind == "limit_refused":
             self.limit_refusals.labels(str(event.get("limit"))).inc()
         elif kind == "redis_outage":

@@ -1,5 +1,5 @@
 """The adapter's defences that need a reactor: connection limits, error limit, DATA timeout,
-and noticing a client that talks before the greeting.
+deadlines, and noticing a client that talks before the greeting.
 
 A component that :class:`~qpconn.server.protocol.SMTPServerProtocol` owns (one per
 session), kept apart so that the adapter stays about moving bytes. The limits themselves
@@ -19,6 +19,9 @@ are read by :class:`qpconn.smtp.limits.SessionLimits`; the rules applied here:
 * **DATA timeout.** After ``354``, and while the octets of a BDAT chunk are read, the
   idle timer runs with ``data_timeout`` instead of ``timeout``, and returns to ``timeout``
   with the reply to the message (or to the chunk).
+* **Deadlines.** ``command_deadline``, ``min_data_rate`` after ``data_rate_grace`` and
+  ``max_session_time``, which no byte resets: :mod:`qpconn.server.deadlines`, whose
+  :class:`~qpconn.server.deadlines.SessionDeadlines` the guard holds (``guard.deadlines``).
 * **Early talk.** The transport keeps being read while the greeting is prepared (lookups
   and ``connect`` hooks), unlike while any other hook runs: bytes that arrive then set
   ``connection.notes["early_talker"]`` (the ``earlytalker`` plugin's evidence). They stay
@@ -33,6 +36,7 @@ from typing import TYPE_CHECKING
 from qpconn.core.events import ChunkEnd, Command, MessageEnd
 from qpconn.core.reply import Reply
 from qpconn.core.session import State
+from qpconn.server.deadlines import SessionDeadlines
 from qpconn.smtp.limits import TOO_FAST_FROM_ADDRESS, TOO_MANY, TOO_MANY_FROM_ADDRESS
 
 if TYPE_CHECKING:
@@ -75,6 +79,8 @@ class SessionGuard:
         self.errors = 0
         self._admitted_ip: str | None = None
         self._admitted = False
+        #: command_deadline, min_data_rate, max_session_time
+        self.deadlines = SessionDeadlines(protocol, self.limits)
 
     # -- connection limits ----------------------------------------------------------------
     def admit(self) -> bool:
@@ -90,6 +96,7 @@ class SessionGuard:
         limit = self.counter.admit(ip, limits, factory.clock.seconds(), exempt)
         if limit is None:
             self._admitted, self._admitted_ip = True, ip
+            self.deadlines.start()
             if self.session.buffered:
                 # Bytes that came with the PROXY header: the client did not wait either.
                 connection.notes["early_talker"] = True
@@ -104,10 +111,9 @@ class SessionGuard:
             **protocol.commands.log_context(),
         )
         self.session.close()
-        transport = protocol.transport
         refusal = Reply(421, f"4.7.0 {factory.me} {text}, try again later")
-        transport.write(refusal.to_bytes())
-        transport.loseConnection()
+        protocol.transport.write(refusal.to_bytes())
+        protocol.output.hang_up()
         return False
 
     def release_slot(self) -> None:
@@ -165,14 +171,14 @@ class SessionGuard:
         self.phase_timeout()
 
     def phase_timeout(self) -> None:
-        """``data_timeout`` while message text is read, ``timeout`` otherwise."""
+        """``data_timeout`` while message text is read, ``timeout`` otherwise; the data
+        rate's window opens and closes with the text."""
         protocol = self.protocol
         if protocol.lost:
             return
         idle = protocol.factory.timeout
-        if self.session.state is State.DATA or self.session.reading_chunk:
-            want = self.limits.data_timeout_or(idle)
-        else:
-            want = idle
+        text = self.session.state is State.DATA or self.session.reading_chunk
+        want = self.limits.data_timeout_or(idle) if text else idle
         if protocol.timeOut != want:
             protocol.setTimeout(want)
+        self.deadlines.text_phase(text)

@@ -5,12 +5,22 @@ its parts rather than inheriting them: the session core
 (:class:`qpconn.core.session.ServerSession`: grammar and state), the command handlers
 (:class:`qpconn.smtp.commands.SMTPCommands`: hooks and replies, one object per
 connection, given the session explicitly), the guard (:mod:`qpconn.server.guard`:
-connection and error limits, the DATA timeout) and the TLS layer (:mod:`qpconn.server.tls`).
+connection and error limits, the DATA timeout, the deadlines of :mod:`qpconn.server.deadlines`)
+and the TLS layer (:mod:`qpconn.server.tls`).
 
 While a hook answers asynchronously the transport is paused and buffered pipelined
-commands wait, so replies leave in order; all replies produced in one pass are written
-with a single ``write()`` (a reply split over several writes meets Nagle's algorithm and
-delayed ACKs and can stall a pipelining client for tens of milliseconds).
+commands wait, so replies leave in order; they go out through :mod:`qpconn.server.output`
+(one write per pass, held to the end of the reactor turn).
+
+Backpressure: the protocol is its transport's streaming producer. When the client does not
+take its replies and the transport's write buffer passes its high-water mark, Twisted
+calls :meth:`~SMTPServerProtocol.pauseProducing`: reading stops, and input already
+buffered is not turned into commands, so a client pipelining a burst it never reads the
+answers to costs one read of input and a write buffer of replies, not the work and memory
+of the whole burst. A long pass hands its replies over every :data:`PIPELINE_STEP`
+commands, so that the transport sees them in time to push back. A client that has not
+taken its replies within ``timeout`` is aborted: a ``421`` or a polite close would only
+queue behind what it does not read.
 
 Behind a load balancer (``factory.proxy.enabled``) a connection first has to present a
 PROXY header (:mod:`qpconn.server.proxy`): until it is complete nothing else happens -- no
@@ -25,21 +35,20 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IHandshakeListener
+from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from qpconn.core.events import ChunkStart, Command, MessageData, ProtocolError
-from qpconn.core.proxy import ProxyHeaderParser, ProxyProtocolError
 from qpconn.core.reply import Reply
-from qpconn.core.session import NEED_DATA, PAUSED, ServerSession, State
+from qpconn.core.session import NEED_DATA, PAUSED, ServerSession
 from qpconn.log.level import LevelLogger
-from qpconn.server.fastpath import eager, fastwrite
-from qpconn.server.fastpath.turnend import at_turn_end
+from qpconn.server.fastpath import eager
 from qpconn.server.guard import SessionGuard
-from qpconn.server.proxy import apply_proxy_info
+from qpconn.server.output import ReplyWriter
+from qpconn.server.proxy import ProxyHeaderWait
 from qpconn.server.tls import TLSLayer
 from qpconn.smtp.commands import HandlerResult, SMTPCommands
 
@@ -52,8 +61,11 @@ __all__ = ["SMTPServerProtocol"]
 
 _INTERNAL_ERROR = Reply(451, "4.3.0 Internal error - try again later")
 
+#: Commands of one pass over buffered input after which its replies so far are written.
+PIPELINE_STEP = 64
 
-@implementer(IHalfCloseableProtocol, IHandshakeListener)
+
+@implementer(IHalfCloseableProtocol, IHandshakeListener, IPushProducer)
 class SMTPServerProtocol(Protocol, TimeoutMixin):
     """One SMTP session over a Twisted transport.
 
@@ -69,6 +81,8 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
     commands_class: type[SMTPCommands] | None = None
     #: the connection is gone (nothing more is written or read)
     lost = False
+    #: octets read from the client (the deadlines measure the data rate with it)
+    bytes_received = 0
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Refuse handler methods on a protocol subclass: they would never be called.
@@ -109,11 +123,13 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self.tls = TLSLayer(self)
         self._busy = False
         self._driving = False
+        #: reading paused while a handler waits (or past the early-talk bound)
         self._paused = False
+        #: the transport's write buffer is full: the client is not taking its replies
+        self._output_paused = False
         self._read_closed = False
-        #: reply bytes held until the end of this reactor turn (see flush)
-        self._unsent: list[bytes] = []
-        self._may_hold = fastwrite.batchable(self.transport)
+        #: replies out, and the close (registers this protocol as the transport's producer)
+        self.output = ReplyWriter(self)
         #: the handler that went asynchronous, if any: cleanup waits for it
         self._inflight: defer.Deferred[None] | None = None
         #: the idle timeout set aside while our own hooks run (they are not client idleness)
@@ -121,22 +137,16 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         #: the SMTP session began (lookups, hooks, greeting); False while a PROXY header
         #: is awaited and for connections refused before that: those run no hooks at all
         self._started = False
-        self._proxy_parser: ProxyHeaderParser | None = None
-        self._proxy_timer: IDelayedCall | None = None
-        #: the last reply line when the server ended the session with it (not 221): the
-        #: disconnect line names it, so every session the server closed says why
-        self._closed_with: str | None = None
+        #: the wait for a PROXY header, while there is one (qpconn.server.proxy)
+        self._proxy_wait: ProxyHeaderWait | None = None
         factory.session_started(self)
         proxy = factory.proxy
         if not proxy.enabled:
             self.begin_session()
         elif not proxy.trusts(self.commands.connection.remote_ip):
-            self._refuse("PROXY header required, peer is not a trusted proxy")
+            self.refuse("PROXY header required, peer is not a trusted proxy")
         else:
-            self._proxy_parser = ProxyHeaderParser(proxy.max_v2_length)
-            self._proxy_timer = factory.clock.callLater(
-                proxy.timeout or 5.0, self._refuse, "no complete PROXY header in time"
-            )
+            self._proxy_wait = ProxyHeaderWait(self)
 
     @property
     def connection(self) -> Connection:
@@ -161,12 +171,19 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         """Stop reading from the client until the handler at work is done (flow control)."""
         self._pause()
 
+    @property
+    def held(self) -> bool:
+        """True while input waits on the server, not on the client: a handler is at work
+        or the client does not take its replies (the deadlines do not run then)."""
+        return self._busy or self._output_paused
+
     def handshakeCompleted(self) -> None:
         """IHandshakeListener: the TLS layer finished its handshake."""
         self.tls.handshake_completed()
 
     def begin_session(self) -> None:
         """Start the SMTP session proper: lookups, pre-connection/connect hooks, greeting."""
+        self._end_proxy_wait()
         if self.tls.handshake_pending():
             return  # implicit TLS: called again once the handshake is done (tls.py)
         if not self.guard.admit():
@@ -187,44 +204,11 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         await self.factory.lookup_peer(self.commands.connection)
         return await self.commands.start_session()
 
-    # -- PROXY protocol -------------------------------------------------------------------
-    def _proxy_data(self, parser: ProxyHeaderParser, data: bytes) -> None:
-        """Feed the PROXY header parser; on success the session starts with what follows."""
-        try:
-            found = parser.feed(data)
-        except ProxyProtocolError as exc:
-            self._refuse(f"bad PROXY header: {exc}")
-            return
-        if found is None:
-            return
-        info, rest = found
-        self._proxy_parser = None
-        if self._proxy_timer is not None and self._proxy_timer.active():
-            self._proxy_timer.cancel()
-        self._proxy_timer = None
-        conn = self.commands.connection
-        balancer = f"{conn.remote_ip}:{conn.remote_port}"
-        apply_proxy_info(conn, info)
-        self.log.debug(
-            "{conn_id} PROXY v{version} {command} from balancer {balancer}",
-            version=info.version,
-            command=info.command,
-            balancer=balancer,
-            **self.log_context(),
-        )
-        # Early talk that came with the header waits in the core until the greeting is
-        # out; it must be buffered before _begin, which may greet synchronously.
-        self.session.receive_data(rest)
-        self.begin_session()
-
-    def _refuse(self, reason: str) -> None:
+    def refuse(self, reason: str) -> None:
         """Close before the SMTP session began: no banner, no hooks, one log line."""
         if self._started or self.lost:
             return
-        self._proxy_parser = None
-        if self._proxy_timer is not None and self._proxy_timer.active():
-            self._proxy_timer.cancel()
-        self._proxy_timer = None
+        self._end_proxy_wait()
         self.session.close()
         conn = self.commands.connection
         self.log.warn(
@@ -233,29 +217,42 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             reason=reason,
             **self.log_context(),
         )
-        self.transport.loseConnection()
+        self.output.hang_up()
+
+    def _end_proxy_wait(self) -> None:
+        if self._proxy_wait is not None:
+            self._proxy_wait.cancel()
+            self._proxy_wait = None
 
     # -- input ----------------------------------------------------------------------------
     def dataReceived(self, data: bytes) -> None:
         if not self._started:
-            if self._proxy_parser is not None:
-                self._proxy_data(self._proxy_parser, data)
+            if self._proxy_wait is not None:
+                self._proxy_wait.feed(data)  # the session begins once the header is in
             return  # refused: whatever else arrives is dropped unread
         self.resetTimeout()
+        self.bytes_received += len(data)
+        if self.guard.deadlines.input_arrived():
+            return  # too late or too slow: 421 on its way, this input is not read
         self.session.receive_data(data)
         if self.guard.reading_before_greeting():
             self.guard.note_early_talk()  # evidence for earlytalker
         self._drive()
 
     def _drive(self) -> None:
-        """Turn buffered input into events until a hook goes asynchronous or input runs out."""
+        """Turn buffered input into events until a hook goes asynchronous, input runs out or
+        the client stops taking its replies (backpressure: the rest waits, unparsed)."""
         if self._driving or self.lost:
             return
         self._driving = True
         session = self.session
         commands = self.commands
+        handled = 0
         try:
-            while not self._busy:
+            while not self._busy and not self._output_paused:
+                handled += 1
+                if handled % PIPELINE_STEP == 0:
+                    self.output.flush()  # a long pipelined pass: let the transport push back
                 event = session.next_event()
                 if event is NEED_DATA or event is PAUSED:
                     break
@@ -274,11 +271,13 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
                     self._run(commands.dispatch(event), self._answer)
         finally:
             self._driving = False
-        self.flush()
-        if self._read_closed and not self._busy and not self.lost:
+        self.output.flush()
+        if session.buffered:
+            self.guard.deadlines.input_left()  # a command line begun: its deadline runs
+        if self._read_closed and not self.held and not self.lost:
             # The client half-closed and everything it sent has been answered.
-            self.send_unsent()
-            self.transport.loseConnection()
+            self.output.send_unsent()
+            self.output.hang_up()
 
     def readConnectionLost(self) -> None:
         """The client shut its sending side: answer what it sent, then close.
@@ -288,13 +287,13 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         """
         self._read_closed = True
         if not self._started:
-            self.transport.loseConnection()
+            self.output.hang_up()
             return
         self._drive()
 
     def writeConnectionLost(self) -> None:
-        self._unsent.clear()  # the client reads no more
-        self.transport.loseConnection()
+        self.output.discard()  # the client reads no more
+        self.output.hang_up()
 
     def protocol_error(self, event: ProtocolError) -> None:
         """The core refused a line itself; count it (limits on errors build on this)."""
@@ -335,6 +334,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         if self._idle_saved is not None and not self.lost:
             self.setTimeout(self._idle_saved)
         self._idle_saved = None
+        self.guard.deadlines.resume()  # the hook's time was ours, not the client's
         self._apply(result, apply)
         self._drive()
 
@@ -371,78 +371,73 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
 
     def _resume(self) -> None:
         self._paused = False
-        if not self.lost:
+        if not self.lost and not self._output_paused:
             self.transport.resumeProducing()
 
-    # -- output ---------------------------------------------------------------------------
+    # -- IPushProducer: the transport's write buffer fills and drains ------------------------
+    def pauseProducing(self) -> None:
+        """The client is not taking its replies: read nothing more, parse nothing more."""
+        if self._output_paused or self.lost:
+            return
+        self._output_paused = True
+        if not self._paused:
+            self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        """The client took its replies: read again, and go on with what is buffered."""
+        if not self._output_paused or self.lost:
+            return
+        self._output_paused = False
+        self.guard.deadlines.resume()  # the wait was for the client's reading, not its input
+        if not self._paused:
+            self.transport.resumeProducing()
+        self._drive()
+
+    def stopProducing(self) -> None:
+        """The connection is going: connectionLost follows and cleans up."""
+
+    # -- output (qpconn.server.output) -----------------------------------------------------
     def flush(self) -> None:
         """Write what the core has to send (now, or with this turn's other replies)."""
-        session = self.session
-        data = session.data_to_send()
-        if self.lost:
-            return
-        state = session.state
-        if data:
-            if (
-                self._may_hold
-                and state is not State.CLOSED
-                and state is not State.STARTTLS
-                and len(self.factory.sessions) > 1
-            ):
-                # Sent with the other sessions' replies at the end of this turn.
-                if not self._unsent:
-                    at_turn_end(self.send_unsent)
-                self._unsent.append(data)
-                return
-            self.send_unsent()  # anything held goes first: bytes stay in order
-            if state is State.CLOSED:
-                # The last reply (221, 421): Twisted sends it and closes in one step, so
-                # the session's end is handled before the client can see that reply.
-                self.transport.write(data)
-            else:
-                fastwrite.write(self.transport, data)  # at once when nothing is queued
-            if state is State.STARTTLS:
-                self.tls.after_flush()  # the 220 to STARTTLS is out: handshake now
-            state = session.state  # a TLS failure may have closed it
-        if state is State.CLOSED:
-            last = data.rstrip(b"\r\n").rpartition(b"\r\n")[2]  # the reply that ends it
-            if last and self._closed_with is None and not last.startswith(b"221"):
-                self._closed_with = last.decode("utf-8", "replace")
-            self.send_unsent()
-            self.transport.loseConnection()
+        self.output.flush()
 
-    def send_unsent(self) -> None:
-        """Write the reply bytes held for the end of the turn (see flush, fastwrite)."""
-        unsent = self._unsent
-        if not unsent:
-            return
-        data = unsent[0] if len(unsent) == 1 else b"".join(unsent)
-        unsent.clear()
-        if not self.lost:
-            fastwrite.write(self.transport, data)
+    def close_with(self, reply: Reply) -> None:
+        """End the session with a reply no command asked for (421): written, then closed."""
+        self.output.close_with(reply)
 
     def timeoutConnection(self) -> None:
-        """Idle too long: say so (RFC 5321 §4.5.3.2 wants a 421) and close."""
+        """Idle too long: say so (RFC 5321 §4.5.3.2 wants a 421) and close; a client that
+        does not take its replies is aborted instead (the 421 would wait behind them)."""
+        if self._output_paused or self.session.closed:
+            reason = f"replies not read for {self.factory.timeout:g}s"
+            self.log.info(
+                "{conn_id} deadline: {reason}",
+                reason=reason,
+                event="deadline",
+                limit="timeout",
+                **self.log_context(),
+            )
+            if self.output.closed_with is None:
+                self.output.closed_with = f"an abort ({reason})"
+            self.session.close()
+            self.transport.abortConnection()
+            return
         self.log.info("{conn_id} idle timeout", **self.log_context())
-        self.session.send_unsolicited(
-            Reply(421, f"4.4.2 {self.factory.me} Error: timeout exceeded")
-        )
-        self.flush()
+        self.close_with(Reply(421, f"4.4.2 {self.factory.me} Error: timeout exceeded"))
 
     # -- end ------------------------------------------------------------------------------
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.lost = True
-        self._unsent.clear()
+        self.output.discard()
         self.setTimeout(None)
+        self.guard.deadlines.stop()
         self.tls.cancel_timer()
         self.tls.connection_lost(reason)  # a handshake under way failed: say why (tls.py)
         self.guard.release_slot()  # max_connections* count live connections
         self.session.close()
         if not self._started:
             # Refused or gone before a PROXY header completed: nothing ran, nothing to undo.
-            if self._proxy_timer is not None and self._proxy_timer.active():
-                self._proxy_timer.cancel()
-            self._proxy_parser = self._proxy_timer = None
+            self._end_proxy_wait()
             self.commands.transaction.close()
             self.factory.session_ended(self)
             self.commands.connection.reset()
@@ -470,12 +465,13 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             await self.commands.close()  # disconnect hooks; the transaction is released
         finally:
             self.factory.session_ended(self)
-            if self._closed_with is None:
+            closed_with = self.output.closed_with
+            if closed_with is None:
                 self.log.info("{conn_id} disconnect", **self.log_context())
             else:
                 self.log.info(
                     "{conn_id} disconnect: closed by the server after {reply}",
-                    reply=self._closed_with,
+                    reply=closed_with,
                     closed_by="server",
                     **self.log_context(),
                 )
@@ -490,4 +486,5 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         """
         self.__dict__.pop("log", None)
         self.commands.log = type(self).log  # the handlers held the same bound Logger
-        del self.guard.protocol, self.tls.protocol
+        del self.guard.protocol, self.guard.deadlines.protocol, self.tls.protocol
+        del self.output.protocol

@@ -2,8 +2,10 @@
 
 The byte-level parser is :mod:`qpconn.core.proxy` (sans-I/O). This module holds what
 needs policy rather than grammar: :class:`ProxySettings` (is the header required, from
-which balancers is it believed, how long may it take) and :func:`apply_proxy_info`, which
-rewrites a :class:`~qpconn.mail.connection.Connection` from a parsed header.
+which balancers is it believed, how long may it take), :func:`apply_proxy_info`, which
+rewrites a :class:`~qpconn.mail.connection.Connection` from a parsed header, and
+:class:`ProxyHeaderWait`, the protocol's wait for the header (until it is complete
+nothing else happens: no lookup, no hook, no banner).
 
 Why a whitelist: a PROXY header *replaces* the client address every later decision is
 made on (relaying, rate limits, DNSBLs, the Received header). Believing it from anyone
@@ -18,12 +20,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from qpconn.core.proxy import ProxyInfo
+from qpconn.core.proxy import ProxyHeaderParser, ProxyInfo, ProxyProtocolError
 
 if TYPE_CHECKING:
     from qpconn.mail.connection import Connection
+    from qpconn.server.protocol import SMTPServerProtocol
 
-__all__ = ["ProxySettings", "LOOPBACK", "apply_proxy_info", "parse_networks"]
+__all__ = ["ProxySettings", "ProxyHeaderWait", "LOOPBACK", "apply_proxy_info", "parse_networks"]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -110,3 +113,54 @@ def apply_proxy_info(connection: Connection, info: ProxyInfo) -> bool:
         connection.local_ip = _canonical(info.destination[0])
         connection.local_port = info.destination[1]
     return True
+
+
+class ProxyHeaderWait:
+    """A trusted balancer's connection until its PROXY header is complete.
+
+    Fed every byte that arrives; once the header is in, its addresses replace the
+    socket's and the session begins with what followed it. A malformed header, or none
+    complete within ``proxy_timeout``, refuses the connection
+    (:meth:`~qpconn.server.protocol.SMTPServerProtocol.refuse`: one log line, nothing run).
+    """
+
+    def __init__(self, protocol: SMTPServerProtocol) -> None:
+        self.protocol = protocol
+        factory = protocol.factory
+        proxy = factory.proxy
+        self.parser = ProxyHeaderParser(proxy.max_v2_length)
+        self.timer = factory.clock.callLater(
+            proxy.timeout or 5.0, protocol.refuse, "no complete PROXY header in time"
+        )
+
+    def feed(self, data: bytes) -> None:
+        """More bytes of the header (and maybe what follows it)."""
+        protocol = self.protocol
+        try:
+            found = self.parser.feed(data)
+        except ProxyProtocolError as exc:
+            protocol.refuse(f"bad PROXY header: {exc}")
+            return
+        if found is None:
+            return
+        info, rest = found
+        self.cancel()
+        conn = protocol.commands.connection
+        balancer = f"{conn.remote_ip}:{conn.remote_port}"
+        apply_proxy_info(conn, info)
+        protocol.log.debug(
+            "{conn_id} PROXY v{version} {command} from balancer {balancer}",
+            version=info.version,
+            command=info.command,
+            balancer=balancer,
+            **protocol.log_context(),
+        )
+        # Early talk that came with the header waits in the core until the greeting is
+        # out; it must be buffered before the session begins, which may greet at once.
+        protocol.session.receive_data(rest)
+        protocol.begin_session()
+
+    def cancel(self) -> None:
+        """No more waiting: the header is in, or the connection is refused or gone."""
+        if self.timer.active():
+            self.timer.cancel()

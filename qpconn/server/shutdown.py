@@ -42,15 +42,14 @@ def in_message(protocol: SMTPServerProtocol) -> bool:
     hook, typically) is still at work: the moments a 421 would throw work away."""
     if protocol.lost:
         return False
-    return protocol.session.state is State.DATA or protocol.handler_running
+    return protocol.session.state is State.DATA or protocol._inflight is not None
 
 
 def say_goodbye(protocol: SMTPServerProtocol, me: str) -> None:
     """421 (RFC 5321 §3.8: the server must shut down) and close after it is written."""
     if protocol.session.closed or protocol.lost:
         return
-    protocol.session.send_unsolicited(Reply(421, f"4.3.2 {me} Service shutting down"))
-    protocol.flush()
+    protocol.close_with(Reply(421, f"4.3.2 {me} Service shutting down"))
 
 
 class GracefulShutdown(Service):

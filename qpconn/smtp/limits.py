@@ -21,6 +21,12 @@ Every limit an abusive client could otherwise push past lives here, read once at
   to; without the file, loopback and the ``relayclients`` (Postfix exempts ``$mynetworks``).
 * ``bare_newline`` -- what a bare CR or LF in message text earns: ``reject`` (refused at the
   end of DATA) or ``normalize`` (stored as CRLF). Neither lets a bare one end the message.
+* ``command_deadline``, ``min_data_rate`` after ``data_rate_grace``, ``max_session_time`` --
+  what a session may take however it trickles (the idle timers restart with every byte):
+  seconds for one command line from its first byte (unset: ``timeout``, at most 60), octets
+  per second of message text once its first seconds are over (unset grace: ``data_timeout``,
+  at most 30), seconds for the whole session (3600). Applied by
+  :mod:`qpconn.server.deadlines`; ``0`` turns each off.
 
 Pure Python: no Twisted here, so the core's tests and plugins can use it as well.
 """
@@ -44,6 +50,8 @@ __all__ = [
     "TOO_MANY",
     "TOO_MANY_FROM_ADDRESS",
     "TOO_FAST_FROM_ADDRESS",
+    "COMMAND_DEADLINE_CAP",
+    "DATA_RATE_GRACE_CAP",
     "limit_exceptions",
 ]
 
@@ -60,6 +68,12 @@ RATE_TABLE_SIZE = 100_000
 
 #: The values the ``bare_newline`` setting may take.
 BARE_NEWLINE_POLICIES = ("reject", "normalize")
+
+#: ``command_deadline`` without the file: the idle ``timeout``, but never more than this. A
+#: real client sends a command line in one segment; a person typing one needs seconds.
+COMMAND_DEADLINE_CAP = 60.0
+#: ``data_rate_grace`` without the file: ``data_timeout``, but never more than this.
+DATA_RATE_GRACE_CAP = 30.0
 
 
 def _not_negative(name: str, value: float) -> None:
@@ -81,6 +95,15 @@ class SessionLimits:
     #: sessions one address may open per ``connection_rate_window`` seconds; 0: no limit
     max_connection_rate: int = 60
     connection_rate_window: float = 60.0
+    #: seconds a command line may take from its first byte; None: see command_deadline_for
+    command_deadline: float | None = None
+    #: octets per second message text must average after the grace (Postfix's
+    #: smtpd_min_data_rate); 0: no minimum
+    min_data_rate: int = 500
+    #: seconds of message text before min_data_rate applies; None: see data_rate_grace_for
+    data_rate_grace: float | None = None
+    #: seconds a whole session may last; 0: no limit
+    max_session_time: float = 3600.0
 
     @classmethod
     def from_config(cls, config: Config) -> SessionLimits:
@@ -93,24 +116,41 @@ class SessionLimits:
         window = config.get_float("connection_rate_window", 60.0)
         if window <= 0:
             raise ConfigError(f"connection_rate_window: {window!r} must be more than 0")
-        data_timeout = None
+        # Unset, these three are worked out from others (the methods below): None.
+        data_timeout: float | None = None
+        command_deadline: float | None = None
+        data_rate_grace: float | None = None
         if config.get("data_timeout") is not None:
             data_timeout = config.get_float("data_timeout", 0.0)
-            _not_negative("data_timeout", data_timeout)
+        if config.get("command_deadline") is not None:
+            command_deadline = config.get_float("command_deadline", 0.0)
+        if config.get("data_rate_grace") is not None:
+            data_rate_grace = config.get_float("data_rate_grace", 0.0)
+        min_data_rate = config.get_int("min_data_rate", 500)
+        max_session_time = config.get_float("max_session_time", 3600.0)
         for name, value in (
             ("max_rcpt", max_rcpt),
             ("max_errors", max_errors),
             ("max_connections", max_connections),
             ("max_connections_per_ip", per_ip),
             ("max_connection_rate", rate),
+            ("min_data_rate", min_data_rate),
+            ("data_timeout", data_timeout or 0),
+            ("command_deadline", command_deadline or 0),
+            ("data_rate_grace", data_rate_grace or 0),
+            ("max_session_time", max_session_time),
         ):
             _not_negative(name, value)
         bare = (config.get("bare_newline") or "reject").lower()
         if bare not in BARE_NEWLINE_POLICIES:
             raise ConfigError(f"bare_newline: {bare!r} is not one of reject, normalize")
         return cls(
-            max_rcpt, max_errors, data_timeout, max_connections, per_ip, bare, rate, window
-        )
+            max_rcpt, max_errors, data_timeout, max_connections, per_ip, bare, rate, window,
+            command_deadline=command_deadline,
+            min_data_rate=min_data_rate,
+            data_rate_grace=data_rate_grace,
+            max_session_time=max_session_time,
+        )  # fmt: skip
 
     @property
     def normalize_newlines(self) -> bool:
@@ -120,6 +160,27 @@ class SessionLimits:
         """The DATA-phase timeout given the idle one; None when there is none."""
         value = idle if self.data_timeout is None else self.data_timeout
         return value or None
+
+    def command_deadline_for(self, idle: float) -> float | None:
+        """Seconds a command line may take from its first byte; None when there is no limit.
+
+        Unset, the idle ``timeout`` up to :data:`COMMAND_DEADLINE_CAP`: a line trickled in
+        never gets more time than silence would.
+        """
+        if self.command_deadline is None:
+            return min(idle, COMMAND_DEADLINE_CAP)
+        return self.command_deadline or None
+
+    def data_rate_grace_for(self, idle: float) -> float:
+        """Seconds of message text before ``min_data_rate`` applies.
+
+        Unset, ``data_timeout`` (itself the idle ``timeout`` by default) up to
+        :data:`DATA_RATE_GRACE_CAP`.
+        """
+        if self.data_rate_grace is not None:
+            return self.data_rate_grace
+        silence = self.data_timeout_or(idle)
+        return min(silence, DATA_RATE_GRACE_CAP) if silence else DATA_RATE_GRACE_CAP
 
 
 def limit_exceptions(config: Config) -> NetworkList:

@@ -1,7 +1,7 @@
 """Work left for the end of the current reactor turn, run by one ``callLater(0)``.
 
 The replies of many sessions are held until the end of the reactor turn that produced
-them (:meth:`qpconn.server.protocol.SMTPServerProtocol.flush`). Each session used to
+them (:meth:`qpconn.server.output.ReplyWriter.flush`). Each session used to
 schedule its own ``callLater(0)``; a busy server makes several turns per message, and a
 ``DelayedCall`` costs a few microseconds to make, queue and run. :func:`at_turn_end`
 gathers them: the first call of a turn schedules one ``callLater(0)`` (run after the
