@@ -46,13 +46,11 @@ SEND_BUFFER = 32 * 1024
 
 
 def bound_send_buffer(transport: Any) -> None:
-    """Cap the kernel's send buffer of a socket transport (others are left as they are:
-    an in-memory transport, or the TLS layer of an ``ssl:`` listener, which has no
-    socket of its own)."""
+    """Cap the kernel's send buffer of a socket transport."""
     try:
         transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
-    except (AttributeError, OSError):
-        pass
+    except OSError:
+        pass  # the socket is gone already: the write path finds out
 
 
 class ReplyWriter:
@@ -72,7 +70,8 @@ class ReplyWriter:
         self.closed_with: str | None = None
         # Twisted tells the protocol when the write buffer fills and drains.
         transport.registerProducer(protocol, True)
-        bound_send_buffer(transport)
+        if self.may_hold:  # a socket of our own (not a test's in-memory transport, nor
+            bound_send_buffer(transport)  # the TLS layer of an ssl: listener)
         self._producing = True
 
     def flush(self) -> None:
