@@ -1,11 +1,8 @@
 """One message on an open session, in process: the protocol path without kernel or reactor.
 
-``python bench/inprocess.py [--sessions 10] [--messages 2000] [--runs 5] [--fresh]`` drives
-the real ``SMTPServerProtocol`` (the sink configuration: ``rcpt_ok``, ``queue/discard``)
-over in-memory transports and prints the CPU time per message, the median of the runs;
-``--fresh`` opens a new session for each message (connect, EHLO, the message, QUIT, the
-close), as smtp-source does on the benchmark's workloads, so the per-connection cost counts
-too. It is
+``python bench/inprocess.py [--sessions 10] [--messages 2000] [--runs 5]`` drives the real
+``SMTPServerProtocol`` (the sink configuration: ``rcpt_ok``, ``queue/discard``) over
+in-memory transports and prints the CPU time per message, the median of the runs. It is
 the quick check of a change to the protocol path, before ``bench/run`` on real sockets:
 the figures are not comparable with bench/run's, only with this script's own on the
 same machine (run it on the old code, ``PYTHONPATH=OLD python bench/inprocess.py``, for
@@ -22,10 +19,8 @@ import time
 from pathlib import Path
 
 from twisted.internet.address import IPv4Address
-from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.python.failure import Failure
 
 from qpconn.config import Config
 from qpconn.server.factory import SMTPFactory
@@ -50,28 +45,11 @@ def open_sessions(factory: SMTPFactory, count: int) -> list[tuple[object, String
     return sessions
 
 
-def one_run(sessions: int, messages: int, fresh: bool = False) -> float:
+def one_run(sessions: int, messages: int) -> float:
     with tempfile.TemporaryDirectory() as directory:
         for name, text in (("me", "mx.test\n"), ("plugins", "rcpt_ok\nqueue/discard\n")):
             Path(directory, name).write_text(text)
-        if fresh:
-            return measure_fresh(Config(directory), messages)
         return measure(Config(directory), sessions, messages)
-
-
-def measure_fresh(config: Config, messages: int) -> float:
-    factory = SMTPFactory(config, clock=Clock(), lookups=LookupSettings(rdns=False))
-    gc.collect()
-    started = time.process_time()
-    for _ in range(messages):
-        ((protocol, transport),) = open_sessions(factory, 1)
-        protocol.dataReceived(ENVELOPE)
-        protocol.dataReceived(MESSAGE)
-        protocol.dataReceived(b"QUIT\r\n")
-        if b"250 2.0.0" not in transport.value() or not transport.disconnecting:
-            raise SystemExit(f"the sink refused a message: {transport.value()!r}")
-        protocol.connectionLost(Failure(ConnectionDone()))
-    return (time.process_time() - started) / messages
 
 
 def measure(config: Config, sessions: int, messages: int) -> float:
@@ -92,18 +70,52 @@ def measure(config: Config, sessions: int, messages: int) -> float:
     return spent / (messages // sessions * sessions)
 
 
+def churn(config: Config, connections: int) -> float:
+    """A new connection per message (workload iv): connect, EHLO, one message, QUIT."""
+    factory = SMTPFactory(config, clock=Clock(), lookups=LookupSettings(rdns=False))
+    script = b"EHLO bench.example\r\n" + ENVELOPE
+    gc.collect()
+    started = time.process_time()
+    for number in range(connections):
+        transport = StringTransport(
+            hostAddress=IPv4Address("TCP", "127.0.0.1", 25),
+            peerAddress=IPv4Address("TCP", "127.0.0.1", 40000 + number % 20000),
+        )
+        protocol = factory.buildProtocol(transport.getPeer())
+        protocol.makeConnection(transport)
+        protocol.dataReceived(script)
+        protocol.dataReceived(MESSAGE)
+        protocol.dataReceived(b"QUIT\r\n")
+        protocol.connectionLost(None)
+        if b"221 " not in transport.value():
+            raise SystemExit(f"the session did not end with 221: {transport.value()!r}")
+    return (time.process_time() - started) / connections
+
+
+def one_churn_run(connections: int) -> float:
+    with tempfile.TemporaryDirectory() as directory:
+        for name, text in (("me", "mx.test\n"), ("plugins", "rcpt_ok\nqueue/discard\n")):
+            Path(directory, name).write_text(text)
+        return churn(Config(directory), connections)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, default=10)
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--fresh", action="store_true", help="a new session per message")
+    parser.add_argument(
+        "--churn", type=int, default=0, metavar="N",
+        help="instead: N connections of one message each (workload iv's path)",
+    )  # fmt: skip
     args = parser.parse_args()
-    results = [one_run(args.sessions, args.messages, args.fresh) for _ in range(args.runs)]
-    print(
-        f"{statistics.median(results) * 1e6:.1f} us CPU per message "
-        f"(median of {args.runs}; runs: {', '.join(f'{r * 1e6:.1f}' for r in results)})"
-    )
+    if args.churn:
+        results = [one_churn_run(args.churn) for _ in range(args.runs)]
+    else:
+        results = [one_run(args.sessions, args.messages) for _ in range(args.runs)]
+    what = "connection" if args.churn else "message"
+    print(f"{statistics.median(results) * 1e6:.1f} us CPU per {what} "
+          f"(median of {args.runs}; runs: {', '.join(f'{r * 1e6:.1f}' for r in results)})")
 
 
 if __name__ == "__main__":

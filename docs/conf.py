@@ -31,7 +31,10 @@ myst_enable_extensions = ["colon_fence"]
 
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
-autodoc_default_options = {"members": True, "undoc-members": False}
+# No members by default: each directive in api.md lists the public ones, so that helpers a
+# class keeps for itself stay out of the reference (a default of members=True would also
+# override those lists).
+autodoc_default_options: dict[str, object] = {}
 
 html_theme = "alabaster"
 html_title = f"qpconn {release}"

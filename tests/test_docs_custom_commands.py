@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import re
 import smtplib
+import socket
+from pathlib import Path
 
 import pytest_twisted
 
 from docs.examples.custom_commands import StatsCommands
 from qpconn import DENY
 from qpconn.plugins import Plugin
-from tests.support.server import in_thread, raw_session, reply_codes
+from tests.support.server import in_thread, raw_session, read_replies, reply_codes
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 
 
 class RefuseBlocked(Plugin):
@@ -92,3 +97,49 @@ async def test_http_request_is_refused_and_the_connection_closed(qpconn_server, 
     assert lines[0].startswith(b"220 ")
     # One reply, then the server closed: the Host line was never answered.
     assert lines[1:] == [b"554 5.7.0 This is an SMTP server, not a web server", b""]
+
+
+def transcript() -> list[tuple[str, list[str]]]:
+    """docs/protocol.md's session: each client line with the server lines that follow it
+    (the greeting comes first, under an empty client line)."""
+    text = DOC.read_text(encoding="utf-8")
+    block = text[text.index("```\nS: 220 ") + 4 :]
+    block = block[: block.index("```")]
+    steps: list[tuple[str, list[str]]] = [("", [])]
+    for line in block.splitlines():
+        if line.startswith("C: "):
+            steps.append((line[3:], []))
+        else:
+            assert line.startswith("S: "), line
+            steps[-1][1].append(line[3:])
+    return steps
+
+
+def play(address: tuple[str, int], steps: list[tuple[str, list[str]]]) -> list[str]:
+    """Send each client line (``(message) .`` is a message and its dot) and read as many
+    replies as the transcript shows for it: the server's lines, in order."""
+    with socket.create_connection(address, timeout=10) as sock:
+        answered = b""
+        for command, shown in steps:
+            if command == "(message) .":
+                sock.sendall(b"Subject: transcript\r\n\r\nhello\r\n.\r\n")
+            elif command:
+                sock.sendall(command.encode() + b"\r\n")
+            replies = sum(1 for line in shown if line[3:4] == " ")
+            answered += read_replies(sock, replies)
+    return answered.decode().splitlines()
+
+
+def without_ids(lines: list[str]) -> list[str]:
+    return [re.sub(r"\b[0-9a-f]{16}\b", "<id>", line) for line in lines]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_documented_transcript_is_what_the_server_says(qpconn_server, tmp_path):
+    server = start(qpconn_server, tmp_path)
+    steps = transcript()
+    assert [command for command, _ in steps][1:] == [
+        "EHLO client.example", "MAIL FROM:<a@example.org>", "RCPT TO:<u@mx.test>", "DATA",
+        "(message) .", "XSTATS", "EXPN staff", "QUIT"]  # fmt: skip
+    said = await in_thread(play, server.address, steps)
+    assert without_ids(said) == without_ids([line for _, shown in steps for line in shown])

@@ -4,7 +4,8 @@ tests/test_plugin_loading.py checks that an entry point from a dist-info directo
 found. This goes the whole way a plugin author's user goes: ``pip install`` of the example
 package (built by setuptools from its pyproject.toml, offline) into a fresh virtualenv
 that has qpconn, then ``python -m qpconn check`` and a real ``twistd qpconn`` in that
-virtualenv, loading the plugin by the name its entry point declares.
+virtualenv, loading the plugin by the name its entry point declares: the commands
+docs/plugins.md shows for it.
 """
 
 from __future__ import annotations

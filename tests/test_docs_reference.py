@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 import smtplib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -185,3 +188,48 @@ async def test_complete_example_refuses_listed_senders_and_adds_its_header(
     (message,) = server.messages()
     head = message.partition(b"\n\n")[0]
     assert head.endswith(b"\nX-Peer: unknown [127.0.0.1] verified=no")
+
+
+# -- "Testing a plugin" in plugins.md, run as a plugin author runs it --------------------
+def test_the_testing_example_passes_under_pytest_with_what_ships(tmp_path):
+    """The block imports only what the qpconn package ships (qpconn.testing and its pytest
+    fixtures): in a project of its own, next to the complete example as its plugin, it
+    passes under pytest, its real-server test against a real ``twistd qpconn``."""
+    text = read("plugins.md")
+    example = between(text, "<!-- example: badmailfrom -->\n```python\n", "```")
+    tests = between(text, "<!-- example: testing-a-plugin -->\n```python\n", "```")
+    assert "tests." not in tests  # nothing of this repository's own test suite
+    project = tmp_path / "project"
+    (project / "mycompany").mkdir(parents=True)
+    (project / "mycompany" / "__init__.py").write_text("")
+    (project / "mycompany" / "badmailfrom.py").write_text(example)
+    (project / "test_badmailfrom.py").write_text(tests)
+    env = {**os.environ, "PYTHONPATH": str(project)}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_badmailfrom.py"],
+        cwd=project, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 passed" in done.stdout
+
+
+def test_the_run_in_pool_example_refuses_unknown_users(tmp_path):
+    """plugins.md's run_in_pool plugin, as written, with its SQLite work done in place (the
+    testing kit's inline_pools) so that it runs on the fake clock."""
+    import sqlite3
+
+    from qpconn.testing import run_session
+
+    code = between(read("plugins.md"), "### Synchronous libraries: `run_in_pool`", "\n### ")
+    code = between(code, "```python\n", "```")
+    namespace: dict[str, object] = {}
+    exec(compile(code, "docs/plugins.md", "exec"), namespace)
+    with sqlite3.connect(tmp_path / "users.db") as db:  # the working directory: tmp_path
+        db.execute("CREATE TABLE users (address TEXT)")
+        db.execute("INSERT INTO users VALUES ('known@mx.test')")
+    script = ["EHLO c.example", "MAIL FROM:<a@example.org>", "RCPT TO:<Known@mx.test>",
+              "RCPT TO:<stranger@mx.test>"]  # fmt: skip
+    plugins = [namespace["KnownUsers"], "rcpt_ok"]
+    result = run_session(plugins, script, inline_pools=("known_users",))
+    assert result.codes == [220, 250, 250, 250, 550]
+    assert result.replies[-1].text == "no such user"

@@ -122,6 +122,7 @@ def test_tac_file_serves_mail_into_the_maildir_from_the_environment(tmp_path):
 
 
 def test_tac_file_with_a_config_directory_and_protocol_subclass(tmp_path):
+    """docs/protocol.md's QPCONN_COMMANDS command, with a config directory and a free port."""
     port = free_port()
     config = tmp_path / "config"
     config.mkdir()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import socket
 import struct
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,6 +19,7 @@ import pytest_twisted
 
 from tests.e2e_client import Client, ehlo, watch_errors
 from tests.support.server import in_thread
+from tests.support.timing import wait_until
 
 RCPT = "<user@mx.test>"
 
@@ -118,11 +118,7 @@ async def test_clients_vanishing_mid_command_and_mid_data_free_everything(
             smtp.send(b"Subject: cut\r\n\r\n" + b"x" * 70 + b"\r\n")
             smtp.send((b"y" * 998 + b"\r\n") * 200)
             # Wait (bounded) until the server has read past size_threshold and spooled.
-            for _ in range(500):
-                if os.listdir(spool):
-                    break
-                time.sleep(0.01)
-            spooled = len(os.listdir(spool)) == 1
+            spooled = wait_until(lambda: os.listdir(spool)) and len(os.listdir(spool)) == 1
             # RST rather than FIN: the rudest way to go.
             smtp.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             return spooled

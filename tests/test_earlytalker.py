@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor, task
 
 from qpconn.config import Config
 from qpconn.plugins import PluginLoadError, load_plugin
@@ -22,7 +21,8 @@ from qpconn.server.factory import SMTPFactory
 from qpconn.server.guard import EARLY_TALK_BUFFER
 from qpconn.server.proxy import ProxySettings
 from tests.e2e_client import Client, watch_errors
-from tests.support.server import in_thread, read_until_quiet
+from tests.support.server import in_thread, read_replies, reply_codes
+from tests.support.timing import wait_until
 
 WAIT = "0.3"
 
@@ -39,15 +39,22 @@ def start(qpconn_server: Any, *args: str, files: dict[str, Any] | None = None, *
     )
 
 
-def talk_first(address: tuple[str, int], early: bytes, later: bytes = b"") -> bytes:
-    """Send ``early`` right after connecting, then ``later`` once something came back."""
-    with socket.create_connection(address, timeout=5) as sock:
+def talk_first(
+    address: tuple[str, int], early: bytes, later: bytes = b"", replies: int | None = None
+) -> bytes:
+    """Send ``early`` right after connecting, then ``later`` once a reply came back; read
+    until ``replies`` replies in all (None: until the server closes the connection).
+
+    ``early`` goes out as soon as ``connect()`` returns, before the server has even
+    accepted, so it is early however slow the machine: the hold starts after the accept.
+    """
+    with socket.create_connection(address, timeout=10) as sock:
         sock.sendall(early)
-        data = read_until_quiet(sock, wait=0.5)
+        data = read_replies(sock, 1)
         if later:
             sock.sendall(later)
-            data += read_until_quiet(sock, wait=0.5)
-        return data
+        more = None if replies is None else replies - len(reply_codes(data))
+        return data + read_replies(sock, more)
 
 
 def codes(data: bytes) -> list[bytes]:
@@ -114,50 +121,60 @@ async def test_action_log_only_notes_and_the_early_commands_are_answered(qpconn_
             return super().greeting()
 
     server.factory.commands = Spy
-    data = await in_thread(talk_first, server.address, b"EHLO bot.example\r\nNOOP\r\n")
+    data = await in_thread(talk_first, server.address, b"EHLO bot.example\r\nNOOP\r\n", b"", 3)
     assert codes(data) == [b"220", b"250", b"250"]
     assert seen == [{"early_talker": True}]
 
 
 @pytest_twisted.ensureDeferred
 async def test_relay_clients_are_neither_delayed_nor_refused(qpconn_server):
-    server = start(qpconn_server, "action", "deny", files={"relayclients": ["127.0.0.1"]})
+    # A 30 s hold: a relay client greeted in under half of it was not held at all.
+    line = "earlytalker wait 30 action deny"
+    server = qpconn_server(files={"relayclients": ["127.0.0.1"]},
+                           plugins=["relay", line, "rcpt_ok", "queue/discard"])  # fmt: skip
 
-    def client() -> bytes:
+    def client() -> tuple[bytes, float]:
         started = time.monotonic()
-        data = talk_first(server.address, b"EHLO friend.example\r\n")
-        assert time.monotonic() - started < float(WAIT) + 0.5
-        return data
+        data = talk_first(server.address, b"EHLO friend.example\r\n", b"", 2)
+        return data, time.monotonic() - started
 
-    assert codes(await in_thread(client)) == [b"220", b"250"]
+    data, waited = await in_thread(client)
+    assert codes(data) == [b"220", b"250"]
+    assert waited < 15
 
 
 @pytest_twisted.ensureDeferred
 async def test_an_early_flood_is_read_only_up_to_a_bound(qpconn_server):
-    server = start(qpconn_server, "action", "deny", "wait", "0.6")
-    buffered: list[int] = []
+    # The greeting is held 5 s: time for the flood to fill every buffer on the way while
+    # the session is there to be looked at, however slow the machine.
+    server = start(qpconn_server, "action", "deny", "wait", "5")
+    sock = socket.create_connection(server.address, timeout=10)
 
-    def measure() -> None:
-        buffered.extend(p.session.buffered for p in server.factory.sessions)
+    def flood() -> int:
+        """Offer 8 MB; stop when nothing more is taken for half a second (the server has
+        stopped reading and the kernel buffers are full) or when all 8 MB were taken."""
+        sock.settimeout(0.5)
+        sent = 0
+        try:
+            while sent < 8 << 20:
+                sent += sock.send(b"x" * 65536)
+        except TimeoutError:
+            pass
+        return sent
 
-    def client() -> bytes:
-        with socket.create_connection(server.address, timeout=5) as sock:
-            sock.setblocking(False)
-            sent = 0
-            deadline = time.monotonic() + 0.4
-            while time.monotonic() < deadline and sent < 8 << 20:
-                try:
-                    sent += sock.send(b"x" * 65536)
-                except BlockingIOError:
-                    time.sleep(0.01)
-            sock.setblocking(True)
-            return read_until_quiet(sock, wait=0.5)
-
-    flood = in_thread(client)
-    await task.deferLater(reactor, 0.5, measure)
-    data = await flood
-    # Read up to the bound (the note needs a byte), then no further: 8 MB were offered.
-    assert buffered and EARLY_TALK_BUFFER < max(buffered) <= EARLY_TALK_BUFFER + 65536
+    try:
+        sent = await in_thread(flood)
+        # what the server read of it; it must have read past the bound to notice the talk
+        # (a copy of the set: the reactor thread may change it while this one reads)
+        assert await in_thread(wait_until, lambda: any(
+            p.session.buffered > EARLY_TALK_BUFFER for p in tuple(server.factory.sessions)))
+        buffered = max(p.session.buffered for p in server.factory.sessions)
+        data = await in_thread(read_replies, sock, None)
+    finally:
+        sock.close()
+    # Read up to the bound (the note needs a byte), then no further: far more was offered.
+    assert sent > EARLY_TALK_BUFFER + 65536
+    assert EARLY_TALK_BUFFER < buffered <= EARLY_TALK_BUFFER + 65536
     assert data.startswith(b"550 5.7.1 ")
 
 
@@ -173,7 +190,7 @@ async def test_bytes_that_come_with_the_proxy_header_are_early_talk(qpconn_serve
     server = start(qpconn_server, "action", "deny", factory_class=ProxyFactory)
     header = b"PROXY TCP4 192.0.2.9 127.0.0.1 40000 25\r\n"
     early = await in_thread(talk_first, server.address, header + b"EHLO bot\r\n")
-    polite = await in_thread(talk_first, server.address, header, b"EHLO client\r\n")
+    polite = await in_thread(talk_first, server.address, header, b"EHLO client\r\n", 2)
     assert codes(early) == [b"550 5.7.1"]
     assert codes(polite) == [b"220", b"250"]
 

@@ -22,11 +22,11 @@ from qpconn.mail.outcomes import set_recipient_reply
 from qpconn.plugins import Plugin
 from qpconn.server.lmtp import LMTPListenerFactory
 from tests.e2e_client import Client
-from tests.support.nexthop import wait_until
 from tests.support.postfix import private_postfix
 from tests.support.postfix import read as _read
 from tests.support.process import free_port
 from tests.support.server import in_thread
+from tests.support.timing import wait_until
 
 MASTER_CF = """\
 lmtp      unix  - - n - - lmtp

@@ -21,8 +21,15 @@ from qpconn.server.lookup import (
 )
 from tests.support.dnsserver import DNSTestServer, start_dns_server
 
+#: the budget of the lookups that test a timeout
 TIMEOUT = 0.6
-MARGIN = 0.4
+#: the budget of every other lookup: an answer is never mistaken for a timeout, and a
+#: timeout test ending in under half of the 5 s ``dns_timeout`` default was cut off by
+#: its own TIMEOUT, not by the default
+LONG_TIMEOUT = 30.0
+DEFAULT_TIMEOUT = 5.0
+#: each step of the 127.0.0.15 lookup is answered this late, and their budget together
+STEP_DELAY, STEPS_BUDGET = 1.0, 1.6
 
 
 def rev(ip: str) -> str:
@@ -67,15 +74,16 @@ async def dns_server() -> AsyncIterator[DNSTestServer]:
         ZONE,
         servfail={rev("127.0.0.4")},
         hang={rev("127.0.0.5"), "slowfwd.test"},
-        delay={rev("127.0.0.15"): 0.35, "delayedfwd.test": 0.35},
+        delay={rev("127.0.0.15"): STEP_DELAY, "delayedfwd.test": STEP_DELAY},
     )
     yield srv
     await srv.stop()
 
 
 def make_lookup(srv: DNSTestServer, cache: LookupCache | None = None, **kw: Any) -> PeerLookup:
-    resolver = make_resolver([srv.address], timeout=TIMEOUT)
-    return PeerLookup(resolver, reactor, timeout=kw.pop("timeout", TIMEOUT), cache=cache, **kw)
+    timeout = kw.pop("timeout", LONG_TIMEOUT)
+    resolver = make_resolver([srv.address], timeout=timeout)
+    return PeerLookup(resolver, reactor, timeout=timeout, cache=cache, **kw)
 
 
 @pytest_twisted.ensureDeferred
@@ -138,29 +146,30 @@ async def test_servfail(dns_server: DNSTestServer) -> None:
 @pytest_twisted.ensureDeferred
 async def test_server_never_answers(dns_server: DNSTestServer) -> None:
     start = time.monotonic()
-    result = await make_lookup(dns_server).reverse("127.0.0.5")
+    result = await make_lookup(dns_server, timeout=TIMEOUT).reverse("127.0.0.5")
     elapsed = time.monotonic() - start
     assert result == ReverseDNS(None, False, "timeout")
-    assert TIMEOUT - 0.1 <= elapsed < TIMEOUT + MARGIN
+    assert TIMEOUT - 0.05 <= elapsed < DEFAULT_TIMEOUT / 2
 
 
 @pytest_twisted.ensureDeferred
 async def test_forward_step_never_answers(dns_server: DNSTestServer) -> None:
     start = time.monotonic()
-    result = await make_lookup(dns_server).reverse("127.0.0.9")
-    assert time.monotonic() - start < TIMEOUT + MARGIN
+    result = await make_lookup(dns_server, timeout=TIMEOUT).reverse("127.0.0.9")
+    assert time.monotonic() - start < DEFAULT_TIMEOUT / 2
     assert result == ReverseDNS("slowfwd.test", False, "forward-timeout")
 
 
 @pytest_twisted.ensureDeferred
 async def test_deadline_covers_both_steps(dns_server: DNSTestServer) -> None:
-    # Each step alone fits the budget (0.35 s < 0.6 s); together they do not.
+    # Each step alone fits the budget (1 s < 1.6 s: the first answer may come 0.6 s late);
+    # together they cannot (2 s, each delay being a minimum).
     start = time.monotonic()
-    result = await make_lookup(dns_server).reverse("127.0.0.15")
-    assert time.monotonic() - start < TIMEOUT + MARGIN
+    result = await make_lookup(dns_server, timeout=STEPS_BUDGET).reverse("127.0.0.15")
+    assert time.monotonic() - start < DEFAULT_TIMEOUT / 2
     assert result == ReverseDNS("delayedfwd.test", False, "forward-timeout")
     # ...and with enough time the same lookup succeeds.
-    ok = await make_lookup(dns_server, timeout=2.0).reverse("127.0.0.15")
+    ok = await make_lookup(dns_server).reverse("127.0.0.15")
     assert ok == ReverseDNS("delayedfwd.test", True, None)
 
 
@@ -259,8 +268,8 @@ class CountingResolver:
 
 @pytest_twisted.ensureDeferred
 async def test_concurrent_lookups_share_one_query(dns_server: DNSTestServer) -> None:
-    resolver = CountingResolver(make_resolver([dns_server.address], TIMEOUT))
-    lookup = PeerLookup(resolver, reactor, timeout=TIMEOUT)
+    resolver = CountingResolver(make_resolver([dns_server.address], LONG_TIMEOUT))
+    lookup = PeerLookup(resolver, reactor, timeout=LONG_TIMEOUT)
     results = await defer.gatherResults([lookup.reverse("127.0.0.1") for _ in range(5)])
     assert results == [ReverseDNS("good.test", True, None)] * 5
     assert resolver.ptr_calls == 1
@@ -398,7 +407,7 @@ async def test_dns_helper_serves_txt_mx_and_tcp(dns_server: DNSTestServer) -> No
     dns_server.add("txt.test", "TXT", "v=spf1 -all", 60)
     dns_server.add("long.test", "TXT", "k" * 600, 60)
     dns_server.add("mx.test", "MX", (10, "mail.test."), 60)
-    resolver = client.Resolver(servers=[dns_server.address], timeout=(1,))
+    resolver = client.Resolver(servers=[dns_server.address], timeout=(LONG_TIMEOUT,))
     try:
         txt, _, _ = await resolver.lookupText("txt.test")
         assert txt[0].payload.data == [b"v=spf1 -all"]

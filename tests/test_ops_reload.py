@@ -10,6 +10,8 @@ import pytest_twisted
 
 from qpconn.testing.pytest_plugin import qpconn_start  # noqa: F401 - the fixture
 from tests.support.process import free_port
+from tests.support.server import in_thread
+from tests.support.timing import wait_until
 
 
 def write(directory, **files: str) -> None:
@@ -133,8 +135,6 @@ async def test_the_tac_recipe_reloads_on_sighup_in_process(tmp_path, config):
     import os
     import signal
 
-    from twisted.internet import reactor, task
-
     from qpconn.app.metrics import metrics_service
     from qpconn.app.reload import ReloadOnSignal
     from qpconn.app.service import make_service
@@ -149,10 +149,8 @@ async def test_the_tac_recipe_reloads_on_sighup_in_process(tmp_path, config):
         old_runner = top.factory.runner
         write(config, plugins="badmailfrom\nrcpt_ok\nqueue/maildir ./store\n")
         os.kill(os.getpid(), signal.SIGHUP)
-        for _ in range(200):  # the handler hands the reload to the reactor
-            if top.factory.runner is not old_runner:
-                break
-            await task.deferLater(reactor, 0.01, lambda: None)
+        # the handler hands the reload to the reactor
+        assert await in_thread(wait_until, lambda: top.factory.runner is not old_runner)
         assert [p.name for p in top.factory.plugins] == ["badmailfrom", "rcpt_ok", "queue/maildir"]
         assert top.factory.runner.observer is not None  # metrics carried over
     finally:

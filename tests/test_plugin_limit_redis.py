@@ -22,6 +22,7 @@ from tests.e2e_client import watch_errors
 from tests.support.policy import BoundClient, codes
 from tests.support.redisserver import redis_binary, redis_server
 from tests.support.server import in_thread
+from tests.support.timing import wait_until
 from tests.test_plugin_limit import MAIL, rcpts, run
 from tests.test_plugin_limit import start as start  # the fixture, re-exported
 
@@ -114,13 +115,11 @@ async def test_the_places_of_a_dead_node_expire(start, redis_url):
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     key = KEY_PREFIX + "concurrency:127.0.0.2"
     # a node that died with a session open: its place is in Redis, and nobody vacates it
-    client.zadd(key, {"dead-node-session": time.time() * 1000 + 1000})
-    client.pexpire(key, 1000)
+    # (for 3 s: time for the session below on a loaded machine, then the place expires)
+    client.zadd(key, {"dead-node-session": time.time() * 1000 + 3000})
+    client.pexpire(key, 3000)
     assert codes(await run(server, "127.0.0.2", [])) == [421]
-    deadline = time.monotonic() + 10
-    while client.exists(key) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not client.exists(key)
+    assert await in_thread(wait_until, lambda: not client.exists(key))
     assert codes(await run(server, "127.0.0.2", [])) == [220]
 
 
@@ -178,6 +177,6 @@ async def test_a_hanging_redis_costs_at_most_its_timeout(start, events):
         began = time.monotonic()
         replies = await run(server, "127.0.0.2", MAIL + rcpts("u@mx.test", "v@mx.test"))
         assert codes(replies)[3:] == [250, 250]
-        # one try and its retry, then held off: well under the hook timeout
-        assert time.monotonic() - began < 5
+        # one try and its retry, then held off: under half the 30 s hook timeout
+        assert time.monotonic() - began < 15
     assert "imeout" in events[0]["error"] and len(events) == 1

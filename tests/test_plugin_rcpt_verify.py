@@ -23,11 +23,12 @@ from qpconn.plugins import Plugin, PluginLoadError, load_plugin
 from tests.e2e_client import Client, watch_errors
 from tests.support.docs import plugins_example
 from tests.support.dovecot import private_dovecot
-from tests.support.nexthop import Recorder, ScriptedServer, aiosmtpd_next_hop, wait_until
+from tests.support.nexthop import Recorder, ScriptedServer, aiosmtpd_next_hop
 from tests.support.postfix import private_postfix
 from tests.support.postfix import read as read_log
 from tests.support.process import free_port
 from tests.support.server import in_thread
+from tests.support.timing import wait_until
 
 TEXT = b"Subject: verified\r\nMessage-ID: <v1@client.test>\r\n\r\nhello\r\n"
 UNKNOWN = "550 5.1.1 <nobody@mx.test>: Recipient address rejected: no such user here"

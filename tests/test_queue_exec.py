@@ -22,6 +22,7 @@ from qpconn.config import Config
 from qpconn.plugins import PluginLoadError, load_plugin
 from tests.e2e_client import Client
 from tests.support.server import in_thread
+from tests.support.timing import wait_until
 
 TEXT = b"Subject: piped\r\n\r\nline one\r\n..dotted"  # ".dotted" once unstuffed
 
@@ -141,7 +142,7 @@ async def test_command_running_too_long_is_killed_and_451(qpconn_server, tmp_pat
     started = time.monotonic()
     code, text = await in_thread(send, server.address)
     assert code == 451 and "did not finish in 0.5s" in text, text
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 15  # killed at 0.5 s, not left to its 30 s sleep
 
 
 @pytest_twisted.ensureDeferred
@@ -178,17 +179,14 @@ async def test_a_slow_command_does_not_block_other_sessions(qpconn_server, tmp_p
     command = script(
         tmp_path,
         f"#!/bin/sh\ncat >/dev/null\ntouch {started}\n"
-        f"i=0; while [ ! -e {gate} ] && [ $i -lt 500 ]; do sleep 0.02; i=$((i+1)); done\n"
+        f"i=0; while [ ! -e {gate} ] && [ $i -lt 1500 ]; do sleep 0.02; i=$((i+1)); done\n"
         f"[ -e {gate} ]\n",
     )
     server = exec_server(qpconn_server, command)
     slow = in_thread(send, server.address)
 
     def meanwhile() -> bool:
-        deadline = time.monotonic() + 10
-        while not started.exists() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert started.exists()
+        assert wait_until(started.exists)
         with Client(server.address) as client:
             assert client.cmd("EHLO other.test").code == 250
             assert client.cmd("NOOP").code == 250

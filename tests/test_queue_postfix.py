@@ -16,10 +16,11 @@ import pytest
 import pytest_twisted
 
 from tests.e2e_client import Client
-from tests.support.nexthop import Recorder, aiosmtpd_next_hop, wait_until
+from tests.support.nexthop import Recorder, aiosmtpd_next_hop
 from tests.support.postfix import private_postfix
 from tests.support.postfix import read as _read
 from tests.support.server import in_thread
+from tests.support.timing import wait_until
 
 MASTER_CF = """\
 smtp      unix  - - n - - smtp

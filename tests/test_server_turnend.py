@@ -26,7 +26,8 @@ from qpconn.hooks.results import OK
 from qpconn.plugins import Plugin
 from qpconn.server.fastpath.turnend import at_turn_end
 from tests.e2e_client import Client, ehlo, maildir_line, watch_errors
-from tests.support.server import in_thread, read_until_quiet, reply_codes
+from tests.support.server import in_thread, read_replies, reply_codes
+from tests.support.timing import wait_until
 
 MSG = b"Subject: held\r\n\r\nbody\r\n"
 
@@ -52,7 +53,7 @@ async def test_calls_run_once_after_the_turn_in_order_with_one_delayed_call(erro
 
     at_turn_end(broken)
     at_turn_end(lambda: done.append("d"))
-    await task.deferLater(reactor, 0.01, lambda: None)
+    assert await in_thread(wait_until, lambda: len(done) == 4)
     assert done == ["a", "b", "c", "d"]  # the failure kept no other call from running
     assert [e["log_format"] for e in errors] == ["end-of-turn call {function!r} failed"]
     errors.clear()
@@ -68,7 +69,7 @@ async def test_a_call_made_while_they_run_waits_for_the_next_turn():
         assert done == ["first"]  # not run inside this pass
 
     at_turn_end(first)
-    await task.deferLater(reactor, 0.01, lambda: None)
+    assert await in_thread(wait_until, lambda: len(done) == 2)
     assert done == ["first", "later"]
 
 
@@ -132,7 +133,7 @@ async def test_half_closed_client_gets_every_reply_before_the_close(server):
                 )
                 sock.sendall(payload)
                 sock.shutdown(socket.SHUT_WR)
-                return read_until_quiet(sock, wait=2.0)
+                return read_replies(sock, None)  # until the server closes
 
     data = await in_thread(client)
     assert reply_codes(data) == [220, 250, 250, 250, 354, 250]

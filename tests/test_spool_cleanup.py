@@ -18,8 +18,8 @@ from qpconn.hooks.results import DENY
 from qpconn.mail.spool import clean_stale_spool
 from qpconn.plugins import Plugin
 from tests.e2e_client import Client
-from tests.support.nexthop import wait_until
 from tests.support.server import in_thread
+from tests.support.timing import wait_until
 
 BIG = b"Subject: spooled\r\n\r\n" + b"\r\n".join([b"s" * 500] * 40)  # ~20 KB
 

@@ -106,7 +106,16 @@ def parse_network(setting: str, text: str) -> ipaddress.IPv4Network | ipaddress.
 
 
 class NetworkList:
-    """Addresses, CIDR networks and qpsmtpd-style prefixes (``192.168.``) from a setting."""
+    """Addresses, CIDR networks and qpsmtpd-style prefixes (``192.168.``) from a setting.
+
+    Asked about every new connection (relay clients, the connection limits' exceptions,
+    XCLIENT's trusted proxies), mostly for the same few addresses, so answers are kept per
+    address string: a list never changes once built, and parsing an address costs more
+    than the rest of the question. At most :attr:`REMEMBERED` answers are kept.
+    """
+
+    #: answers kept per address before they are all forgotten (a bound on memory)
+    REMEMBERED = 4096
 
     def __init__(self, setting: str, entries: Iterable[str]) -> None:
         self.networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
@@ -116,9 +125,21 @@ class NetworkList:
                 self.prefixes.append(entry.lower())
             else:
                 self.networks.append(parse_network(setting, entry))
+        self._answers: dict[str, bool] = {}
 
     def __contains__(self, ip: object) -> bool:
-        address = parse_ip(ip) if isinstance(ip, str) else None
+        if not isinstance(ip, str) or not (self.networks or self.prefixes):
+            return False
+        answers = self._answers
+        known = answers.get(ip)
+        if known is None:
+            if len(answers) >= self.REMEMBERED:
+                answers.clear()
+            known = answers[ip] = self._matches(ip)
+        return known
+
+    def _matches(self, ip: str) -> bool:
+        address = parse_ip(ip)
         if address is None:
             return False
         if any(address in network for network in self.networks):

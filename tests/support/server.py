@@ -129,33 +129,37 @@ def start_server(
 
 
 def raw_session(
-    address: tuple[str, int], payload: bytes, *, wait: float = 0.3, timeout: float = 5.0
+    address: tuple[str, int], payload: bytes, *, replies: int | None = None, timeout: float = 10.0
 ) -> bytes:
-    """Connect, read the greeting, send ``payload`` in one write, read until quiet or closed."""
+    """Connect, read the greeting, send ``payload`` in one write, then read ``replies`` more
+    replies (None: until the server closes, as after a QUIT)."""
     family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(address)
-        received = read_until_quiet(sock, wait=wait, timeout=timeout)
+        received = read_replies(sock, 1, timeout=timeout)
         if payload:
             sock.sendall(payload)
-            received += read_until_quiet(sock, wait=wait, timeout=timeout)
+            received += read_replies(sock, replies, timeout=timeout)
         return received
 
 
-def read_until_quiet(sock: socket.socket, *, wait: float = 0.3, timeout: float = 5.0) -> bytes:
-    """Read until the peer closes or sends nothing for ``wait`` seconds (after some data)."""
+def read_replies(sock: socket.socket, count: int | None, *, timeout: float = 10.0) -> bytes:
+    """Read until ``count`` more complete replies are in (None: until the peer closes).
+
+    What ends the read is the server's answer or its close, never a pause: a slow server
+    is waited for (up to ``timeout`` seconds in all, a ceiling for a broken one).
+    """
     data = b""
     deadline = time.monotonic() + timeout
-    sock.settimeout(wait)
-    while time.monotonic() < deadline:
+    while count is None or len(reply_codes(data[: data.rfind(b"\r\n") + 2])) < count:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        sock.settimeout(left)
         try:
             chunk = sock.recv(65536)
-        except TimeoutError:
-            if data:
-                break
-            continue
-        except ConnectionResetError:
+        except (TimeoutError, ConnectionResetError):
             break
         if not chunk:
             break

@@ -4,8 +4,10 @@
   (``send-proxy-v2``) and an SMTP health check that sends one too (``check-send-proxy``);
   its stats socket tells when a node is taken out and put back.
 * ``node1``..``node3`` (198.18.0.11-13): ``twistd qpconn --proxy-protocol --proxy-from
-  198.18.0.10/32``, greylisting in Redis, forwarding to the delivery host.
-* ``state`` (198.18.0.20): Redis, the greylisting triplets every node shares.
+  198.18.0.10/32``, the ``limit`` plugin and greylisting in Redis, forwarding to the
+  delivery host.
+* ``state`` (198.18.0.20): Redis, the greylisting triplets and the ``limit`` counters every
+  node shares.
 * ``mx`` (198.18.0.30): Postfix, delivering into one Maildir (virtual(8)).
 
 Why Postfix as the delivery host: it is the most common next hop of a qpconn, starts in a
@@ -30,6 +32,13 @@ MX = "198.18.0.30"
 #: the load's clients (relay clients: not greylisted) and the greylisting demo's client
 CLIENT_NETWORK = "198.18.0.96/27"
 GREY_CLIENT = "198.18.0.200"
+#: the client that sends more recipients than its allowance (not a relay client either)
+LIMIT_CLIENT = "198.18.0.210"
+#: the ``limit`` plugin's per-address allowance: recipients per window, for every node
+#: together. A long window, so that a burst on a busy machine cannot outlast it (a
+#: window that ended mid-burst would let more than RCPT_LIMIT through).
+RCPT_LIMIT = 10
+RCPT_WINDOW = "10m"
 DOMAIN = "cluster.test"
 #: seconds a greylisted triplet must wait before its retry passes
 BLACK_TIMEOUT = 1
@@ -65,12 +74,14 @@ class Processes:
         self.workdir = workdir
         self.running: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(self, name: str, host: str, command: Sequence[str], cwd: str | None = None) -> None:
+    def start(self, name: str, host: str, command: Sequence[str], cwd: str | None = None,
+              env: dict[str, str] | None = None) -> None:
         log = open(os.path.join(self.workdir, f"{name}.log"), "ab")  # noqa: SIM115
         with log:
             self.running[name] = subprocess.Popen(
                 Network.run_in(host, command), stdin=subprocess.DEVNULL, stdout=log,
                 stderr=subprocess.STDOUT, cwd=cwd or self.workdir,
+                env=None if env is None else {**os.environ, **env},
             )  # fmt: skip
 
     def kill(self, name: str) -> None:
@@ -230,8 +241,10 @@ class Postfix:
 
 
 # -- qpconn -------------------------------------------------------------------------------
-def node_config(workdir: str, index: int) -> str:
-    """The config directory of node ``index``."""
+def node_config(workdir: str, index: int, shared_limits: bool = True) -> str:
+    """The config directory of node ``index``; ``limit`` counts in Redis unless
+    ``shared_limits`` is false (each node counting alone, for showing the difference)."""
+    store = f"redis redis://{STATE}:6379/0 " if shared_limits else ""
     config = os.path.join(workdir, f"node{index}", "config")
     files = {
         "me": f"node{index}.{DOMAIN}\n",
@@ -240,9 +253,14 @@ def node_config(workdir: str, index: int) -> str:
         # the per-address limits apply to every client; HAProxy's own health checks are
         # exempt (one every 300 ms would exceed the 60-a-minute rate)
         "connection_limit_exceptions": f"{LB}\n",
+        # relay clients (the load) are exempt from rate_rcpt_host; limit comes after
+        # greylisting, so that a greylisted recipient is not counted against the allowance.
+        # No connect limit (rate_conn, concurrency): HAProxy's health checks (PROXY LOCAL)
+        # arrive from its own address, which those would count and, soon, refuse.
         "plugins": "\n".join([
             "relay",
             f"greylisting redis redis://{STATE}:6379/0 black_timeout {BLACK_TIMEOUT}",
+            f"limit {store}rate_rcpt_host {RCPT_LIMIT}/{RCPT_WINDOW}",
             "rcpt_ok",
             f"queue/smtp_forward {MX} 25 pool=4",
         ]) + "\n",
@@ -252,12 +270,15 @@ def node_config(workdir: str, index: int) -> str:
     return config
 
 
-def start_node(procs: Processes, index: int) -> None:
-    config = node_config(procs.workdir, index)
+def start_node(procs: Processes, index: int, shared_limits: bool = True) -> None:
+    config = node_config(procs.workdir, index, shared_limits)
     command = [*twistd(), "--nodaemon", "--pidfile=", "qpconn",
                "--listen", f"tcp:25:interface={node_address(index)}", "--config", config,
                "--proxy-protocol", "--proxy-from", f"{LB}/32", "--no-rdns"]  # fmt: skip
-    procs.start(f"node{index}", f"node{index}", command, cwd=os.path.dirname(config))
+    # unbuffered: the log is read while the node runs (run counts its limit refusals), and
+    # a node killed with SIGKILL keeps every line it wrote
+    procs.start(f"node{index}", f"node{index}", command, cwd=os.path.dirname(config),
+                env={"PYTHONUNBUFFERED": "1"})  # fmt: skip
 
 
 # -- HAProxy ------------------------------------------------------------------------------

@@ -9,6 +9,12 @@ times, on a new session. Progress and the result are JSON lines on stdout.
 node HAProxy picks, and retried until HAProxy hands the retry to another node: with the
 triplets in Redis, it passes there.
 
+``abuse``: one address that is not a relay client sends more recipients than the ``limit``
+plugin's per-address allowance, one per session, so that HAProxy spreads the sessions over
+the nodes; each attempt's node and replies are reported, for ``run`` to check that the
+count was one for the whole cluster. Its triplet is greylisted once first (and retried
+past ``black_timeout``), as any MTA's first message to a greylisting MX is.
+
 Standard library only: smtplib, threads, json.
 """
 
@@ -27,6 +33,8 @@ from typing import Any
 
 DOMAIN = "cluster.test"
 _print_lock = threading.Lock()
+#: how the ``limit`` plugin's recipient refusals begin (its only limit in the cluster)
+LIMIT_REFUSAL = b"4.7.1 Too many recipients"
 
 
 def emit(**record: Any) -> None:
@@ -66,6 +74,7 @@ class Load:
         self.acked: dict[int, list[str]] = {}
         self.given_up: list[int] = []
         self.limited = 0
+        self.node_limited = 0
         self.failures: dict[str, int] = {}
         self.deadline = time.monotonic() + args.deadline
 
@@ -99,9 +108,11 @@ class Load:
         try:
             smtp, node = connect(self.frontend, source)
         except smtplib.SMTPConnectError as exc:
+            # at connect only the nodes' own (per-process) limits refuse: the cluster's
+            # limit plugin has no connect limit
             if exc.smtp_code == 421 and b"from your address" in exc.smtp_error:
                 with self.lock:
-                    self.limited += 1
+                    self.node_limited += 1
             self.failed(f"connect {exc.smtp_code}", n, tries)
             return
         except (OSError, smtplib.SMTPException) as exc:
@@ -118,7 +129,10 @@ class Load:
                         break
                 number, _tries = current
                 smtp.mail("load@client.test")
-                code, _ = smtp.rcpt(f"user{number % 20}@{DOMAIN}")
+                code, text = smtp.rcpt(f"user{number % 20}@{DOMAIN}")
+                if code == 450 and text.startswith(LIMIT_REFUSAL):
+                    with self.lock:
+                        self.limited += 1
                 if code == 250:
                     code, _ = smtp.data(message(number, source))
                 if code != 250:
@@ -149,7 +163,7 @@ def run_load(args: argparse.Namespace) -> None:
         thread.join(max(1.0, load.deadline - time.monotonic() + 5))
     emit(result={
         "sent": args.messages, "acked": load.acked, "given_up": load.given_up,
-        "limited": load.limited, "failures": load.failures,
+        "limited": load.limited, "node_limited": load.node_limited, "failures": load.failures,
         "seconds": round(time.monotonic() - started, 3),
         "cpu": round(sum(os.times()[:2]), 2),
     })  # fmt: skip
@@ -183,6 +197,48 @@ def run_greylist(args: argparse.Namespace) -> None:
         emit(greylist=record)
 
 
+def run_abuse(args: argparse.Namespace) -> None:
+    """``--recipients`` sessions of one recipient each, one after another, from one address.
+
+    One after another, so that HAProxy's round robin hands them to the nodes in turn: the
+    allowance is used up on all of them together and each refuses what comes after.
+    """
+    frontend = (args.frontend, 25)
+    sender, rcpt = f"abuse-{int(time.time())}@client.test", f"abused@{DOMAIN}"
+    smtp, node = connect(frontend, args.address)
+    smtp.ehlo("abuse.client.test")
+    smtp.mail(sender)
+    prime = {"node": node, "code": smtp.rcpt(rcpt)[0]}  # greylisted: not counted yet
+    smtp.quit()
+    time.sleep(args.black + 0.2)  # past black_timeout: the retries pass greylisting
+    started, attempts = time.monotonic(), []
+    for k in range(args.recipients):
+        attempt: dict[str, Any] = {}
+        try:
+            smtp, attempt["node"] = connect(frontend, args.address)
+        except smtplib.SMTPConnectError as exc:
+            attempts.append({"connect": exc.smtp_code, "text": exc.smtp_error.decode()})
+            continue
+        except (OSError, smtplib.SMTPException) as exc:
+            attempts.append({"error": type(exc).__name__})
+            continue
+        try:
+            smtp.ehlo("abuse.client.test")
+            smtp.mail(sender)
+            code, text = smtp.rcpt(rcpt)
+            attempt["rcpt"], attempt["text"] = code, text.decode(errors="replace")
+            if code == 250:
+                attempt["data"] = smtp.data(message(k, args.address, "limit"))[0]
+            smtp.quit()
+        except (OSError, smtplib.SMTPException) as exc:
+            attempt["error"] = type(exc).__name__
+        finally:
+            smtp.close()
+        attempts.append(attempt)
+    emit(abuse={"prime": prime, "attempts": attempts,
+                "seconds": round(time.monotonic() - started, 3)})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -199,9 +255,14 @@ def main() -> None:
     grey.add_argument("--triplets", type=int, default=3)
     grey.add_argument("--black", type=float, required=True)
     grey.add_argument("--attempts", type=int, default=8)
+    abuse = sub.add_parser("abuse")
+    abuse.add_argument("--frontend", required=True)
+    abuse.add_argument("--address", required=True)
+    abuse.add_argument("--recipients", type=int, required=True)
+    abuse.add_argument("--black", type=float, required=True)
     args = parser.parse_args()
     socket.setdefaulttimeout(30)
-    (run_load if args.mode == "load" else run_greylist)(args)
+    {"load": run_load, "greylist": run_greylist, "abuse": run_abuse}[args.mode](args)
 
 
 if __name__ == "__main__":
