@@ -136,13 +136,14 @@ class ReplyWriter:
         self.flush()
 
     def hang_up(self) -> None:
-        """Close once what is written is sent; the idle timer aborts it if that takes
-        ``timeout`` (the client does not read)."""
+        """Close once what is written is sent; the idle timer aborts it if that takes as
+        long as the timer runs (the client does not read): it is set now if none runs
+        (a hook of ours had set it aside, or the connection was refused before it)."""
         protocol = self.protocol
         transport = protocol.transport
         if self._producing:
             self._producing = False
             transport.unregisterProducer()  # a paused producer would keep it open
         transport.loseConnection()
-        if not protocol.lost:
+        if protocol.timeOut is None and not protocol.lost:
             protocol.setTimeout(protocol.factory.timeout)

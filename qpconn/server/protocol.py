@@ -425,6 +425,8 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             return
         self.log.info("{conn_id} idle timeout", **self.log_context())
         self.close_with(Reply(421, f"4.4.2 {self.factory.me} Error: timeout exceeded"))
+        if not self.lost:
+            self.setTimeout(self.factory.timeout)  # this timer has run: the next one aborts
 
     # -- end ------------------------------------------------------------------------------
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
