@@ -212,3 +212,40 @@ async def test_fifty_non_readers_at_once_and_a_normal_client_is_served(
     assert len(server.messages()) == 1
     await server.wait_sessions_closed()
     assert not server.factory.sessions
+
+
+def test_a_close_the_client_never_completes_is_aborted_after_timeout(tmp_path, deadline_events):
+    # In process, where a close can be held up at will: the transport is told to close
+    # after the 221 and never does (a client that does not take that last reply). The
+    # idle timer, still running, aborts it after `timeout`.
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from qpconn.config import Config
+    from qpconn.server.factory import SMTPFactory
+    from qpconn.server.peerinfo import LookupSettings
+    from tests.support.server import write_config
+
+    config = Config(write_config(str(tmp_path / "c"), {"me": "mx.test", "timeout": "7"}))
+    clock = Clock()
+    factory = SMTPFactory(config, [], clock=clock, lookups=LookupSettings(rdns=False))
+    transport = StringTransport(
+        hostAddress=IPv4Address("TCP", "127.0.0.1", 25),
+        peerAddress=IPv4Address("TCP", "127.0.0.1", 40000),
+    )
+    protocol = factory.buildProtocol(transport.getPeer())
+    protocol.callLater = clock.callLater  # the idle timer on the fake clock
+    protocol.makeConnection(transport)
+    assert transport.producer is protocol  # the transport's producer, in memory too
+    protocol.dataReceived(b"QUIT\r\n")
+    assert transport.value().endswith(b"221 2.0.0 mx.test closing connection\r\n")
+    assert transport.disconnecting and not transport.disconnected
+    assert transport.producer is None  # unregistered, or Twisted would wait for it
+    clock.advance(6.9)
+    assert not transport.disconnected and deadline_events == []
+    clock.advance(0.2)
+    assert transport.disconnected  # abortConnection
+    assert [(e["limit"], e["reason"]) for e in deadline_events] == [
+        ("timeout", "replies not read for 7s")
+    ]

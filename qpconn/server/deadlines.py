@@ -37,6 +37,7 @@ one, gets one timer, which cuts it exactly at its deadline.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from twisted.internet.interfaces import IDelayedCall
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
     from qpconn.server.protocol import SMTPServerProtocol
     from qpconn.smtp.limits import SessionLimits
 
-__all__ = ["SessionDeadlines"]
+__all__ = ["DeadlineSettings", "SessionDeadlines"]
 
 #: where the server waits for a command line (or a SASL response) from the client
 _COMMAND_STATES = frozenset({State.INIT, State.READY, State.MAIL, State.RCPT})
@@ -61,25 +62,45 @@ _REPLIES = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class DeadlineSettings:
+    """The four settings as the sessions apply them, worked out once per server (the
+    factory's ``deadline_settings``): unset ones follow the idle timeouts."""
+
+    #: seconds from a command line's first byte to its end; None: no deadline
+    command_deadline: float | None
+    #: octets per second after the grace; 0: no minimum
+    min_data_rate: int
+    data_rate_grace: float
+    #: seconds; 0: no limit
+    max_session_time: float
+
+    @classmethod
+    def from_limits(cls, limits: SessionLimits, idle: float) -> DeadlineSettings:
+        """From the config's limits and the idle ``timeout``."""
+        return cls(
+            limits.command_deadline_for(idle),
+            limits.min_data_rate,
+            limits.data_rate_grace_for(idle),
+            limits.max_session_time,
+        )
+
+
 class SessionDeadlines:
     """The deadlines of one session; see the module docstring.
 
     The adapter tells it what happens: :meth:`start` when the session begins,
-    :meth:`input_arrived` with each read, :meth:`input_left` when a pass over the input
-    left bytes unread, :meth:`text_phase` after each reply, :meth:`resume` when it reads
-    again after a pause of its own, :meth:`stop` when the connection is gone.
+    :meth:`input_arrived` with each read, :meth:`input_left` after a read that did not end
+    a line, :meth:`resume` when it reads again after a pause of its own, :meth:`stop` when
+    the connection is gone. The guard opens the window of message text
+    (:meth:`open_text_window`) and closes it (``text_since = None``) with the replies.
     """
 
-    def __init__(self, protocol: SMTPServerProtocol, limits: SessionLimits) -> None:
+    def __init__(self, protocol: SMTPServerProtocol, settings: DeadlineSettings) -> None:
         self.protocol = protocol
         self.session = protocol.session
-        factory = protocol.factory
-        self.clock = factory.clock
-        idle = factory.timeout
-        self.command_deadline = limits.command_deadline_for(idle)
-        self.min_data_rate = limits.min_data_rate
-        self.data_rate_grace = limits.data_rate_grace_for(idle)
-        self.max_session_time = limits.max_session_time
+        self.clock = protocol.factory.clock
+        self.settings = settings
         #: when the session's time is up (infinity: never)
         self.session_ends = math.inf
         #: when the partial command line began (None: none is pending), and its offset in
@@ -88,57 +109,65 @@ class SessionDeadlines:
         self._line_offset = 0
         self._line_timer: IDelayedCall | None = None
         #: when the window of message text began (None: no text is being read), and the
-        #: client's offset then: the octets since are what the rate is measured on
+        #: client's offset then: the octets since are what the rate is measured on. From
+        #: the 354, or the first BDAT chunk, to the reply that ends the message: the time
+        #: between a BDAT message's chunks is the client's as well
         self.text_since: float | None = None
         self._text_offset = 0
 
     # -- what the adapter reports -------------------------------------------------------
     def start(self) -> None:
         """The session begins (admitted, greeting on its way): its own clock starts."""
-        if self.max_session_time:
-            self.session_ends = self.clock.seconds() + self.max_session_time
+        limit = self.settings.max_session_time
+        if limit:
+            self.session_ends = self.clock.seconds() + limit
 
     def input_arrived(self) -> bool:
         """Bytes arrived (already counted in ``protocol.bytes_received``): True when a
         deadline had passed, the 421 is on its way and the bytes must not be read."""
         now = self.clock.seconds()
-        if self.text_since is not None:
-            expired = "min_data_rate" if now > self._text_allowed_until() else None
-        elif now >= self.session_ends and self.session.state in _COMMAND_STATES:
-            expired = "max_session_time"
-        else:
+        since = self.text_since
+        if since is not None:
+            settings = self.settings
+            octets = self.protocol.bytes_received - self._text_offset
+            if now <= since + settings.data_rate_grace + octets / settings.min_data_rate:
+                return False
+            expired = "min_data_rate"
+        elif now < self.session_ends or self.session.state not in _COMMAND_STATES:
             return False
-        if expired is None or self.protocol.held:
-            return False  # held: bytes a TLS layer hands on while a hook of ours runs
+        else:
+            expired = "max_session_time"
+        if self.protocol.held:
+            return False  # bytes a TLS layer hands on while a hook of ours runs
         self._expire(expired, now)
         return True
 
     def input_left(self) -> None:
-        """A pass over the input stopped with bytes unread: if they are the start of a
-        command line the client has not finished, that line's deadline runs."""
-        if self.command_deadline is None or not self._waiting_for_line():
+        """A read did not end a line: if the bytes left unread are the start of a command
+        line the client has not finished, that line's deadline runs. (A read that ends
+        with a line end leaves no command line unfinished.)"""
+        due = self.settings.command_deadline
+        if due is None or not self._waiting_for_line():
             return
         offset = self._unread_offset()
         if self.line_since is not None and offset == self._line_offset:
             return  # the same line, still growing
         now = self.clock.seconds()
         self.line_since, self._line_offset = now, offset
-        due = self.command_deadline
         timer = self._line_timer
         if timer is None or not timer.active():
             self._line_timer = self.clock.callLater(due, self._line_due)
         else:
             timer.reset(due)
 
-    def text_phase(self, reading: bool) -> None:
-        """After a reply: ``reading`` says whether message text follows (``354``, a chunk's
-        octets). The window of a BDAT message stays open from its first chunk to the reply
-        to its last: the time between chunks is the client's as well."""
-        if reading:
-            if self.text_since is None and self.min_data_rate:
-                self._open_text_window()
-        elif self.text_since is not None and not self.session.bdat_active:
-            self.text_since = None
+    def open_text_window(self) -> None:
+        """Message text follows (a ``354``, a chunk's octets): its rate is measured from now.
+
+        Octets already buffered arrived in time: they count.
+        """
+        if self.settings.min_data_rate:
+            self.text_since = self.clock.seconds()
+            self._text_offset = self._unread_offset()
 
     def resume(self) -> None:
         """The adapter reads again after a pause of its own (a hook, unread replies): the
@@ -146,7 +175,7 @@ class SessionDeadlines:
         start over (the next pass finds a partial line again)."""
         self.line_since = None
         if self.text_since is not None:
-            self._open_text_window()
+            self.open_text_window()
 
     def stop(self) -> None:
         """The connection is gone: no timer may outlive it (it holds this session)."""
@@ -165,8 +194,8 @@ class SessionDeadlines:
         turn, not ours (no hook at work, replies taken, no message text being read)."""
         session = self.session
         return (
-            session.buffered > 0
-            and session.state in _COMMAND_STATES
+            session.state in _COMMAND_STATES
+            and session.buffered > 0
             and not session.reading_chunk
             and not self.protocol.held
         )
@@ -179,35 +208,27 @@ class SessionDeadlines:
             self.line_since = None  # finished, or our turn now: resume() starts it over
             return
         now = self.clock.seconds()
-        late = self.line_since + (self.command_deadline or 0.0) - now
+        late = self.line_since + (self.settings.command_deadline or 0.0) - now
         if late > 0:  # the line began again later than this timer was set for
             self._line_timer = self.clock.callLater(late, self._line_due)
             return
         self._expire("command_deadline", now)
 
-    def _open_text_window(self) -> None:
-        # Octets already buffered arrived in time: they count.
-        self.text_since = self.clock.seconds()
-        self._text_offset = self._unread_offset()
-
-    def _text_allowed_until(self) -> float:
-        assert self.text_since is not None
-        octets = self.protocol.bytes_received - self._text_offset
-        return self.text_since + self.data_rate_grace + octets / self.min_data_rate
-
     def _expire(self, limit: str, now: float) -> None:
         """421 and close: the client overran ``limit``."""
         protocol = self.protocol
+        settings = self.settings
         if limit == "command_deadline":
-            reason = f"command line not complete {self.command_deadline:g}s after its first byte"
+            seconds = settings.command_deadline
+            reason = f"command line not complete {seconds:g}s after its first byte"
         elif limit == "min_data_rate" and self.text_since is not None:
             octets = protocol.bytes_received - self._text_offset
             reason = (
-                f"message text under {self.min_data_rate} octets/s after the grace: "
+                f"message text under {settings.min_data_rate} octets/s after the grace: "
                 f"{octets} octets in {now - self.text_since:.1f}s"
             )
         else:
-            reason = f"session longer than {self.max_session_time:g}s"
+            reason = f"session longer than {settings.max_session_time:g}s"
         self.text_since = self.line_since = None
         protocol.log.info(
             "{conn_id} deadline: {reason}",

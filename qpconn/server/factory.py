@@ -24,6 +24,7 @@ from qpconn.kit.policy import NetworkList
 from qpconn.mail.connection import Connection
 from qpconn.mail.smtputf8 import smtputf8_offered
 from qpconn.mail.spool import clean_stale_spool
+from qpconn.server.deadlines import DeadlineSettings
 from qpconn.server.lookup import make_resolver
 from qpconn.server.peerinfo import LookupSettings, PeerInfo
 from qpconn.server.protocol import SMTPServerProtocol
@@ -122,6 +123,9 @@ class SMTPFactory(ServerFactory):
         clean_stale_spool(self.spool_dir)
         #: max_rcpt, max_errors, data_timeout, connection limits, bare_newline
         self.session_limits = SessionLimits.from_config(self.config)
+        #: command_deadline, min_data_rate after data_rate_grace, max_session_time, as the
+        #: sessions apply them (unset ones worked out from the idle timeouts, once)
+        self.deadline_settings = DeadlineSettings.from_limits(self.session_limits, self.timeout)
         #: sessions admitted now, in all and per address, and opened lately per address
         #: (max_connections*, max_connection_rate)
         self.connection_counter = ConnectionCounter()

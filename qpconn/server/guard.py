@@ -80,7 +80,7 @@ class SessionGuard:
         self._admitted_ip: str | None = None
         self._admitted = False
         #: command_deadline, min_data_rate, max_session_time
-        self.deadlines = SessionDeadlines(protocol, self.limits)
+        self.deadlines = SessionDeadlines(protocol, factory.deadline_settings)
 
     # -- connection limits ----------------------------------------------------------------
     def admit(self) -> bool:
@@ -181,4 +181,9 @@ class SessionGuard:
         want = self.limits.data_timeout_or(idle) if text else idle
         if protocol.timeOut != want:
             protocol.setTimeout(want)
-        self.deadlines.text_phase(text)
+        deadlines = self.deadlines
+        if text:
+            if deadlines.text_since is None:
+                deadlines.open_text_window()
+        elif deadlines.text_since is not None and not self.session.bdat_active:
+            deadlines.text_since = None  # the message's text is over (BDAT's: at LAST)

@@ -46,13 +46,11 @@ SEND_BUFFER = 32 * 1024
 
 
 def bound_send_buffer(transport: Any) -> None:
-    """Cap the kernel's send buffer of a socket transport (others are left as they are:
-    an in-memory transport, or the TLS layer of an ``ssl:`` listener, which has no
-    socket of its own)."""
+    """Cap the kernel's send buffer of a socket transport."""
     try:
         transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
-    except (AttributeError, OSError):
-        pass
+    except OSError:
+        pass  # the socket is gone already: the write path finds out
 
 
 class ReplyWriter:
@@ -72,7 +70,8 @@ class ReplyWriter:
         self.closed_with: str | None = None
         # Twisted tells the protocol when the write buffer fills and drains.
         transport.registerProducer(protocol, True)
-        bound_send_buffer(transport)
+        if self.may_hold:  # a socket of our own (not a test's in-memory transport, nor
+            bound_send_buffer(transport)  # the TLS layer of an ssl: listener)
         self._producing = True
 
     def flush(self) -> None:
@@ -137,13 +136,14 @@ class ReplyWriter:
         self.flush()
 
     def hang_up(self) -> None:
-        """Close once what is written is sent; the idle timer aborts it if that takes
-        ``timeout`` (the client does not read)."""
+        """Close once what is written is sent; the idle timer aborts it if that takes as
+        long as the timer runs (the client does not read): it is set now if none runs
+        (a hook of ours had set it aside, or the connection was refused before it)."""
         protocol = self.protocol
         transport = protocol.transport
         if self._producing:
             self._producing = False
             transport.unregisterProducer()  # a paused producer would keep it open
         transport.loseConnection()
-        if not protocol.lost:
+        if protocol.timeOut is None and not protocol.lost:
             protocol.setTimeout(protocol.factory.timeout)

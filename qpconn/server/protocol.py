@@ -238,6 +238,8 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         if self.guard.reading_before_greeting():
             self.guard.note_early_talk()  # evidence for earlytalker
         self._drive()
+        if data[-1:] != b"\n":  # a read that ends a line leaves no command line unfinished
+            self.guard.deadlines.input_left()  # one begun: its deadline runs
 
     def _drive(self) -> None:
         """Turn buffered input into events until a hook goes asynchronous, input runs out or
@@ -247,18 +249,19 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self._driving = True
         session = self.session
         commands = self.commands
-        handled = 0
+        budget = PIPELINE_STEP  # commands until their replies so far are handed over
         try:
             while not self._busy and not self._output_paused:
-                handled += 1
-                if handled % PIPELINE_STEP == 0:
-                    self.output.flush()  # a long pipelined pass: let the transport push back
                 event = session.next_event()
                 if event is NEED_DATA or event is PAUSED:
                     break
                 kind = type(event)
                 if kind is Command:
                     self._run(commands.dispatch(event), self._answer)
+                    budget -= 1
+                    if not budget:  # a long pipelined burst: let the transport push back
+                        budget = PIPELINE_STEP
+                        self.output.flush()
                 elif kind is MessageData:
                     if not commands.store_message_data(event.data):
                         self._run(commands.headers_end(), None)  # data_headers_end may wait
@@ -266,14 +269,12 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
                     # BDAT (smtp/extensions.py); then the chunk is read under data_timeout
                     self._run(commands.chunk_start(event), self.guard.chunk_started)
                 elif isinstance(event, ProtocolError):
-                    self.protocol_error(event)
+                    self.protocol_error(event)  # a 500 each: bounded by max_errors
                 else:
                     self._run(commands.dispatch(event), self._answer)
         finally:
             self._driving = False
         self.output.flush()
-        if session.buffered:
-            self.guard.deadlines.input_left()  # a command line begun: its deadline runs
         if self._read_closed and not self.held and not self.lost:
             # The client half-closed and everything it sent has been answered.
             self.output.send_unsent()
@@ -424,6 +425,8 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             return
         self.log.info("{conn_id} idle timeout", **self.log_context())
         self.close_with(Reply(421, f"4.4.2 {self.factory.me} Error: timeout exceeded"))
+        if not self.lost:
+            self.setTimeout(self.factory.timeout)  # this timer has run: the next one aborts
 
     # -- end ------------------------------------------------------------------------------
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
