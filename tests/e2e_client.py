@@ -165,6 +165,24 @@ def logged_errors() -> Iterator[list[dict[str, Any]]]:
         globalLogPublisher.removeObserver(observer)
 
 
+@contextmanager
+def logged_events(*names: str) -> Iterator[list[dict[str, Any]]]:
+    """Collect the log events whose ``event`` field is one of ``names`` while the block runs
+    (``event="deadline"``, ``"milter"``, ``"redis_outage"`` ...): what a refusal or an
+    outage logs is part of the behaviour a test pins."""
+    found: list[dict[str, Any]] = []
+
+    def observer(event: dict[str, Any]) -> None:
+        if event.get("event") in names:
+            found.append(event)
+
+    globalLogPublisher.addObserver(observer)
+    try:
+        yield found
+    finally:
+        globalLogPublisher.removeObserver(observer)
+
+
 def describe(event: dict[str, Any]) -> str:
     """One logged error as text, with its traceback if it has one."""
     text = formatEvent(event)

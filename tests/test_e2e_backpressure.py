@@ -25,10 +25,9 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor, task
-from twisted.logger import globalLogPublisher
 
 from qpconn.server.fastpath import fastwrite
-from tests.e2e_client import Client, ehlo, watch_errors
+from tests.e2e_client import Client, ehlo, logged_events, watch_errors
 from tests.support.server import in_thread
 
 RCPT = "<user@mx.test>"
@@ -56,15 +55,8 @@ def write_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
 
 @pytest.fixture
 def deadline_events() -> Iterator[list[dict[str, Any]]]:
-    found: list[dict[str, Any]] = []
-
-    def observe(event: dict[str, Any]) -> None:
-        if event.get("event") == "deadline":
-            found.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    yield found
-    globalLogPublisher.removeObserver(observe)
+    with logged_events("deadline") as found:
+        yield found
 
 
 def non_reader(address: tuple[str, int], source: str = "127.0.0.1") -> socket.socket:

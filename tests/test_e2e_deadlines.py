@@ -18,14 +18,13 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor, task
-from twisted.logger import globalLogPublisher
 
 from qpconn.app.metrics import ServerMetrics
 from qpconn.config import Config
 from qpconn.hooks.results import DECLINED
 from qpconn.plugins import Plugin
 from qpconn.smtp.limits import SessionLimits
-from tests.e2e_client import Client, ehlo, maildir_line, watch_errors
+from tests.e2e_client import Client, ehlo, logged_events, maildir_line, watch_errors
 from tests.support.server import in_thread, write_config
 
 RCPT = "<user@mx.test>"
@@ -41,15 +40,8 @@ def errors() -> Iterator[list[dict[str, Any]]]:
 @pytest.fixture
 def deadline_events() -> Iterator[list[dict[str, Any]]]:
     """The ``event="deadline"`` log events while the test runs."""
-    found: list[dict[str, Any]] = []
-
-    def observe(event: dict[str, Any]) -> None:
-        if event.get("event") == "deadline":
-            found.append(event)
-
-    globalLogPublisher.addObserver(observe)
-    yield found
-    globalLogPublisher.removeObserver(observe)
+    with logged_events("deadline") as found:
+        yield found
 
 
 def trickle(smtp: Client, data: bytes, interval: float) -> tuple[bytes, float]:

@@ -9,12 +9,11 @@ from typing import Any
 import pytest
 import pytest_twisted
 import redis
-from twisted.logger import globalLogPublisher
 
 from qpconn.config import Config
 from qpconn.kit.karmaredis import KEY_PREFIX
 from qpconn.plugins import PluginLoadError, load_plugin
-from tests.e2e_client import watch_errors
+from tests.e2e_client import logged_events, watch_errors
 from tests.support.policy import codes
 from tests.support.redisserver import redis_binary, redis_server
 from tests.test_plugin_karma import BAD, good, run, start
@@ -37,15 +36,8 @@ def redis_url(tmp_path: Any) -> Iterator[str]:
 
 @pytest.fixture
 def events() -> Iterator[list[dict[str, Any]]]:
-    found: list[dict[str, Any]] = []
-
-    def observer(event: dict[str, Any]) -> None:
-        if event.get("event") in ("redis_outage", "redis_recovered"):
-            found.append(event)
-
-    globalLogPublisher.addObserver(observer)
-    yield found
-    globalLogPublisher.removeObserver(observer)
+    with logged_events("redis_outage", "redis_recovered") as found:
+        yield found
 
 
 @pytest_twisted.ensureDeferred

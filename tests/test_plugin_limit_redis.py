@@ -15,10 +15,9 @@ from typing import Any
 import pytest
 import pytest_twisted
 import redis
-from twisted.logger import globalLogPublisher
 
 from qpconn.kit.limitstore import KEY_PREFIX
-from tests.e2e_client import watch_errors
+from tests.e2e_client import logged_events, watch_errors
 from tests.support.policy import BoundClient, codes
 from tests.support.redisserver import redis_binary, redis_server
 from tests.support.server import in_thread
@@ -45,15 +44,8 @@ def redis_url(tmp_path: Any) -> Iterator[str]:
 @pytest.fixture
 def events() -> Iterator[list[dict[str, Any]]]:
     """The limit plugin's outage and recovery events."""
-    found: list[dict[str, Any]] = []
-
-    def observer(event: dict[str, Any]) -> None:
-        if event.get("event") in ("redis_outage", "redis_recovered"):
-            found.append(event)
-
-    globalLogPublisher.addObserver(observer)
-    yield found
-    globalLogPublisher.removeObserver(observer)
+    with logged_events("redis_outage", "redis_recovered") as found:
+        yield found
 
 
 def closed_port() -> int:

@@ -16,14 +16,13 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.logger import globalLogPublisher
 
 from qpconn.app.metrics import ServerMetrics
 from qpconn.config import Config
 from qpconn.milter import codec
 from qpconn.milter.codec import Steps
 from qpconn.plugins import Plugin, PluginLoadError, load_plugin
-from tests.e2e_client import watch_errors
+from tests.e2e_client import logged_events, watch_errors
 from tests.support.milterpeer import MilterPeer
 from tests.support.policy import codes, script
 from tests.support.process import free_port
@@ -40,15 +39,8 @@ def errors() -> Iterator[list[dict[str, Any]]]:
 
 @pytest.fixture
 def milter_events() -> Iterator[list[dict[str, Any]]]:
-    found: list[dict[str, Any]] = []
-
-    def observer(event: dict[str, Any]) -> None:
-        if event.get("event") == "milter":
-            found.append(event)
-
-    globalLogPublisher.addObserver(observer)
-    yield found
-    globalLogPublisher.removeObserver(observer)
+    with logged_events("milter") as found:
+        yield found
 
 
 @pytest.fixture

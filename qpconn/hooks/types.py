@@ -70,38 +70,8 @@ class HookSignatures:
     ) -> HookResult:
         return None
 
-    def hook_auth_plain(
-        self,
-        transaction: Transaction,
-        mechanism: str,
-        user: str,
-        password: str | None,
-        response: str | None,
-        ticket: str | None,
-    ) -> HookResult:
-        return None
-
-    def hook_auth_login(
-        self,
-        transaction: Transaction,
-        mechanism: str,
-        user: str,
-        password: str | None,
-        response: str | None,
-        ticket: str | None,
-    ) -> HookResult:
-        return None
-
-    def hook_auth_cram_md5(
-        self,
-        transaction: Transaction,
-        mechanism: str,
-        user: str,
-        password: str | None,
-        response: str | None,
-        ticket: str | None,
-    ) -> HookResult:
-        return None
+    # each mechanism's own hook takes what ``auth`` takes
+    hook_auth_plain = hook_auth_login = hook_auth_cram_md5 = hook_auth
 
     def hook_mail_pre(self, transaction: Transaction, arg: str) -> HookResult:
         return None
