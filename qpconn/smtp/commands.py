@@ -161,6 +161,14 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands, XClientCommands):
             return Reply(250, first)
         return Reply(250, [first, *self.ehlo_lines()])
 
+    async def pre_hook(self, hook: str, arg: str) -> tuple[str, tuple[Reply, bool] | None]:
+        """``mail_pre`` / ``rcpt_pre``: a plugin may rewrite the argument (OK with the new
+        text) or decide the command before its address is even parsed."""
+        outcome = await self.run_hook(hook, arg)
+        if outcome.result is OK and outcome.message is not None:
+            return outcome.message, None
+        return arg, reply_for(hook, outcome)
+
     # -- MAIL -----------------------------------------------------------------------------
     async def smtp_MAIL(self, arg: str) -> HandlerResult:
         if self.trace is not None:  # tracing: the transaction's span starts at its MAIL
@@ -168,13 +176,9 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands, XClientCommands):
         refusal = self.tls_refusal_for_mail()  # tls_required: 530 before any hook
         if refusal is not None:
             return refusal
-        outcome = await self.run_hook("mail_pre", arg)
-        if outcome.result is OK and outcome.message is not None:
-            arg = outcome.message
-        else:
-            decided = reply_for("mail_pre", outcome)
-            if decided is not None:
-                return decided
+        arg, decided = await self.pre_hook("mail_pre", arg)
+        if decided is not None:
+            return decided
         try:
             sender, params = self.parse_mail_arg(arg)  # SMTPUTF8: see smtp_extensions
         except AddressError as exc:
@@ -224,13 +228,9 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands, XClientCommands):
             refusal = Reply(452, "4.5.3 Too many recipients")
             self.log_limit("rcpt", "max_rcpt", refusal, max_rcpt=limit)
             return refusal
-        outcome = await self.run_hook("rcpt_pre", arg)
-        if outcome.result is OK and outcome.message is not None:
-            arg = outcome.message
-        else:
-            decided = reply_for("rcpt_pre", outcome)
-            if decided is not None:
-                return decided
+        arg, decided = await self.pre_hook("rcpt_pre", arg)
+        if decided is not None:
+            return decided
         try:
             recipient, params = self.parse_rcpt_arg(arg)
         except AddressError as exc:
