@@ -86,9 +86,40 @@ def test_pip_install_makes_twistd_qpconn_available(tmp_path, editable):
     )
     location = Path(imported.stdout.strip())
     if editable:
-        assert location.is_relative_to(source)
+        # strict editable mode: a link into the checkout, so edits apply without reinstalling
+        assert location.resolve() == source / "qpconn" / "__init__.py"
     else:
         assert location.is_relative_to(env_dir)
+
+
+def test_editable_install_keeps_the_checkouts_other_directories_off_the_path(tmp_path):
+    """``pip install -e .`` (the quick start's test command) must not make ``tests``,
+    ``docs`` or ``bench`` importable top-level packages for the user's own code, as the
+    checkout root on ``sys.path`` did; ``qpconn`` and twistd's plugin still are found."""
+    env_dir = _fresh_env(tmp_path)
+    source = _copy_source(tmp_path)
+    for name in ("tests", "docs", "bench"):
+        (source / name).mkdir()
+        (source / name / "__init__.py").write_text("")
+    pip = [env_dir / "bin" / "python", "-m", "pip", "install", "-q", "--no-deps", "-e"]
+    subprocess.run([*pip, str(source)], check=True, capture_output=True, timeout=300)
+    probe = (
+        "import importlib.util as u, json, sys, qpconn; "
+        "from twisted.plugin import getPlugins; "
+        "from twisted.application.service import IServiceMaker; "
+        "print(json.dumps([[n for n in ('tests', 'docs', 'bench') if u.find_spec(n)], "
+        "[p.tapname for p in getPlugins(IServiceMaker)], "
+        f"[p for p in sys.path if p.rstrip('/') == {str(source)!r}]]))"
+    )
+    done = subprocess.run(
+        [env_dir / "bin" / "python", "-c", probe],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    importable, tapnames, checkout_on_path = json.loads(done.stdout)
+    assert importable == []
+    assert checkout_on_path == []
+    assert "qpconn" in tapnames
 
 
 def test_pip_install_puts_only_qpconn_and_its_twisted_plugin_on_the_path(tmp_path):
