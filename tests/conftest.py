@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,6 +12,29 @@ import pytest_twisted
 
 from tests.support.server import RunningServer, start_server
 from tests.support.tlscerts import TlsFiles, make_pki
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Stop at once when the strict editable install (setup.cfg) lacks a module file of
+    the checkout: the servers the tests start in subprocesses would fail to import it,
+    with tracebacks that do not say why."""
+    trees = [Path(entry) for entry in sys.path if "__editable__.qpconn-" in entry]
+    if not trees or not (trees[0] / "qpconn").is_dir():
+        return  # a plain install, or another editable mode: nothing to compare
+    linked = {path.relative_to(trees[0]) for path in (trees[0] / "qpconn").rglob("*.py")}
+    missing = sorted(
+        str(path.relative_to(ROOT))
+        for path in (ROOT / "qpconn").rglob("*.py")
+        if path.relative_to(ROOT) not in linked
+    )
+    if missing:
+        pytest.exit(
+            f"the editable install does not have {', '.join(missing)} (new module files): "
+            "run `.venv/bin/pip install -e '.[test]'` again (docs/getting-started.md)",
+            returncode=4,
+        )
 
 
 @pytest.fixture(autouse=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import smtplib
 import urllib.request
 
@@ -9,6 +10,7 @@ import pytest
 import pytest_twisted
 
 from qpconn.testing.pytest_plugin import qpconn_start  # noqa: F401 - the fixture
+from tests.support.nexthop import Recorder, aiosmtpd_next_hop
 from tests.support.process import free_port
 from tests.support.server import in_thread
 from tests.support.timing import wait_until
@@ -156,3 +158,56 @@ async def test_the_tac_recipe_reloads_on_sighup_in_process(tmp_path, config):
     finally:
         await top.stopService()
     assert signal.getsignal(signal.SIGHUP) is before
+
+
+class QuitRecorder(Recorder):
+    """A next hop that also notes each QUIT: a pooled connection being let go."""
+
+    async def handle_QUIT(self, server, session, envelope):
+        self.commands.append("QUIT")
+        return "221 Bye"
+
+
+def test_a_reload_detaches_the_replaced_plugins_once_their_last_session_ends(
+    qpconn_start, tmp_path  # noqa: F811
+):
+    """The forwarding pool of the replaced set carries the in-flight session's message,
+    then is closed (its idle connection QUIT) when that session ends; without detach every
+    reload left the old pool's connections open for the life of the process."""
+    with aiosmtpd_next_hop(QuitRecorder()) as (hop, controller):
+        directory = tmp_path / "config"
+        directory.mkdir()
+        write(
+            directory,
+            me="mx.test\n",
+            rcpthosts="mx.test\n",
+            plugins=f"rcpt_ok\nqueue/smtp-forward 127.0.0.1 {controller.port}\n",
+        )
+        server = qpconn_start(directory)
+
+        def send(smtp: smtplib.SMTP, subject: str) -> None:
+            smtp.sendmail("a@example.org", ["user@mx.test"], f"Subject: {subject}\r\n\r\nx\r\n")
+
+        old, _ = connect(server.address)
+        send(old, "before")  # the old set's pool now holds one idle connection
+        assert len(hop.hellos) == 1
+
+        server.reload()
+        server.wait_for_log("reloaded ")
+        new, _ = connect(server.address)
+        send(new, "new set")  # a new plugin, a new pool: a second connection to the hop
+        assert len(hop.hellos) == 2
+        new.quit()
+        send(old, "in flight")  # the old session keeps its set, and reuses its pool
+        assert len(hop.hellos) == 2
+        assert "QUIT" not in hop.commands  # the old set is still in use: nothing let go
+
+        old.quit()
+        log = server.wait_for_log("plugins a reload replaced")
+        assert "detaching the 2 plugins a reload replaced (rcpt_ok queue/smtp-forward)" in log
+        wait_until(lambda: hop.commands.count("QUIT") == 1, timeout=20)
+        assert len(hop.messages) == 3
+
+        # At shutdown (twistd ends on the signal it got) the running set lets its pool go too.
+        assert server.stop() == -signal.SIGTERM
+        wait_until(lambda: hop.commands.count("QUIT") == 2, timeout=20)

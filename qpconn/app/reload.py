@@ -13,6 +13,10 @@ started with, and every session accepted after the swap uses the new one.
 The new ``loglevel`` applies at once, and the validator's warnings (qpconn.settings) are
 logged as at start-up.
 
+The replaced plugins are detached (:meth:`~qpconn.hooks.plugin.Plugin.detach`: their
+pools, broker links and Redis clients closed) once the last session that started with
+them has ended (:mod:`qpconn.server.retire`).
+
 What a reload does not change: the listening endpoints, the peer-lookup and PROXY
 settings (they come from the command line, and their timeouts are read at start-up),
 and the sessions open now.
@@ -50,6 +54,7 @@ _LIVE = frozenset(
         "proxy",
         "protocol",
         "plugins",
+        "retired",
         "runner",
         "metrics",
         "tracer",
@@ -81,8 +86,11 @@ def reload_factory(factory: SMTPFactory) -> bool:
     for name, value in vars(built.probe).items():
         if name not in _LIVE and not name.startswith("_"):
             setattr(factory, name, value)
+    replaced = factory.plugins
     factory.plugins = built.plugins
     factory.runner = built.runner
+    # The sessions open now finish with the old set; it is detached after the last of them.
+    factory.retired.retire(replaced, factory.sessions)
     log.info(
         "reloaded {config_dir}: {count} plugins ({names})",
         config_dir=config.directory or "(built-in defaults)",

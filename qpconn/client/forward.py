@@ -128,6 +128,11 @@ class ForwardingQueue(Plugin):
             )
         return self._pool
 
+    def detach(self) -> Any:
+        """QUIT the pooled connections to the next hop (after a reload, at shutdown)."""
+        pool, self._pool = self._pool, None
+        return pool.close() if pool is not None and not pool.closed else None
+
     # -- the queue hook ---------------------------------------------------------------
     async def hook_queue(self, transaction: Any) -> Verdict:
         label = self.destination.label

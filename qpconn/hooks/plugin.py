@@ -120,6 +120,18 @@ class Plugin(_TypedHooks):
         # metrics count the events of its own plugins (limit refusals, Redis outages).
         self.log.source = server
 
+    def detach(self) -> Any:
+        """Called once the server is done with this plugin: after a SIGHUP reload replaced
+        it and the last session that started with it has ended, or at shutdown after the
+        sessions drained.
+
+        Override it to release what the plugin holds open (connection pools, a broker
+        link, a Redis client, timers); return a Deferred if that takes a while (it is
+        given up on after ten seconds). Without it, every reload would leave the replaced
+        plugin's connections open for the life of the process.
+        """
+        return None
+
     def register_hook(self, hook: str, function: HookFunction) -> None:
         """Hook a function that is not named ``hook_<name>`` (as qpsmtpd's register_hook)."""
         if hook not in HOOKS:

@@ -99,6 +99,10 @@ class RedisGreyStore:
         self.path = f"redis {where} db {kwargs.get('db', 0)}"
         self.failed_at: float | None = None
 
+    def close(self) -> None:
+        """Disconnect the client's pooled connections (the plugin is being detached)."""
+        self.client.close()
+
     @staticmethod
     def key(triplet: tuple[str, str, str]) -> str:
         """The Redis key of ``(network, sender, recipient)``."""

@@ -31,6 +31,10 @@ class RedisKarmaStore:
         #: where the history is, for the log (without any password of the URL)
         self.path = redis_location(self.client)
 
+    def close(self) -> None:
+        """Disconnect the client's pooled connections (the plugin is being detached)."""
+        self.client.close()
+
     def read(self, ip: str) -> tuple[int, int, float | None]:
         """(good, bad, time of the last bad point) of ``ip``; zeros when unknown."""
         good, bad, last_bad = self.client.hmget(KEY_PREFIX + ip, ["good", "bad", "last_bad"])

@@ -182,6 +182,10 @@ class RedisLimits:
         #: where the counters are, for the log (without any password of the URL)
         self.path = redis_location(self.client)
 
+    def close(self) -> None:
+        """Disconnect the client's pooled connections (the plugin is being detached)."""
+        self.client.close()
+
     def occupy(self, key: str, member: str, maximum: int, ttl: float, now: float) -> int:
         return int(self._occupy(keys=[KEY_PREFIX + key], args=[member, maximum, _ms(ttl)]))
 

@@ -152,6 +152,12 @@ class Greylisting(Plugin):
             self.store = GreyStore(self.config.path(options["db"]), black, grey, white)
         self.testonly = options["mode"] == "testonly"
 
+    def detach(self) -> None:
+        """Disconnect from Redis (after a reload replaced this plugin, at shutdown); the
+        SQLite store holds nothing open between calls."""
+        if isinstance(self.store, RedisGreyStore):
+            self.store.close()
+
     async def hook_rcpt(self, transaction: Any, recipient: Address, params: Any) -> Any:
         conn = transaction.connection
         if conn.relay_client or conn.auth_user or conn.remote_ip is None:

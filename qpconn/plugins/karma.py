@@ -119,6 +119,12 @@ class Karma(Plugin):
         self.policy = RejectPolicy(reject=options["reject"], reject_type="temp")
         self.ignore = frozenset(name for name in options["ignore"].split(",") if name)
 
+    def detach(self) -> None:
+        """Disconnect from Redis (after a reload replaced this plugin, at shutdown); the
+        SQLite store holds nothing open between calls."""
+        if isinstance(self.store, RedisKarmaStore):
+            self.store.close()
+
     def _now(self) -> float:
         return float(self.server.clock.seconds())
 

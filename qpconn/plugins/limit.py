@@ -101,6 +101,11 @@ class Limit(Plugin):
         self.outage = RedisOutage(self.name, self.store.path, self.log, policy)
         self._hook_up()
 
+    def detach(self) -> None:
+        """Disconnect from Redis (after a reload replaced this plugin, at shutdown)."""
+        if isinstance(self.store, RedisLimits):
+            self.store.close()
+
     def _hook_up(self) -> None:
         """Only the hooks the configured limits need: a limit that is off costs nothing."""
         rates = self.rates

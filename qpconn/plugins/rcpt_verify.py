@@ -167,6 +167,11 @@ class RcptVerify(Plugin):
             self._probe = RecipientProbe(pool, self.sender)
         return self._probe
 
+    def detach(self) -> Any:
+        """QUIT the probe's pooled connections (after a reload, at shutdown)."""
+        probe, self._probe = self._probe, None
+        return probe.pool.close() if probe is not None and not probe.pool.closed else None
+
     # -- the hook ---------------------------------------------------------------------
     async def hook_rcpt(self, transaction: Any, recipient: Address, params: Any) -> Any:
         connection = transaction.connection

@@ -29,6 +29,7 @@ from qpconn.server.lookup import make_resolver
 from qpconn.server.peerinfo import LookupSettings, PeerInfo
 from qpconn.server.protocol import SMTPServerProtocol
 from qpconn.server.proxy import ProxySettings
+from qpconn.server.retire import RetiredPlugins
 from qpconn.server.tls import tls_from_config
 from qpconn.settings import validate
 from qpconn.smtp.commands import SMTPCommands
@@ -166,6 +167,8 @@ class SMTPFactory(ServerFactory):
         )
         #: sessions currently open (for limits, shutdown and metrics)
         self.sessions: set[SMTPServerProtocol] = set()
+        #: plugin sets a reload replaced, detached when their last session ends
+        self.retired = RetiredPlugins(clock)
         #: listening port -> the local (ip, port) of every socket it accepts, or None
         self._port_addresses: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
         for plugin in self.plugins:
@@ -218,6 +221,8 @@ class SMTPFactory(ServerFactory):
         if session in self.sessions and getattr(self, "metrics", None) is not None:
             self.metrics.session_changed(False)
         self.sessions.discard(session)
+        if self.retired.waiting:
+            self.retired.session_ended(session)
         commands = session.commands
         if commands.trace is not None:  # before the connection is reset: its facts go on
             commands.trace.session_ended(commands.connection)

@@ -11,7 +11,8 @@ gets the 421 and is closed: a client that had not received a 250 keeps its messa
 retries elsewhere or later, so nothing acknowledged is lost either way.
 
 The service's ``stopService`` Deferred fires when every session has ended (or a second
-after the last 421s), which is what keeps twistd from exiting earlier.
+after the last 421s) and every plugin's ``detach`` has run (:mod:`qpconn.server.retire`),
+which is what keeps twistd from exiting earlier.
 """
 
 from __future__ import annotations
@@ -92,3 +93,5 @@ class GracefulShutdown(Service):
             transport = getattr(protocol, "transport", None)
             if transport is not None:
                 transport.abortConnection()
+        # Every plugin (the running set and any a reload retired) releases what it holds.
+        await self.factory.retired.detach_all(self.factory.plugins)

@@ -142,6 +142,11 @@ class AMQP(Plugin):
             )  # fmt: skip
         return self._link
 
+    def detach(self) -> Any:
+        """Close the broker connection and stop reconnecting (after a reload, at shutdown)."""
+        link, self._link = self._link, None
+        return link.close() if link is not None and not link.closed else None
+
     async def _setup(self, channel: Any) -> None:
         """Declare the durable queue (and its binding) on each new channel."""
         if not self.declare:
