@@ -41,6 +41,8 @@ from pika.exceptions import NackError, UnroutableError
 from twisted.internet import defer, error
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
 
+from qpconn.client.names import resolving_reactor
+
 __all__ = ["BrokerLink", "BrokerUnavailable", "Unroutable", "Refused", "describe"]
 
 #: returns kept while their publishes wait for the ack; past it the oldest are forgotten
@@ -78,12 +80,15 @@ class BrokerLink:
         connect_timeout: float = 10.0,
         retry_min: float = 0.5,
         retry_max: float = 15.0,
+        resolver: Any = None,
     ) -> None:
         self.parameters = pika.URLParameters(url)
         self.host, self.port = self.parameters.host, self.parameters.port
         #: where the broker is, for logs and replies (no credentials)
         self.label = f"{self.host}:{self.port}"
         self.setup, self.reactor, self.log = setup, reactor, log
+        #: an IResolver for the broker's host name (``--dns-server``), or None: the system's
+        self.resolver = resolver
         self.connect_timeout = connect_timeout
         self.retry_min, self.retry_max = retry_min, retry_max
         self.state = "idle"
@@ -114,7 +119,8 @@ class BrokerLink:
         attempt.addCallbacks(self._ready, self._failed)
 
     async def _connect(self) -> TwistedChannel:
-        endpoint = HostnameEndpoint(self.reactor, self.host, self.port, self.connect_timeout)
+        named = resolving_reactor(self.reactor, self.resolver)
+        endpoint = HostnameEndpoint(named, self.host, self.port, self.connect_timeout)
         protocol = TwistedProtocolConnection(self.parameters, custom_reactor=self.reactor)
         self.connection = protocol
         try:

@@ -125,6 +125,7 @@ class ForwardingQueue(Plugin):
                 size=size,
                 idle_timeout=idle,
                 connect_timeout=self.delivery_timeout,
+                resolver=getattr(self.server, "hostname_resolver", None),
             )
         return self._pool
 

@@ -33,6 +33,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
+from qpconn.client.names import resolving_reactor
+
 __all__ = ["MessageProducer", "HTTPAnswer", "post", "MAX_ANSWER"]
 
 #: octets of an answer's body that are read at most
@@ -126,6 +128,7 @@ async def post(
     headers: dict[bytes, list[bytes]],
     body: MessageProducer,
     timeout: float,
+    resolver: Any = None,
 ) -> HTTPAnswer:
     """POST ``body`` to ``url``; the answer, or an exception.
 
@@ -134,7 +137,9 @@ async def post(
     (:class:`twisted.internet.error.ConnectionRefusedError`, ``DNSLookupError``,
     :class:`twisted.web.client.ResponseNeverReceived`, ...).
     """
-    agent = Agent(reactor, connectTimeout=timeout, pool=HTTPConnectionPool(reactor, False))
+    # The URL's host name is resolved by ``resolver`` (``--dns-server``) when given.
+    named = resolving_reactor(reactor, resolver)
+    agent = Agent(named, connectTimeout=timeout, pool=HTTPConnectionPool(reactor, False))
     deadline = reactor.seconds() + timeout
     asked = agent.request(b"POST", url, Headers(headers), body)
     asked.addTimeout(timeout, reactor)

@@ -27,6 +27,7 @@ from twisted.internet.endpoints import (
 from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint
 from twisted.logger import Logger
 
+from qpconn.client.names import resolving_reactor
 from qpconn.client.smtp import NextHopError, ReplyProtocol, SMTPClient
 from qpconn.client.tlsverify import VerifyingClientTLS
 
@@ -55,14 +56,19 @@ class Destination:
         host = f"[{self.host}]" if self.host and ":" in self.host else self.host
         return f"{host}:{self.port}"
 
-    def endpoint(self, reactor: Any, timeout: float) -> IStreamClientEndpoint:
+    def endpoint(
+        self, reactor: Any, timeout: float, resolver: Any = None
+    ) -> IStreamClientEndpoint:
+        """How to connect; a host name is resolved by ``resolver`` (an ``IResolver``)
+        when given, else by the system (:mod:`qpconn.client.names`)."""
         if self.path is not None:
             return UNIXClientEndpoint(reactor, self.path, timeout=timeout)
         assert self.host is not None
         try:
             ip = ipaddress.ip_address(self.host)
         except ValueError:
-            return HostnameEndpoint(reactor, self.host.encode("idna"), self.port, timeout)
+            named = resolving_reactor(reactor, resolver)
+            return HostnameEndpoint(named, self.host.encode("idna"), self.port, timeout)
         cls = TCP6ClientEndpoint if ip.version == 6 else TCP4ClientEndpoint
         return cls(reactor, self.host, self.port, timeout=timeout)
 
@@ -81,8 +87,11 @@ class ConnectionPool:
         size: int = 2,
         idle_timeout: float = 30.0,
         connect_timeout: float = 30.0,
+        resolver: Any = None,
     ) -> None:
         self.destination = destination
+        #: an IResolver for the destination's host name (``--dns-server``), or None
+        self.resolver = resolver
         self.helo = helo
         self.reactor = reactor
         self.size = size
@@ -112,7 +121,8 @@ class ConnectionPool:
         dest = self.destination
         protocol = ReplyProtocol()
         try:
-            await connectProtocol(dest.endpoint(self.reactor, self.connect_timeout), protocol)
+            endpoint = dest.endpoint(self.reactor, self.connect_timeout, self.resolver)
+            await connectProtocol(endpoint, protocol)
         except defer.CancelledError:
             raise
         except Exception as exc:

@@ -163,7 +163,9 @@ class RcptVerify(Plugin):
             me = self.server.me if self.server is not None else self.config.me
             pool = ConnectionPool(self.destination, helo=me, reactor=self._clock(),
                                   size=self.pool_size, idle_timeout=self.idle,
-                                  connect_timeout=self.verify_timeout)  # fmt: skip
+                                  connect_timeout=self.verify_timeout,
+                                  resolver=getattr(self.server, "hostname_resolver",
+                                                   None))  # fmt: skip
             self._probe = RecipientProbe(pool, self.sender)
         return self._probe
 

@@ -159,6 +159,10 @@ class SMTPFactory(ServerFactory):
         #: the DNS resolver of this server (``--dns-server`` or resolv.conf), for lookups
         #: and for plugins (``self.server.resolver``), so every query obeys one setting
         self.resolver = make_resolver(self.lookups.dns_servers, self.lookups.dns_timeout or 5.0)
+        #: the resolver for the host names the server connects to (next hops, HTTP and
+        #: AMQP endpoints): this one with ``--dns-server``, else None, the system's
+        #: getaddrinfo (which also reads /etc/hosts) as before (qpconn.client.names)
+        self.hostname_resolver = self.resolver if self.lookups.dns_servers is not None else None
         self.peer_info = PeerInfo(self.lookups, clock, self.resolver)
         proxy = proxy or ProxySettings()
         #: PROXY protocol policy; the adapter reads it for every new connection

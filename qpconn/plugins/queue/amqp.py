@@ -139,6 +139,7 @@ class AMQP(Plugin):
             self._link = BrokerLink(
                 self.url, self._setup, self._reactor(), self.log,
                 connect_timeout=self.publish_timeout,
+                resolver=getattr(self.server, "hostname_resolver", None),
             )  # fmt: skip
         return self._link
 

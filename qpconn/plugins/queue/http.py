@@ -168,7 +168,8 @@ class HTTPQueue(Plugin):
         body = MessageProducer(chunks, length)
         try:
             answer = await post(reactor, self.url.encode("ascii"), headers, body,
-                                self.post_timeout)  # fmt: skip
+                                self.post_timeout,
+                                getattr(self.server, "hostname_resolver", None))  # fmt: skip
         except defer.TimeoutError:
             return self._unavailable(transaction, "timeout",
                                      f"no answer within {self.post_timeout:g}s")  # fmt: skip
