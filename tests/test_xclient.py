@@ -9,6 +9,7 @@ for the hooks, a new connect, a fresh relay verdict, the Received header.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -26,6 +27,7 @@ from tests.e2e_client import split_message
 from tests.support.dnsserver import DNSTestServer, start_dns_server
 from tests.support.policy import BoundClient, lookups
 from tests.support.server import in_thread
+from tests.support.timing import wait_until
 
 PROXY = "127.0.0.5"
 FULL = (
@@ -332,3 +334,49 @@ def test_the_core_hands_xclient_on_outside_a_transaction_and_starts_over_on_220(
     assert (session.state, session.esmtp, session.authenticated) == (State.INIT, False, False)
     assert _command(session, b"MAIL FROM:<a@b.example>\r\n").reply.code == 503
     assert _command(session, b"XCLIENT HELO=x\r\n").verb == "XCLIENT"  # legal before EHLO too
+
+
+# -- the per-address connection limits ---------------------------------------------------------
+def hold_sessions(address: tuple[str, int], clients: list[str]) -> list[Reply]:
+    """One session per client address, all held open at once: each XCLIENT's reply."""
+    with contextlib.ExitStack() as stack:
+        replies = []
+        for client_ip in clients:
+            session = stack.enter_context(BoundClient(address, PROXY))
+            session.cmd("EHLO proxy.test")
+            replies.append(session.cmd(f"XCLIENT ADDR={client_ip}"))
+        return replies
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_client_behind_the_proxy_counts_against_the_per_address_limit(qpconn_server):
+    """The proxy's own address is exempt (xclient_hosts are, by default), and each session
+    counts under the address XCLIENT gives, as if that client had connected directly."""
+    recorder = Recorder(Config(None), "recorder")
+    server = qpconn_server(
+        plugins=[recorder, "rcpt_ok", "queue/maildir"],
+        files={"xclient_hosts": [PROXY], "max_connections_per_ip": "2"},
+    )
+    clients = ["192.0.2.7", "192.0.2.7", "192.0.2.7", "192.0.2.8", "192.0.2.8"]
+    replies = await in_thread(hold_sessions, server.address, clients)
+    assert [reply.code for reply in replies] == [220, 220, 421, 220, 220]
+    assert replies[2].text == (
+        "4.7.0 mx.test Too many connections from your address, try again later"
+    )
+    # the refused one ran no connect hook for 192.0.2.7; the others did
+    assert [c["remote_ip"] for c in recorder.connects].count("192.0.2.7") == 2
+    # once the server has seen the sessions end, the address has its places back
+    counter = server.factory.connection_counter
+    assert await in_thread(wait_until, lambda: counter.per_ip["192.0.2.7"] == 0)
+    again = await in_thread(hold_sessions, server.address, ["192.0.2.7", "192.0.2.7"])
+    assert [reply.code for reply in again] == [220, 220]
+
+
+def test_xclient_hosts_are_exempt_from_the_per_address_limits_by_default(tmp_path):
+    from qpconn.smtp.limits import limit_exceptions
+
+    (tmp_path / "xclient_hosts").write_text("10.9.0.0/16\n")
+    assert "10.9.1.1" in limit_exceptions(Config(str(tmp_path)))
+    assert "10.8.1.1" not in limit_exceptions(Config(str(tmp_path)))
+    (tmp_path / "connection_limit_exceptions").write_text("")  # a file replaces the default
+    assert "10.9.1.1" not in limit_exceptions(Config(str(tmp_path)))

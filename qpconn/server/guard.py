@@ -40,6 +40,7 @@ from qpconn.server.deadlines import SessionDeadlines
 from qpconn.smtp.limits import TOO_FAST_FROM_ADDRESS, TOO_MANY, TOO_MANY_FROM_ADDRESS
 
 if TYPE_CHECKING:
+    from qpconn.mail.connection import Connection
     from qpconn.server.protocol import SMTPServerProtocol
 
 __all__ = ["SessionGuard", "EARLY_TALK_BUFFER"]
@@ -86,8 +87,32 @@ class SessionGuard:
     def admit(self) -> bool:
         """Count this session against the connection limits, or refuse it with 421."""
         protocol = self.protocol
-        factory = protocol.factory
         connection = protocol.commands.connection
+        refusal = self._count(connection)
+        if refusal is None:
+            self.deadlines.start()
+            if self.session.buffered:
+                # Bytes that came with the PROXY header: the client did not wait either.
+                connection.notes["early_talker"] = True
+            return True
+        self.session.close()
+        protocol.transport.write(refusal.to_bytes())
+        protocol.output.hang_up()
+        return False
+
+    def readmit(self, connection: Connection) -> Reply | None:
+        """XCLIENT named the real client (``connection``): from now on the session counts
+        under its address, not the proxy's, as if it had connected directly; the 421 when
+        that address is over a limit (the caller closes the session), else None."""
+        if connection.remote_ip == self._admitted_ip:
+            return None  # the same client again (a proxy splitting its facts): no new count
+        self.release_slot()
+        return self._count(connection)
+
+    def _count(self, connection: Connection) -> Reply | None:
+        """Count the session under ``connection``'s address, or log and give the 421."""
+        protocol = self.protocol
+        factory = protocol.factory
         ip = connection.remote_ip
         limits = self.limits
         # the exceptions are looked up only when a per-address limit is on
@@ -96,11 +121,7 @@ class SessionGuard:
         limit = self.counter.admit(ip, limits, factory.clock.seconds(), exempt)
         if limit is None:
             self._admitted, self._admitted_ip = True, ip
-            self.deadlines.start()
-            if self.session.buffered:
-                # Bytes that came with the PROXY header: the client did not wait either.
-                connection.notes["early_talker"] = True
-            return True
+            return None
         reason, text = _REFUSALS[limit]
         protocol.log.warn(
             "{conn_id} refused {remote_ip}:{remote_port}: {reason}",
@@ -110,11 +131,7 @@ class SessionGuard:
             limit=limit,
             **protocol.commands.log_context(),
         )
-        self.session.close()
-        refusal = Reply(421, f"4.7.0 {factory.me} {text}, try again later")
-        protocol.transport.write(refusal.to_bytes())
-        protocol.output.hang_up()
-        return False
+        return Reply(421, f"4.7.0 {factory.me} {text}, try again later")
 
     def release_slot(self) -> None:
         """The connection is gone: it no longer counts (idempotent)."""

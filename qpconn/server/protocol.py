@@ -120,6 +120,8 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             factory, self.session, factory.build_connection(self.transport), self.log
         )
         self.guard = SessionGuard(self)
+        # XCLIENT's real client counts against the per-address limits in the proxy's place
+        self.commands.client_changed = self.guard.readmit
         self.tls = TLSLayer(self)
         self._busy = False
         self._driving = False

@@ -188,13 +188,15 @@ def limit_exceptions(config: Config) -> NetworkList:
 
     ``connection_limit_exceptions`` when the file exists (empty: nobody is exempt, which
     is how the tests apply the limits to loopback); otherwise loopback and every
-    ``relayclients``/``morerelayclients`` entry, as Postfix exempts ``$mynetworks``.
+    ``relayclients``/``morerelayclients`` entry, as Postfix exempts ``$mynetworks``, and the
+    ``xclient_hosts`` proxies (their clients are counted by the address XCLIENT gives).
     """
     if config.is_set("connection_limit_exceptions"):
         lines = config.lines("connection_limit_exceptions")
         return NetworkList("connection_limit_exceptions", lines)
     relay = config.lines("relayclients") + config.lines("morerelayclients")
-    return NetworkList("relayclients", [*LOOPBACK, *relay])
+    proxies = config.lines("xclient_hosts")
+    return NetworkList("relayclients", [*LOOPBACK, *relay, *proxies])
 
 
 class ConnectionCounter:

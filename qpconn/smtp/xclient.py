@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from qpconn.core.reply import Reply
@@ -175,6 +176,9 @@ class XClientCommands(CommandContext):
     _xclient_origin: Connection | None = None
     #: every attribute given so far in this session (later commands add to it)
     _xclient_given: dict[str, Any] | None = None
+    #: set by the adapter: called with the new Connection when XCLIENT names a client
+    #: address; the refusal (421) when that address is over a connection limit, else None
+    client_changed: Callable[[Connection], Reply | None] | None = None
 
     if TYPE_CHECKING:  # SMTPCommands' own, which this part ends in
 
@@ -228,6 +232,10 @@ class XClientCommands(CommandContext):
             event="xclient",
             **self.log_context(),
         )
+        if "ADDR" in attributes and self.client_changed is not None:
+            refused = self.client_changed(conn)  # the per-address limits, for the client
+            if refused is not None:
+                return refused, True
         reply, close = await self.start_session()
         # A refusal at connect ends the session, as it does for a first greeting.
         return reply, close or reply.code >= 400
