@@ -96,6 +96,10 @@ class SessionDeadlines:
     (:meth:`open_text_window`) and closes it (``text_since = None``) with the replies.
     """
 
+    # One per session, idle ones included: fields only, no attribute dict.
+    __slots__ = ("protocol", "session", "clock", "settings", "session_ends", "line_since",
+                 "_line_offset", "_line_timer", "text_since", "_text_offset")  # fmt: skip
+
     def __init__(self, protocol: SMTPServerProtocol, settings: DeadlineSettings) -> None:
         self.protocol = protocol
         self.session = protocol.session
