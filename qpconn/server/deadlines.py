@@ -97,8 +97,18 @@ class SessionDeadlines:
     """
 
     # One per session, idle ones included: fields only, no attribute dict.
-    __slots__ = ("protocol", "session", "clock", "settings", "session_ends", "line_since",
-                 "_line_offset", "_line_timer", "text_since", "_text_offset")  # fmt: skip
+    __slots__ = (
+        "_line_offset",
+        "_line_timer",
+        "_text_offset",
+        "clock",
+        "line_since",
+        "protocol",
+        "session",
+        "session_ends",
+        "settings",
+        "text_since",
+    )  # fmt: skip
 
     def __init__(self, protocol: SMTPServerProtocol, settings: DeadlineSettings) -> None:
         self.protocol = protocol

@@ -71,8 +71,16 @@ class SessionGuard:
 
     # One per session, held for the session's whole life (idle ones included): slots keep
     # it to its fields, with no attribute dict beside them.
-    __slots__ = ("protocol", "limits", "counter", "session", "errors", "_admitted_ip",
-                 "_admitted", "deadlines")  # fmt: skip
+    __slots__ = (
+        "_admitted",
+        "_admitted_ip",
+        "counter",
+        "deadlines",
+        "errors",
+        "limits",
+        "protocol",
+        "session",
+    )  # fmt: skip
 
     def __init__(self, protocol: SMTPServerProtocol) -> None:
         self.protocol = protocol

@@ -57,8 +57,16 @@ class ReplyWriter:
     """The output side of one session; see the module docstring."""
 
     # One per session, idle ones included: fields only, no attribute dict.
-    __slots__ = ("protocol", "session", "may_hold", "unsent", "unsent_size", "closed_with",
-                 "_producing", "_last")  # fmt: skip
+    __slots__ = (
+        "_last",
+        "_producing",
+        "closed_with",
+        "may_hold",
+        "protocol",
+        "session",
+        "unsent",
+        "unsent_size",
+    )  # fmt: skip
 
     def __init__(self, protocol: SMTPServerProtocol) -> None:
         self.protocol = protocol

@@ -135,7 +135,7 @@ class TLSLayer:
     """
 
     # One per session, though most never use TLS: fields only, no attribute dict.
-    __slots__ = ("protocol", "_timer", "_starting", "_implicit", "_done", "_failure_logged")
+    __slots__ = ("_done", "_failure_logged", "_implicit", "_starting", "_timer", "protocol")
 
     def __init__(self, protocol: SMTPServerProtocol) -> None:
         self.protocol = protocol
