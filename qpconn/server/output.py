@@ -20,7 +20,10 @@ so that the adapter's loop stays about reading. What it keeps:
   nothing, before Twisted's own buffer could fill and push back.
 * **Closing.** :meth:`ReplyWriter.hang_up` unregisters the producer first (Twisted keeps a
   connection open while its producer is paused) and sets the idle timer once more: a
-  client that does not take what is left within ``timeout`` is aborted by it.
+  client that does not take what is left within ``timeout`` is aborted by it. The session's
+  last reply (``221``, ``421``) is handed to the close itself
+  (:func:`~qpconn.server.fastpath.fastwrite.close_when_sent`): sent and closed in one step at
+  the end of the turn, without Twisted's write pass on an empty buffer.
 """
 
 from __future__ import annotations
