@@ -55,6 +55,23 @@ class Transaction:
     test, a tool) gets a blank one, so that ``transaction.connection`` is always there.
     """
 
+    # Fields that start the same in every transaction read these class defaults until
+    # they are set: one is made per session and per message, most sessions never reach
+    # MAIL, and an instance dict of six entries is smaller and quicker to fill than one of
+    # fourteen.
+    sender: Address | None = None
+    header: Header | None = None
+    #: octets of message text received (dot-unstuffed, as stored)
+    data_size = 0
+    #: wall-clock time (``time.time()``) the message arrived: set by end_of_data, when
+    #: its text ended (DATA's dot, the last BDAT chunk). The Received field's date and
+    #: a bounce's ``Arrival-Date`` (RFC 3464 §2.2.5) both give this moment; None before.
+    arrival_time: float | None = None
+    _head_scan = 0  # where split_header resumes in _head
+    _memory_size = 0
+    _file: IO[bytes] | None = None
+    _closed = False
+
     def __init__(
         self,
         connection: Connection | None = None,
@@ -66,25 +83,13 @@ class Transaction:
         self.connection: Connection = connection if connection is not None else Connection()
         #: queue id, shown in the Received header, the 250 reply and the logs
         self.id = id
-        self.sender: Address | None = None
         self.mail_params: dict[str, str | None] = {}
         self.recipients: list[Recipient] = []
         self.notes = Notes()
-        self.header: Header | None = None
-        #: octets of message text received (dot-unstuffed, as stored)
-        self.data_size = 0
-        #: wall-clock time (``time.time()``) the message arrived: set by end_of_data, when
-        #: its text ended (DATA's dot, the last BDAT chunk). The Received field's date and
-        #: a bounce's ``Arrival-Date`` (RFC 3464 §2.2.5) both give this moment; None before.
-        self.arrival_time: float | None = None
         self.size_threshold = size_threshold
         self.spool_dir = spool_dir
         self._head = bytearray()  # header text until its end is seen
-        self._head_scan = 0  # where split_header resumes in _head
         self._memory: list[bytes] = []
-        self._memory_size = 0
-        self._file: IO[bytes] | None = None
-        self._closed = False
 
     # -- envelope -------------------------------------------------------------------------
     @property

@@ -96,6 +96,20 @@ class SessionDeadlines:
     (:meth:`open_text_window`) and closes it (``text_since = None``) with the replies.
     """
 
+    # One per session, idle ones included: fields only, no attribute dict.
+    __slots__ = (
+        "_line_offset",
+        "_line_timer",
+        "_text_offset",
+        "clock",
+        "line_since",
+        "protocol",
+        "session",
+        "session_ends",
+        "settings",
+        "text_since",
+    )  # fmt: skip
+
     def __init__(self, protocol: SMTPServerProtocol, settings: DeadlineSettings) -> None:
         self.protocol = protocol
         self.session = protocol.session

@@ -70,6 +70,19 @@ class SessionGuard:
     the 421 written before a refused session is closed.
     """
 
+    # One per session, held for the session's whole life (idle ones included): slots keep
+    # it to its fields, with no attribute dict beside them.
+    __slots__ = (
+        "_admitted",
+        "_admitted_ip",
+        "counter",
+        "deadlines",
+        "errors",
+        "limits",
+        "protocol",
+        "session",
+    )  # fmt: skip
+
     def __init__(self, protocol: SMTPServerProtocol) -> None:
         self.protocol = protocol
         factory = protocol.factory

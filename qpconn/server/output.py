@@ -20,7 +20,10 @@ so that the adapter's loop stays about reading. What it keeps:
   nothing, before Twisted's own buffer could fill and push back.
 * **Closing.** :meth:`ReplyWriter.hang_up` unregisters the producer first (Twisted keeps a
   connection open while its producer is paused) and sets the idle timer once more: a
-  client that does not take what is left within ``timeout`` is aborted by it.
+  client that does not take what is left within ``timeout`` is aborted by it. The session's
+  last reply (``221``, ``421``) is handed to the close itself
+  (:func:`~qpconn.server.fastpath.fastwrite.close_when_sent`): sent and closed in one step at
+  the end of the turn, without Twisted's write pass on an empty buffer.
 """
 
 from __future__ import annotations
@@ -56,6 +59,18 @@ def bound_send_buffer(transport: Any) -> None:
 class ReplyWriter:
     """The output side of one session; see the module docstring."""
 
+    # One per session, idle ones included: fields only, no attribute dict.
+    __slots__ = (
+        "_last",
+        "_producing",
+        "closed_with",
+        "may_hold",
+        "protocol",
+        "session",
+        "unsent",
+        "unsent_size",
+    )  # fmt: skip
+
     def __init__(self, protocol: SMTPServerProtocol) -> None:
         self.protocol = protocol
         self.session = protocol.session
@@ -73,6 +88,8 @@ class ReplyWriter:
         if self.may_hold:  # a socket of our own (not a test's in-memory transport, nor
             bound_send_buffer(transport)  # the TLS layer of an ssl: listener)
         self._producing = True
+        #: the session's last reply, sent with the close (hang_up)
+        self._last = b""
 
     def flush(self) -> None:
         """Write (or hold) what the core has to send; close after a session's last reply."""
@@ -99,9 +116,9 @@ class ReplyWriter:
                 return
             self.send_unsent()  # anything held goes first: bytes stay in order
             if state is State.CLOSED:
-                # The last reply (221, 421): Twisted sends it and closes in one step, so
-                # the session's end is handled before the client can see that reply.
-                protocol.transport.write(data)
+                # The last reply (221, 421) leaves with the close (hang_up below), in one
+                # step, so the session's end is handled before the client can see it.
+                self._last = data
             else:
                 fastwrite.write(protocol.transport, data)  # at once when nothing is queued
             if state is State.STARTTLS:
@@ -144,6 +161,8 @@ class ReplyWriter:
         if self._producing:
             self._producing = False
             transport.unregisterProducer()  # a paused producer would keep it open
-        transport.loseConnection()
+        last, self._last = self._last, b""
+        # write(last) and loseConnection(), without Twisted's empty write pass
+        fastwrite.close_when_sent(transport, last)
         if protocol.timeOut is None and not protocol.lost:
             protocol.setTimeout(protocol.factory.timeout)

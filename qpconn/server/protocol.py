@@ -83,6 +83,24 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
     lost = False
     #: octets read from the client (the deadlines measure the data rate with it)
     bytes_received = 0
+    # The session's flags start as these class defaults and enter the instance only once
+    # they change: every connection used to store all nine, most keep them as they are.
+    _busy = False
+    _driving = False
+    #: reading paused while a handler waits (or past the early-talk bound)
+    _paused = False
+    #: the transport's write buffer is full: the client is not taking its replies
+    _output_paused = False
+    _read_closed = False
+    #: the handler that went asynchronous, if any: cleanup waits for it
+    _inflight: defer.Deferred[None] | None = None
+    #: the idle timeout set aside while our own hooks run (they are not client idleness)
+    _idle_saved: float | None = None
+    #: the SMTP session began (lookups, hooks, greeting); False while a PROXY header
+    #: is awaited and for connections refused before that: those run no hooks at all
+    _started = False
+    #: the wait for a PROXY header, while there is one (qpconn.server.proxy)
+    _proxy_wait: ProxyHeaderWait | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Refuse handler methods on a protocol subclass: they would never be called.
@@ -123,24 +141,8 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         # XCLIENT's real client counts against the per-address limits in the proxy's place
         self.commands.client_changed = self.guard.readmit
         self.tls = TLSLayer(self)
-        self._busy = False
-        self._driving = False
-        #: reading paused while a handler waits (or past the early-talk bound)
-        self._paused = False
-        #: the transport's write buffer is full: the client is not taking its replies
-        self._output_paused = False
-        self._read_closed = False
         #: replies out, and the close (registers this protocol as the transport's producer)
         self.output = ReplyWriter(self)
-        #: the handler that went asynchronous, if any: cleanup waits for it
-        self._inflight: defer.Deferred[None] | None = None
-        #: the idle timeout set aside while our own hooks run (they are not client idleness)
-        self._idle_saved: float | None = None
-        #: the SMTP session began (lookups, hooks, greeting); False while a PROXY header
-        #: is awaited and for connections refused before that: those run no hooks at all
-        self._started = False
-        #: the wait for a PROXY header, while there is one (qpconn.server.proxy)
-        self._proxy_wait: ProxyHeaderWait | None = None
         factory.session_started(self)
         proxy = factory.proxy
         if not proxy.enabled:

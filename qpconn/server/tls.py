@@ -134,6 +134,9 @@ class TLSLayer:
     ``ssl:`` listener) or starts over on a clone of the connection (after STARTTLS).
     """
 
+    # One per session, though most never use TLS: fields only, no attribute dict.
+    __slots__ = ("_done", "_failure_logged", "_implicit", "_starting", "_timer", "protocol")
+
     def __init__(self, protocol: SMTPServerProtocol) -> None:
         self.protocol = protocol
         self._timer: IDelayedCall | None = None

@@ -20,15 +20,27 @@ between the reads of the same turn, cost a quarter more CPU per message on the b
 50-session workload, most of it in the kernel (measured: 885 vs 709 CPU ticks for 40,000
 messages); with a single session there is nothing to group and the reply goes out at
 once.
+
+The close after a session's last reply (:func:`close_when_sent`) is the same saving at the
+end: ``loseConnection()`` on a socket whose buffer is already empty still registers it for
+writability (an ``epoll_ctl``), waits for the next reactor iteration to find nothing to
+write, then unregisters it (another) before it closes. A connection per message pays that
+on every message; here the socket stops being read at once, and at the end of the turn the
+last reply is sent and the connection closed in one step, as Twisted's write pass would
+have done (``connectionLost`` with ``ConnectionDone``): two ``epoll_ctl`` and one reactor
+dispatch fewer per connection.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet import tcp
+from twisted.internet import main, tcp
+from twisted.python.failure import Failure
 
-__all__ = ["write", "batchable"]
+from qpconn.server.fastpath.turnend import at_turn_end
+
+__all__ = ["write", "batchable", "close_when_sent"]
 
 
 def write(transport: Any, data: bytes) -> None:
@@ -42,6 +54,36 @@ def write(transport: Any, data: bytes) -> None:
             return
         data = data[sent:]
     transport.write(data)
+
+
+def close_when_sent(transport: Any, last: bytes = b"") -> None:
+    """Send ``last`` (the session's last reply, if any) and close once everything written
+    is sent: ``write(last)`` then ``loseConnection()``, in effect.
+
+    For a socket with nothing queued, reading stops now, and the reply is sent and the
+    socket closed together at the end of the turn. Anything else (queued bytes, TLS,
+    another transport, a Twisted without the attributes read here) gets exactly those two
+    calls: the same promise, Twisted's way.
+    """
+    if not (isinstance(transport, tcp.Connection) and _idle(transport)):
+        if last:
+            transport.write(last)
+        transport.loseConnection()
+        return
+    transport.stopReading()  # as loseConnection() does: what the client sends now is unread
+    at_turn_end(lambda: _send_and_close(transport, last))
+
+
+def _send_and_close(transport: tcp.Connection, last: bytes) -> None:
+    """The end of the turn: the last reply out, the connection closed, in one step."""
+    if not transport.connected or transport.disconnecting:
+        return  # lost meanwhile (nothing can be sent), or closing already
+    if last:
+        write(transport, last)  # whatever the kernel does not take is queued
+    if not _idle(transport):  # bytes queued: Twisted sends them, then closes
+        transport.loseConnection()
+        return
+    transport.connectionLost(Failure(main.CONNECTION_DONE))
 
 
 def batchable(transport: Any) -> bool:
