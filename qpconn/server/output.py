@@ -142,9 +142,10 @@ class ReplyWriter:
         transport = self.protocol.transport
         if fastwrite.write(transport, data) or not self._producing:
             return
-        if fastwrite.queued(transport) > UNSENT_REPLIES_LIMIT:
-            if fastwrite.pause_until_drained(transport):
-                self.protocol.pauseProducing()
+        if fastwrite.queued(transport) > UNSENT_REPLIES_LIMIT and fastwrite.pause_until_drained(
+            transport
+        ):
+            self.protocol.pauseProducing()
 
     def discard(self) -> None:
         """The client reads no more: what is held is dropped."""
