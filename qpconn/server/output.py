@@ -140,8 +140,8 @@ class ReplyWriter:
         """Write ``data``; past :data:`UNSENT_REPLIES_LIMIT` of it left unsent, stop
         reading until it is sent (Twisted resumes the protocol, its producer)."""
         transport = self.protocol.transport
-        if fastwrite.write(transport, data) or not self._producing:
-            return
+        if fastwrite.write(transport, data) or not (self.may_hold and self._producing):
+            return  # all sent; or not a socket of ours (Twisted's own mark applies)
         if fastwrite.queued(transport) > UNSENT_REPLIES_LIMIT and fastwrite.pause_until_drained(
             transport
         ):
