@@ -230,7 +230,9 @@ def one_run(
         cap = hostile.run_cap(args) if workload.attack else args.max_seconds
         run = generate(postfix, server.port, workload, messages, server.gen_cpu, cap)
         server_cpu = server.cpu_seconds() - cpu_before
-        waited = server.runqueue_seconds() - waited_before
+        # (a server whose processes come and go, Postfix's, loses its exited ones' share:
+        # only a rough figure there, never below 0)
+        waited = max(0.0, server.runqueue_seconds() - waited_before)
         server_user = server.cpu_seconds(user_only=True) - user_before
         machine = user_cpu_seconds() - machine_before
         run["rss_kib"] = server.status_kib("VmRSS")  # while the other clients still hold on
