@@ -27,11 +27,8 @@ loop and the attackers' CPU can be read on its own:
     attempt, and the final statistics (JSON) when stopped.
 
 ``probe``
-    A well-behaved client measuring what a fresh client gets: it opens a new connection,
-    sends one complete message (EHLO, MAIL, RCPT, DATA, ``--size`` bytes, ``.``) and times
-    connect-to-250; then QUIT. Sequential, ``--interval`` apart, at most ``--count``
-    probes, each bounded by ``--timeout`` (a probe that times out or is refused is a
-    failure). Prints a ``ready`` line, then the latencies as JSON when stopped.
+    A well-behaved client timing what a fresh client gets (connect-to-250 of one
+    message on a new connection): see ``hostile_probe.py``.
 
 Both stop on a line or EOF on stdin, SIGTERM or SIGINT, the death of their parent, or
 after ``--max-seconds``; they then close every socket and exit. Only 127.0.0.0/8.
@@ -42,42 +39,29 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
-import os
 import random
 import resource
-import signal
 import socket
-import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-HOST = "127.0.0.1"
-HOSTNAME = "bench.test"
-RECIPIENT = f"user@{HOSTNAME}"
+import hostile_probe
+from hostile_io import HOST, RECIPIENT, cpu_seconds, emit, install_stop, read_reply
 
-#: what a command trickler trickles, over and over (it never gets past the first line in
-#: a run of the benchmark, but a long run would carry on with a well-formed session)
+#: what a command trickler trickles, over and over: a first line of 44 octets, 88 s at
+#: one byte every 2 s, so that a per-line deadline of 60 s (qpconn's command_deadline,
+#: Postfix's smtpd_per_request_deadline at smtpd_timeout 60) cuts it inside a run of a
+#: couple of minutes; a server without one lets it carry on with a well-formed session
 COMMAND_SCRIPT = (
-    b"EHLO trickle.attack.test\r\n"
+    b"EHLO trickle-with-a-long-name.attack.test\r\n"
     b"MAIL FROM:<trickle@attack.test>\r\n" + f"RCPT TO:<{RECIPIENT}>\r\n".encode() + b"RSET\r\n"
 )
 #: the message text a DATA trickler trickles after its header: a line that never holds
 #: the end-of-data sequence
 BODY_LINE = b"x" * 70 + b"\r\n"
 TCP_ESTABLISHED = 1  # tcpi_state in TCP_INFO (linux/tcp_states.h)
-
-
-def cpu_seconds() -> dict[str, float]:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return {"user": usage.ru_utime, "system": usage.ru_stime}
-
-
-def emit(tag: str, payload: dict[str, Any]) -> None:
-    """One line on stdout for the harness: ``<tag> <json>``."""
-    sys.stdout.write(f"{tag} {json.dumps(payload)}\n")
-    sys.stdout.flush()
+TCP_CLOSE_WAIT = 8  # the peer sent its FIN (an orderly close); TCP_CLOSE (7): reset
 
 
 def source_address(slot: int, sources: int) -> str:
@@ -85,46 +69,6 @@ def source_address(slot: int, sources: int) -> str:
     if sources <= 0:
         return HOST
     return f"127.0.0.{2 + slot % sources}"
-
-
-def install_stop(stop: asyncio.Event, max_seconds: float) -> None:
-    """Every way this process is told to stop sets ``stop``: stdin, signals, the parent's
-    death (the harness killed hard leaves no attackers behind), the deadline."""
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-
-    def on_stdin() -> None:
-        try:
-            os.read(sys.stdin.fileno(), 4096)
-        except OSError:
-            pass
-        # Any line, or EOF (the harness went away), means stop.
-        loop.remove_reader(sys.stdin.fileno())
-        stop.set()
-
-    loop.add_reader(sys.stdin.fileno(), on_stdin)
-    loop.call_later(max_seconds, stop.set)
-    parent = os.getppid()
-
-    def watch_parent() -> None:
-        if os.getppid() != parent:
-            stop.set()
-        else:
-            loop.call_later(1.0, watch_parent)
-
-    loop.call_later(1.0, watch_parent)
-
-
-async def read_reply(reader: asyncio.StreamReader) -> bytes:
-    """The last line of one (possibly multi-line) SMTP reply."""
-    for _ in range(1000):  # a reply of more lines than this is not SMTP
-        line = await reader.readline()
-        if not line:
-            raise ConnectionError("closed by the server")
-        if line[3:4] != b"-":
-            return line
-    raise ConnectionError("endless reply")
 
 
 # -- the attack ----------------------------------------------------------------------------
@@ -155,6 +99,9 @@ class Attack:
             self.stats[kind].update(greeted=0, bytes_trickled=0, bytes_read=0)
         self.stats["data_tricklers"]["in_data"] = 0
         self.stats["non_readers"].update(bursts_sent=0, bytes_sent=0)
+        #: per kind: how the server ended the connections it closed (the last reply line a
+        #: trickler read, or for a non-reader, which reads nothing, FIN or RST) -> count
+        self.closed_with: dict[str, dict[str, int]] = {kind: {} for kind in self.stats}
 
     def tried(self) -> None:
         """One client's first connection attempt is over (connected or not)."""
@@ -180,8 +127,10 @@ class Attack:
         rng = random.Random(slot)  # each client's phase, the same in every run
         while True:
             try:
-                await session(source, rng, first, self.stats[kind], kind)
+                how = await session(source, rng, first, self.stats[kind], kind)
                 self.stats[kind]["closed_by_server"] += 1
+                tally = self.closed_with[kind]
+                tally[how] = tally.get(how, 0) + 1
             except ConnectFailed:
                 self.stats[kind]["connect_failed"] += 1
             first = False
@@ -189,8 +138,9 @@ class Attack:
 
     async def trickler(
         self, source: str, rng: random.Random, first: bool, stats: dict[str, int], kind: str
-    ) -> None:
-        """One trickler's connection; returns when the server has closed it."""
+    ) -> str:
+        """One trickler's connection; returns, when the server has closed it, how: the
+        last reply line it read (``reset`` if the server reset it)."""
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(*self.address, local_addr=(source, 0)),
@@ -201,13 +151,21 @@ class Attack:
         finally:
             if first:
                 self.tried()
+        last: list[bytes] = [b""]  # the last reply line read, kept by _drain
         try:
             with self.holding(stats):
-                await self._trickle(reader, writer, stats, rng, kind == "data_tricklers")
+                refused = await self._trickle(
+                    reader, writer, stats, rng, kind == "data_tricklers", last
+                )
+            if refused is not None:
+                return "refused: " + refused.decode("ascii", "replace").strip()[:80]
+        except ConnectionResetError:
+            return "reset"  # reset by the server: closed like any other way
         except (OSError, asyncio.IncompleteReadError):
-            pass  # reset by the server: closed like any other way
+            pass  # closed by the server while a reply was awaited
         finally:
             writer.transport.abort()  # no FIN handshake to wait for: gone at once
+        return last[0].decode("ascii", "replace").strip()[:100] or "closed, no reply"
 
     async def _trickle(
         self,
@@ -216,10 +174,13 @@ class Attack:
         stats: dict[str, int],
         rng: random.Random,
         in_data: bool,
-    ) -> None:
-        """Returns when the server closes the connection."""
-        if not (await read_reply(reader)).startswith(b"220"):
-            return
+        last: list[bytes],
+    ) -> bytes | None:
+        """Returns when the server closes the connection: None, or the reply that refused
+        the session before the trickling began."""
+        greeting = await read_reply(reader)
+        if not greeting.startswith(b"220"):
+            return greeting
         stats["greeted"] += 1
         if in_data:
             for command, code in (
@@ -229,17 +190,18 @@ class Attack:
                 (b"DATA", b"354"),
             ):
                 writer.write(command + b"\r\n")
-                if not (await read_reply(reader)).startswith(code):
-                    return  # refused: the server ends it or we would sit in a state we
-                    # did not mean; come back later
+                reply = await read_reply(reader)
+                if not reply.startswith(code):
+                    return reply  # refused: the server ends it or we would sit in a
+                    # state we did not mean; come back later
             stats["in_data"] += 1
             script = b"Subject: trickle\r\n\r\n" + BODY_LINE * 1000
         else:
             script = COMMAND_SCRIPT
-        drained = asyncio.ensure_future(self._drain(reader, stats))
+        drained = asyncio.ensure_future(self._drain(reader, stats, last))
         try:
             if not await self._wait(drained, rng.uniform(0, self.args.interval)):
-                return
+                return None
             offset = 0
             while True:
                 writer.write(script[offset : offset + 1])
@@ -249,29 +211,43 @@ class Attack:
                     offset = len(b"Subject: trickle\r\n\r\n")  # the header once, lines on
                 await writer.drain()
                 if not await self._wait(drained, self.args.interval):
-                    return
+                    return None
         finally:
             drained.cancel()
 
     @staticmethod
     async def _wait(drained: asyncio.Future[None], seconds: float) -> bool:
-        """Sleep ``seconds``; False at once if the server closed the connection meanwhile."""
+        """Sleep ``seconds``; False at once if the server closed the connection meanwhile
+        (its reset raised here, so that it is told from a close)."""
         done, _ = await asyncio.wait({drained}, timeout=seconds)
+        if done and drained.exception() is not None:
+            raise drained.exception()  # type: ignore[misc]
         return not done
 
     @staticmethod
-    async def _drain(reader: asyncio.StreamReader, stats: dict[str, int]) -> None:
-        """Read and forget whatever the server says, until it closes the connection."""
+    async def _drain(
+        reader: asyncio.StreamReader, stats: dict[str, int], last: list[bytes]
+    ) -> None:
+        """Read whatever the server says, keeping only its last line (in ``last[0]``),
+        until it closes the connection."""
+        tail = b""
         while True:
             data = await reader.read(4096)
             if not data:
+                if tail.strip():
+                    last[0] = tail
                 return
             stats["bytes_read"] += len(data)
+            tail = (tail + data)[-4096:]
+            lines = tail.split(b"\r\n")
+            if len(lines) > 1 and lines[-2]:
+                last[0] = lines[-2]
 
     async def non_reader(
         self, source: str, rng: random.Random, first: bool, stats: dict[str, int], kind: str
-    ) -> None:
-        """One non-reader's connection; returns when the server has closed it."""
+    ) -> str:
+        """One non-reader's connection; returns, when the server has closed it, how: it
+        reads nothing, so its TCP state tells a close (FIN) from an abort (RST)."""
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
@@ -299,8 +275,10 @@ class Attack:
                 stats["bursts_sent"] += 1
                 # Hold it, never reading, until the server closes it (seen in the
                 # connection's TCP state, which needs no recv()).
-                while self._tcp_state(sock) == TCP_ESTABLISHED:
+                while (state := self._tcp_state(sock)) == TCP_ESTABLISHED:
                     await asyncio.sleep(1.0)
+                return "FIN (closed)" if state == TCP_CLOSE_WAIT else "RST (aborted)"
+            return "reset while sending"  # OSError: the server reset it mid-burst
         finally:
             sock.close()  # unread data in the receive buffer: the kernel sends a RST
 
@@ -343,6 +321,7 @@ class Attack:
             "cpu_total_s": round(sum(cpu_seconds().values()), 3),
             "open_at_stop": open_at_stop,
             "stats": self.stats,
+            "closed_with": self.closed_with,
         }
 
 
@@ -350,72 +329,6 @@ async def attack_main(args: argparse.Namespace) -> dict[str, Any]:
     stop = asyncio.Event()
     install_stop(stop, args.max_seconds)
     return await Attack(args).run(stop)
-
-
-# -- the probe -----------------------------------------------------------------------------
-class ProbeError(Exception):
-    """The server answered a probe's command with something other than success."""
-
-
-async def one_probe(port: int, body: bytes) -> tuple[float, float]:
-    """One fresh client's message: (connect-to-greeting, connect-to-250) in seconds."""
-    started = time.perf_counter()
-    reader, writer = await asyncio.open_connection(HOST, port)
-    try:
-        greeting = await read_reply(reader)
-        greeted = time.perf_counter() - started
-        if not greeting.startswith(b"220"):
-            raise ProbeError(f"greeting {greeting[:80]!r}")
-        for command, code in (
-            (b"EHLO probe.bench.test", b"250"),
-            (b"MAIL FROM:<probe@source.test>", b"250"),
-            (f"RCPT TO:<{RECIPIENT}>".encode(), b"250"),
-            (b"DATA", b"354"),
-            (body + b".", b"250"),
-        ):
-            writer.write(command + b"\r\n")
-            reply = await read_reply(reader)
-            if not reply.startswith(code):
-                raise ProbeError(f"{command[:12]!r}: {reply[:80]!r}")
-        delivered = time.perf_counter() - started
-        writer.write(b"QUIT\r\n")
-        with contextlib.suppress(OSError, TimeoutError, asyncio.IncompleteReadError):
-            await asyncio.wait_for(read_reply(reader), 2.0)  # untimed, bounded
-        return greeted, delivered
-    finally:
-        writer.transport.abort()
-
-
-def probe_body(size: int) -> bytes:
-    """A message of about ``size`` bytes, as smtp-source sends (lines of text, no dots)."""
-    header = b"From: <probe@source.test>\r\nTo: <" + RECIPIENT.encode() + b">\r\n"
-    header += b"Subject: probe\r\n\r\n"
-    line = b"abcdefghijklmnopqrstuvwxyz0123456789" * 2 + b"\r\n"
-    return header + line * max(1, size // len(line))
-
-
-async def probe_main(args: argparse.Namespace) -> dict[str, Any]:
-    stop = asyncio.Event()
-    install_stop(stop, args.max_seconds)
-    deadline = time.monotonic() + args.max_seconds
-    body = probe_body(args.size)
-    emit("ready", {})
-    probes: list[dict[str, Any]] = []
-    while len(probes) < args.count and time.monotonic() < deadline:
-        if stop.is_set() and len(probes) >= args.min_count:
-            break
-        started = time.perf_counter()
-        try:
-            greeted, delivered = await asyncio.wait_for(one_probe(args.port, body), args.timeout)
-            probes.append({"ok": True, "ms": delivered * 1000, "greeting_ms": greeted * 1000})
-        except (OSError, TimeoutError, ProbeError, asyncio.IncompleteReadError) as exc:
-            elapsed = time.perf_counter() - started
-            reason = "timeout" if isinstance(exc, TimeoutError) else f"{exc}"[:160]
-            probes.append({"ok": False, "ms": elapsed * 1000, "error": reason})
-        if not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), args.interval)
-    return {"probes": probes, "timeout_ms": args.timeout * 1000, "cpu": cpu_seconds()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -446,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         want = min(hard, max(soft, args.tricklers + args.non_readers + 100))
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    runner = attack_main if args.role == "attack" else probe_main
+    runner = attack_main if args.role == "attack" else hostile_probe.probe_main
     emit("done", asyncio.run(runner(args)))
 
 

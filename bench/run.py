@@ -29,6 +29,7 @@ from typing import Any
 
 import fastlog_server
 import hostile
+import hostile_report
 import profiling
 import servers
 import tools
@@ -178,6 +179,8 @@ def measure_workload(
                 )
                 if warm["error"]:
                     raise RuntimeError(f"warm-up failed: {warm['error']}")
+                if workload.attack:  # --hostile-seconds: as many as it serves in that time
+                    results[spec.name]["messages"] = hostile.sized(args, warmup, warm, messages)
             except Exception as exc:
                 results[spec.name]["error"] = str(exc)
                 log(f"{spec.name} {workload.key}: {exc}")
@@ -188,7 +191,8 @@ def measure_workload(
                 if server.proc.poll() is not None:
                     continue
                 if workload.attack:
-                    hostile_round(server, workload, messages, postfix, args, results[name])
+                    count = results[name]["messages"]
+                    hostile_round(server, workload, count, postfix, args, results[name])
                     continue
                 results[name]["runs"].append(one_run(server, workload, messages, postfix, args))
         for name, server in running.items():
@@ -203,7 +207,7 @@ def measure_workload(
     for result in results.values():
         summarize_cell(result)
         if workload.attack:
-            hostile.summarize(result, summarize_cell)
+            hostile_report.summarize(result, summarize_cell)
     return results
 
 
@@ -220,15 +224,22 @@ def one_run(
     server.between_runs()
     with (around or contextlib.nullcontext)() as extra:
         cpu_before = server.cpu_seconds()
+        waited_before = server.runqueue_seconds()
         user_before = server.cpu_seconds(user_only=True)
         machine_before = user_cpu_seconds()
-        run = generate(postfix, server.port, workload, messages, server.gen_cpu, args.max_seconds)
+        cap = hostile.run_cap(args) if workload.attack else args.max_seconds
+        run = generate(postfix, server.port, workload, messages, server.gen_cpu, cap)
         server_cpu = server.cpu_seconds() - cpu_before
+        # (a server whose processes come and go, Postfix's, loses its exited ones' share:
+        # only a rough figure there, never below 0)
+        waited = max(0.0, server.runqueue_seconds() - waited_before)
         server_user = server.cpu_seconds(user_only=True) - user_before
         machine = user_cpu_seconds() - machine_before
         run["rss_kib"] = server.status_kib("VmRSS")  # while the other clients still hold on
     run.update(extra or {})
     run["server_cpu_s"] = server_cpu
+    # Ready to run, but its CPU was taken (by other processes pinned there too)
+    run["server_runqueue_s"] = waited
     # What other processes on the machine used meanwhile (other users, test suites...);
     # the attackers' and the probe's own CPU is not theirs.
     helpers = run.get("attack", {}).get("cpu_user_s", 0.0) + run.get("probe_cpu_user_s", 0.0)
@@ -246,10 +257,11 @@ def one_run(
             f"{run['rate']:8.0f} msg/s  server CPU {run['cpu_ms_per_msg']:.3f} ms/msg"
             f"  smtp-source CPU {100 * run['gen_cpu_s'] / run['seconds']:.0f}%"
             f"  others {run['foreign_cpu_pct']:.0f}%"
+            f"  server waited for its CPU {100 * waited / run['seconds']:.0f}%"
             if not run["error"]
             else f"FAILED: {run['error']}"
         )
-        + (hostile.log_suffix(run) if "probe" in run else "")
+        + (hostile_report.log_suffix(run) if "probe" in run else "")
     )
     return run
 
@@ -293,6 +305,9 @@ def summarize_cell(result: dict[str, Any]) -> None:
     result["cpu_ms"] = statistics.median(r["cpu_ms_per_msg"] for r in good)
     result["gen_cpu_pct"] = max(100 * r["gen_cpu_s"] / r["seconds"] for r in good)
     result["foreign_cpu_pct"] = max(r["foreign_cpu_pct"] for r in good)
+    result["runqueue_pct"] = max(
+        100 * r.get("server_runqueue_s", 0.0) / r["seconds"] for r in good
+    )
     result["server_cpu_pct"] = statistics.median(
         100 * r["server_cpu_s"] / r["seconds"] for r in good
     )
@@ -398,9 +413,13 @@ def render(report: dict[str, Any]) -> str:
         lines.append("| " + " | ".join([title, *cells]) + " |")
 
     workloads = [WORKLOADS[k] for k in report["workloads"]]
+    hostile_seconds = report.get("hostile", {}).get("seconds")
     for w in workloads:
+        title = w.describe(scale)
+        if w.attack and hostile_seconds:  # each server's own count (hostile.sized)
+            title = f"{w.key}: ii ({w.sessions} conn, ~{hostile_seconds:g} s of it) under attack"
         row(
-            f"{w.describe(scale)}, msg/s",
+            f"{title}, msg/s",
             [_rate_cell(results.get(n, {}).get(w.key)) for n in names],
         )
     for w in workloads:
@@ -410,7 +429,7 @@ def render(report: dict[str, Any]) -> str:
             cells.append(f"{cell['cpu_ms']:.3f}" if "cpu_ms" in cell else "-")
         row(f"server CPU ms/msg, {w.key}", cells)
     if "hostile" in report["workloads"]:
-        hostile.render_rows(report, names, row)
+        hostile_report.render_rows(report, names, row)
     cells = []
     for n in names:
         hwm = [c.get("hwm_kib", 0) for c in results.get(n, {}).values()]
@@ -469,7 +488,7 @@ def render_targets(report: dict[str, Any]) -> str:
             ratio = mine / theirs
             verdict = "met" if ratio >= wanted else "NOT met"
             out.append(f"- {key}: {name} ≥ {wanted}x {peer}: {ratio:.2f}x ({verdict})")
-    out += hostile.render_targets(report)
+    out += hostile_report.render_targets(report)
     idle = report.get("idle", {}).get("qpconn-sink", {})
     if "per_session_kib" in idle:
         value = idle["per_session_kib"]
@@ -774,7 +793,7 @@ def main(argv: list[str] | None = None) -> int:
     if targets:
         text += ["Targets of issues 6 and 15 (qpconn sink, same run):", "", targets, ""]
     if "hostile" in report:
-        text += [hostile.footer(report), ""]
+        text += [hostile_report.footer(report), ""]
     gen = sorted(
         (c["gen_cpu_pct"], n, k)
         for n, per in report["results"].items()
@@ -804,6 +823,21 @@ def main(argv: list[str] | None = None) -> int:
             f"Other processes on the machine used up to {max(foreign):.0f}% of a CPU during a "
             "run" + (" (quiet machine)." if max(foreign) < 10 else ": expect noise in the figures.")
         )
+    waits = sorted(
+        (part["runqueue_pct"], n, k)
+        for n, per in report["results"].items()
+        for k, c in per.items()
+        for part in (c, c.get("clean") or {})
+        if "runqueue_pct" in part
+    )
+    if waits:
+        pct, name, key = waits[-1]
+        text.append(
+            f"The servers waited for their CPU (ready, but it was taken) at most {pct:.0f}% "
+            f"of a run ({name}, {key})"
+            + (": other processes were pinned to it too, expect lower msg/s." if pct >= 5
+               else ".")
+        )  # fmt: skip
     for key, prof in report.get("profile", {}).items():
         if "report" not in prof:
             text += ["", f"Profile of workload {key}: {prof.get('error')}"]

@@ -415,6 +415,27 @@ class Running:
                 ticks += int(fields[12]) + int(fields[14])
         return ticks / CLOCK_TICKS
 
+    def runqueue_seconds(self) -> float:
+        """Time the server's threads were ready to run but waited for a CPU (the second
+        field of /proc/<pid>/task/<tid>/schedstat), summed over its processes.
+
+        On a shared machine this tells a server that was slow from one that was kept
+        off its CPU by other processes pinned there too (another benchmark's server).
+        """
+        total_ns = 0
+        for pid in self.pids():
+            try:
+                tids = os.listdir(f"/proc/{pid}/task")
+            except OSError:
+                continue
+            for tid in tids:
+                try:
+                    with open(f"/proc/{pid}/task/{tid}/schedstat") as handle:
+                        total_ns += int(handle.read().split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+        return total_ns / 1e9
+
     def status_kib(self, key: str) -> int:
         """A /proc/<pid>/status figure in KiB (VmRSS, VmHWM), summed over worker processes."""
         total = 0

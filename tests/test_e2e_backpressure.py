@@ -146,6 +146,33 @@ async def test_a_client_that_never_reads_is_not_read_and_is_aborted_after_timeou
     assert len(server.messages()) == 1
 
 
+#: NOOPs a client that reads nothing may have answered before the server stops: the
+#: replies that fit the socket's bounded send buffer (SEND_BUFFER), the client's receive
+#: buffer (4 KiB asked, 8 KiB given) and UNSENT_REPLIES_LIMIT in Twisted's, about 20 KiB of
+#: 14-octet replies, with a margin. Before both were bounded it was some 8,000.
+ANSWERED_BOUND = 3000
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_non_reader_has_only_a_few_thousand_noops_answered(qpconn_server, write_path):
+    # What a non-reader costs is the commands parsed and answered before reading stops;
+    # the input already read but not parsed costs nothing more.
+    server = qpconn_server(files={"timeout": "30"})
+    with ExitStack() as held:
+        other = held.enter_context(await in_thread(Client, server.address))
+        assert other.greeting.code == 220
+        sock = held.enter_context(await in_thread(non_reader, server.address))
+        port = sock.getsockname()[1]
+        await in_thread(pipeline_until_stalled, [sock], NOOPS, 1.0)
+        (attacker,) = sessions_from(server, {port})
+        assert await until(lambda: attacker.held)
+        answered = (attacker.bytes_received - attacker.session.buffered) // len(b"NOOP\r\n")
+        assert 0 < answered <= ANSWERED_BOUND, answered
+        assert not attacker.lost
+        # Meanwhile a fresh client is served as usual.
+        assert await in_thread(deliver, server, b"meanwhile") == 250
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_late_reader_gets_every_reply_in_order(qpconn_server, write_path):
     # 50,000 pipelined NOOPs then QUIT, read only once the server has stopped for want of

@@ -64,6 +64,7 @@ from twisted.python.failure import Failure
 
 from qpconn.app.service import describe_address
 from qpconn.log.relay import decode
+from qpconn.server.backlog import with_default_backlog
 from qpconn.server.fastpath.listening import fail_start_on_bind_error
 from qpconn.server.lmtp import LMTP_PREFIX
 from qpconn.server.peerinfo import LookupSettings
@@ -204,7 +205,10 @@ class PreforkService(MultiService):
         self.reactor: Any = reactor
         check_shareable(self.listen)
         self._endpoints = [
-            (serverFromString(reactor, d.removeprefix(LMTP_PREFIX)), d.startswith(LMTP_PREFIX))
+            (
+                serverFromString(reactor, with_default_backlog(d.removeprefix(LMTP_PREFIX))),
+                d.startswith(LMTP_PREFIX),
+            )
             for d in self.listen
         ]
 

@@ -17,6 +17,7 @@ from twisted.internet.interfaces import IReactorCore
 from qpconn.config import Config
 from qpconn.hooks.plugin import Plugin
 from qpconn.log.level import LevelLogger, parse_level, set_level
+from qpconn.server.backlog import with_default_backlog
 from qpconn.server.factory import SMTPFactory
 from qpconn.server.fastpath.listening import fail_start_on_bind_error
 from qpconn.server.lmtp import LMTP_PREFIX, LMTPListenerFactory
@@ -137,9 +138,11 @@ def parse_listen(reactor: Any, description: str) -> tuple[Any, bool]:
     ``lmtp:ENDPOINT`` speaks LMTP on that endpoint (qpconn.server.lmtp). An ``ssl:`` one is
     parsed by qpconn (qpconn.server.tlsendpoint) and its certificate files are read now, as
     Twisted's parser would; it is made once the config's TLS policy is known, so what comes
-    back for it is ``(ImplicitTLSListen, KeyPair)`` instead of an endpoint.
+    back for it is ``(ImplicitTLSListen, KeyPair)`` instead of an endpoint. A ``tcp:``,
+    ``tcp6:`` or ``ssl:`` one without ``backlog=`` gets qpconn's (qpconn.server.backlog).
     """
-    inner = description.removeprefix(LMTP_PREFIX)
+    # A TCP listener waits with a backlog of qpconn's, not Twisted's 50 (server/backlog.py).
+    inner = with_default_backlog(description.removeprefix(LMTP_PREFIX))
     implicit = parse_ssl_listen(inner)
     if implicit is not None:
         endpoint: Any = (implicit, load_listen_files(implicit))

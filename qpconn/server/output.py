@@ -17,7 +17,10 @@ so that the adapter's loop stays about reading. What it keeps:
   kernel's send buffer of the socket is bounded (:data:`SEND_BUFFER`): replies are small,
   and the default buffer grows to megabytes on a fast link (on loopback, measured: 3 MB,
   the replies to 225,000 NOOPs), all of it work the server did for a client that reads
-  nothing, before Twisted's own buffer could fill and push back.
+  nothing, before Twisted's own buffer could fill and push back. Twisted's own mark is
+  64 KiB, the size of its reads too, so the writer pushes back sooner itself: past
+  :data:`UNSENT_REPLIES_LIMIT` of replies the kernel did not take, it pauses the protocol
+  and lets Twisted resume it once they are sent (:mod:`~qpconn.server.fastpath.fastwrite`).
 * **Closing.** :meth:`ReplyWriter.hang_up` unregisters the producer first (Twisted keeps a
   connection open while its producer is paused) and sets the idle timer once more: a
   client that does not take what is left within ``timeout`` is aborted by it. The session's
@@ -39,13 +42,21 @@ from qpconn.server.fastpath.turnend import at_turn_end
 if TYPE_CHECKING:
     from qpconn.server.protocol import SMTPServerProtocol
 
-__all__ = ["ReplyWriter", "HELD_REPLIES_LIMIT", "SEND_BUFFER"]
+__all__ = ["ReplyWriter", "HELD_REPLIES_LIMIT", "SEND_BUFFER", "UNSENT_REPLIES_LIMIT"]
 
 #: Reply bytes held for the end of a reactor turn beyond which they are written at once.
 HELD_REPLIES_LIMIT = 16 * 1024
-#: SO_SNDBUF of a session's socket (Linux doubles it for its own overhead): thousands of
-#: replies, far more than a pipelining client that reads them has in flight.
-SEND_BUFFER = 32 * 1024
+#: Reply bytes the kernel did not take (Twisted holds them) beyond which the session stops
+#: reading and parsing until they are sent. Twisted's own mark is 64 KiB, the replies to
+#: some 4,600 NOOPs, each of which the server would parse and answer for a client that
+#: reads none of them.
+UNSENT_REPLIES_LIMIT = 4 * 1024
+#: SO_SNDBUF of a session's socket (Linux doubles it for its own overhead): some 500
+#: replies, more than a pipelining client that reads them has in flight (100 recipients'
+#: replies are 3 KiB), and little work done for one that reads none. 32 KiB (measured:
+#: 20 non-readers of bench/run's hostile workload cost the server 0.41 s of CPU, against
+#: 0.10 s with 4 KiB) let a client that reads nothing have some 4,000 NOOPs answered.
+SEND_BUFFER = 4 * 1024
 
 
 def bound_send_buffer(transport: Any) -> None:
@@ -120,7 +131,7 @@ class ReplyWriter:
                 # step, so the session's end is handled before the client can see it.
                 self._last = data
             else:
-                fastwrite.write(protocol.transport, data)  # at once when nothing is queued
+                self._write(data)  # at once when nothing is queued
             if state is State.STARTTLS:
                 protocol.tls.after_flush()  # the 220 to STARTTLS is out: handshake now
             state = session.state  # a TLS failure may have closed it
@@ -140,7 +151,18 @@ class ReplyWriter:
         unsent.clear()
         self.unsent_size = 0
         if not self.protocol.lost:
-            fastwrite.write(self.protocol.transport, data)
+            self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        """Write ``data``; past :data:`UNSENT_REPLIES_LIMIT` of it left unsent, stop
+        reading until it is sent (Twisted resumes the protocol, its producer)."""
+        transport = self.protocol.transport
+        if fastwrite.write(transport, data) or not (self.may_hold and self._producing):
+            return  # all sent; or not a socket of ours (Twisted's own mark applies)
+        if fastwrite.queued(transport) > UNSENT_REPLIES_LIMIT and fastwrite.pause_until_drained(
+            transport
+        ):
+            self.protocol.pauseProducing()
 
     def discard(self) -> None:
         """The client reads no more: what is held is dropped."""

@@ -40,20 +40,52 @@ from twisted.python.failure import Failure
 
 from qpconn.server.fastpath.turnend import at_turn_end
 
-__all__ = ["write", "batchable", "close_when_sent"]
+__all__ = ["write", "batchable", "queued", "pause_until_drained", "close_when_sent"]
 
 
-def write(transport: Any, data: bytes) -> None:
-    """Send ``data`` on ``transport`` now if nothing is queued, else queue it as usual."""
+def write(transport: Any, data: bytes) -> bool:
+    """Send ``data`` on ``transport`` now if nothing is queued, else queue it as usual.
+
+    True when all of it went to the kernel; False when some of it waits in Twisted's
+    write buffer (the socket's send buffer was full, or something was queued already).
+    """
     if isinstance(transport, tcp.Connection) and _idle(transport):
         try:
             sent = transport.socket.send(data)
         except OSError:
             sent = 0  # EAGAIN, or a broken connection: Twisted's write path finds out
         if sent >= len(data):
-            return
+            return True
         data = data[sent:]
     transport.write(data)
+    return False
+
+
+def queued(transport: Any) -> int:
+    """Bytes Twisted's write buffer holds for ``transport`` that are not sent yet
+    (0 when its internals are not there: then only Twisted's own high-water mark acts)."""
+    try:
+        if transport.TLS:  # the buffer holds TLS records, and the TLS layer's own
+            return 0
+        return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+    except (AttributeError, TypeError):
+        return 0
+
+
+def pause_until_drained(transport: Any) -> bool:
+    """Mark the streaming producer of ``transport`` paused, as Twisted does when its
+    buffer passes ``bufferSize``, so that Twisted resumes it once the buffer is sent.
+
+    The caller then pauses the producer itself. Twisted's own mark is ``bufferSize``
+    (64 KiB), which is also the size of its reads, so it cannot be lowered for the
+    writes alone. False (nothing done) on a transport without that flag.
+    """
+    if not isinstance(transport, tcp.Connection) or transport.producer is None:
+        return False
+    if not hasattr(transport, "producerPaused"):
+        return False
+    transport.producerPaused = True
+    return True
 
 
 def close_when_sent(transport: Any, last: bytes = b"") -> None:
