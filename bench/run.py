@@ -33,6 +33,7 @@ import hostile_report
 import profiling
 import servers
 import tools
+import variants
 from servers import HOSTNAME, Running, ServerSpec
 from tools import BENCH, log
 
@@ -171,7 +172,8 @@ def measure_workload(
             workdir = Path(tempfile.mkdtemp(prefix=f"{spec.name}-{workload.key}-", dir=scratch))
             try:
                 server = Running(spec, workdir, args.server_cpu if spec.pinned else None)
-                server.gen_cpu = args.gen_cpu if spec.pinned else None
+                pin_gen = spec.pinned or spec.pin_load_generator
+                server.gen_cpu = args.gen_cpu if pin_gen else None
                 running[spec.name] = server
                 server.wait_ready()
                 warm = generate(
@@ -203,7 +205,7 @@ def measure_workload(
     finally:
         for server in running.values():
             server.stop()
-            shutil.rmtree(server.workdir, ignore_errors=True)
+            servers.set_aside(server.workdir, scratch)
     for result in results.values():
         summarize_cell(result)
         if workload.attack:
@@ -691,6 +693,10 @@ def build_specs(
             pinned=False,
             workloads=("ii",),
         )
+    for name in wanted:
+        variant = variants.variant_spec(name)
+        if variant is not None and name not in specs:
+            specs[name] = variant
     specs["smtp-sink"] = ServerSpec(
         "smtp-sink",
         "Postfix smtp-sink (C)",

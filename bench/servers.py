@@ -61,6 +61,8 @@ class ServerSpec:
     prepare: Callable[[Path, int], Launch]
     #: pinned to the server CPU (and its load generator to the other) when pinning is on
     pinned: bool = True
+    #: when not ``pinned``: the load generator is still pinned to its CPU (bench/variants.py)
+    pin_load_generator: bool = False
     #: the workloads it runs (None: all)
     workloads: tuple[str, ...] | None = None
 
@@ -135,12 +137,39 @@ def qpconn_maildir(workdir: Path, port: int) -> Launch:
 
 
 def empty_maildir(maildir: Path) -> None:
-    """Remove every message of ``maildir`` (between runs, so each run starts alike)."""
+    """Empty ``maildir`` between runs, so each run starts alike, without deleting a file.
+
+    Its ``new/``, ``tmp/`` and ``cur/`` are moved into ``.set-aside/`` beside it and made
+    again empty (same mode and owner); whatever holds the work dir removes them at the end
+    of the whole benchmark (see :func:`set_aside`). Deleting them here made the next run
+    pay for it: on an ext4 without a journal (this machine's) the kernel will not reuse an
+    inode freed in the last 60 s (300 s while its inode table block is dirty), and each new
+    file's inode allocation steps over every such inode of its block group one by one
+    (``recently_deleted``, 20-26% of the qpconn Maildir server's CPU samples under
+    ``perf`` right after 6000 deletions). The benchmark's deletions are not the servers'
+    work; a server's own deletions (Postfix's queue files) still count, as they should.
+    """
+    aside = maildir.parent / ".set-aside"
     for sub in ("new", "tmp", "cur"):
         folder = maildir / sub
-        if folder.is_dir():
-            for entry in os.scandir(folder):
-                os.unlink(entry.path)
+        if not folder.is_dir():
+            continue
+        info = folder.stat()
+        aside.mkdir(exist_ok=True)
+        folder.rename(aside / f"{time.monotonic_ns()}-{sub}")
+        folder.mkdir(mode=info.st_mode & 0o7777)
+        os.chown(folder, info.st_uid, info.st_gid)
+
+
+def set_aside(workdir: Path, scratch: Path) -> None:
+    """Move a stopped server's work dir into ``scratch``/.set-aside rather than deleting it
+    now (why: :func:`empty_maildir`); the scratch dir is removed when the benchmark ends."""
+    aside = scratch / ".set-aside"
+    aside.mkdir(exist_ok=True)
+    try:
+        workdir.rename(aside / workdir.name)
+    except OSError:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 # -- Postfix's own smtpd delivering into a Maildir ----------------------------------------

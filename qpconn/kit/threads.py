@@ -24,11 +24,13 @@ from twisted.internet import defer, threads
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from qpconn.kit.batchpool import BatchPool
 from qpconn.kit.dns import Answer, query
 
 __all__ = [
     "worker_pool",
     "run_in_pool",
+    "run_in_batch_pool",
     "inline_pools",
     "stop_pools",
     "call_in_reactor",
@@ -40,6 +42,9 @@ T = TypeVar("T")
 
 #: name -> pool; one per name for the whole process
 _POOLS: dict[str, ThreadPool] = {}
+
+#: name -> batching pool (:mod:`qpconn.kit.batchpool`); one per name for the whole process
+_BATCH_POOLS: dict[str, BatchPool] = {}
 
 #: name -> how many ``inline_pools`` blocks currently ask for it
 _INLINE: dict[str, int] = {}
@@ -70,12 +75,15 @@ def _stop(name: str) -> None:
     pool = _POOLS.pop(name, None)
     if pool is not None:
         pool.stop()
+    batch = _BATCH_POOLS.pop(name, None)
+    if batch is not None:
+        batch.stop()
 
 
 def stop_pools() -> None:
     """Stop every pool now. A process whose reactor never runs (``python -m qpconn
     test``) has no shutdown to stop them, and their threads would keep it from exiting."""
-    for name in list(_POOLS):
+    for name in list(_POOLS) + list(_BATCH_POOLS):
         _stop(name)
 
 
@@ -84,6 +92,27 @@ def run_in_pool(pool: str, function: Callable[..., T], *args: Any, **kwargs: Any
     if _INLINE.get(pool):
         return defer.maybeDeferred(function, *args, **kwargs)
     return threads.deferToThreadPool(_reactor(), worker_pool(pool), function, *args, **kwargs)
+
+
+def run_in_batch_pool(
+    pool: str, size: int, function: Callable[..., T], *args: Any
+) -> defer.Deferred[T]:
+    """``function(*args)`` in the batching pool ``pool`` (at most ``size`` threads, made on
+    first use); a Deferred with its result.
+
+    For many short jobs finishing close together (the Maildir queue's deliveries): their
+    results come back to the reactor in one wake-up rather than one each
+    (:class:`qpconn.kit.batchpool.BatchPool`). ``inline_pools`` applies as to
+    :func:`run_in_pool`.
+    """
+    if _INLINE.get(pool):
+        return defer.maybeDeferred(function, *args)
+    batch = _BATCH_POOLS.get(pool)
+    if batch is None:
+        reactor = _reactor()
+        batch = _BATCH_POOLS[pool] = BatchPool(pool, size, reactor)
+        reactor.addSystemEventTrigger("during", "shutdown", _stop, pool)
+    return batch.submit(function, *args)
 
 
 @contextmanager
