@@ -164,6 +164,8 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands, XClientCommands):
     async def pre_hook(self, hook: str, arg: str) -> tuple[str, tuple[Reply, bool] | None]:
         """``mail_pre`` / ``rcpt_pre``: a plugin may rewrite the argument (OK with the new
         text) or decide the command before its address is even parsed."""
+        if hook not in self.runner.used:
+            return arg, None  # no plugin to ask: the argument as the client sent it
         outcome = await self.run_hook(hook, arg)
         if outcome.result is OK and outcome.message is not None:
             return outcome.message, None
