@@ -12,6 +12,12 @@ By default MAIL, RCPT and DATA arrive in one read (pipelined); ``--lockstep`` gi
 command a read of its own, as smtp-source sends them in bench/run's workload ii (it does
 not pipeline): four reads per message, so the per-read work of the adapter counts as it
 does on the real server.
+
+The log goes where ``twistd qpconn`` sends it by default, through
+:class:`~qpconn.log.fasttext.FastTextObserver` (into a sink that keeps nothing), so each
+message's transaction line costs what it costs on the real server; without it the events
+would wait in Twisted's start-up buffer behind its level filter, which the real server
+does not have.
 """
 
 from __future__ import annotations
@@ -26,8 +32,10 @@ from pathlib import Path
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogBeginner
 
 from qpconn.config import Config
+from qpconn.log.fasttext import FastTextObserver
 from qpconn.server.factory import SMTPFactory
 from qpconn.server.peerinfo import LookupSettings
 
@@ -35,6 +43,23 @@ MESSAGE = b"Subject: bench\r\n\r\n" + (b"x" * 76 + b"\r\n") * 13 + b".\r\n"  # ~
 ENVELOPE = b"MAIL FROM:<a@example.org>\r\nRCPT TO:<u@localhost>\r\nDATA\r\n"
 #: the same envelope, a read per command (--lockstep)
 LOCKSTEP = [line + b"\n" for line in ENVELOPE.split(b"\n") if line]
+
+
+class _Sink:
+    """A text file that keeps nothing: the log lines are formatted, then dropped."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def log_as_twistd_does() -> None:
+    """Send the log through twistd qpconn's default observer (see the module docstring)."""
+    globalLogBeginner.beginLoggingTo(
+        [FastTextObserver(_Sink())], discardBuffer=True, redirectStandardIO=False
+    )
 
 
 def open_sessions(factory: SMTPFactory, count: int) -> list[tuple[object, StringTransport]]:
@@ -124,6 +149,7 @@ def main() -> None:
         help="instead: N connections of one message each (workload iv's path)",
     )  # fmt: skip
     args = parser.parse_args()
+    log_as_twistd_does()
     if args.churn:
         results = [one_churn_run(args.churn) for _ in range(args.runs)]
     else:
