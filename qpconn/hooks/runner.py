@@ -58,6 +58,9 @@ class HookRunner:
         #: the hooks some plugin implements: ``hook in runner.used`` is what :meth:`has`
         #: answers, without a call (the session's hot path asks it for every hook)
         self.used: frozenset[str] = frozenset(hook for hook, calls in self._table.items() if calls)
+        #: some plugin watches decisions (the deny and ok hooks): only then is each
+        #: decision looked at once more, to tell them
+        self._watched = not self.used.isdisjoint(("deny", "ok"))
         generic = "auth" in self.used
         #: SASL mechanisms some plugin can judge (its own ``auth-<mech>`` hook, or
         #: ``auth``): what EHLO offers, worked out once rather than per EHLO
@@ -94,7 +97,7 @@ class HookRunner:
                 outcome = await outcome  # the plugin answered with an awaitable
             if outcome.result is Result.DECLINED and not outcome.error:
                 continue
-            if hook not in ("deny", "ok"):
+            if self._watched and hook not in ("deny", "ok"):
                 if outcome.error or outcome.result.is_deny:
                     if "deny" in self.used:
                         await self._notify("deny", transaction, outcome, hook, trace)
