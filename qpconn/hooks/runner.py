@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
@@ -58,6 +58,9 @@ class HookRunner:
         #: the hooks some plugin implements: ``hook in runner.used`` is what :meth:`has`
         #: answers, without a call (the session's hot path asks it for every hook)
         self.used: frozenset[str] = frozenset(hook for hook, calls in self._table.items() if calls)
+        #: some plugin watches decisions (the deny and ok hooks): only then is each
+        #: decision looked at once more, to tell them
+        self._watched = not self.used.isdisjoint(("deny", "ok"))
         generic = "auth" in self.used
         #: SASL mechanisms some plugin can judge (its own ``auth-<mech>`` hook, or
         #: ``auth``): what EHLO offers, worked out once rather than per EHLO
@@ -89,12 +92,12 @@ class HookRunner:
         plugin call is then a span under the session's or the transaction's.
         """
         for plugin, function in self._table[hook]:
-            outcome = await self._call(
-                hook, plugin, function, transaction, args, log_context, trace
-            )
+            outcome = self._call(hook, plugin, function, transaction, args, log_context, trace)
+            if type(outcome) is not HookOutcome:
+                outcome = await outcome  # the plugin answered with an awaitable
             if outcome.result is Result.DECLINED and not outcome.error:
                 continue
-            if hook not in ("deny", "ok"):
+            if self._watched and hook not in ("deny", "ok"):
                 if outcome.error or outcome.result.is_deny:
                     if "deny" in self.used:
                         await self._notify("deny", transaction, outcome, hook, trace)
@@ -108,7 +111,9 @@ class HookRunner:
     ) -> None:
         """Run every plugin of a notification hook (disconnect, queue_post ...); results ignored."""
         for plugin, function in self._table[hook]:
-            await self._call(hook, plugin, function, transaction, args, None, trace)
+            outcome = self._call(hook, plugin, function, transaction, args, None, trace)
+            if type(outcome) is not HookOutcome:
+                await outcome
 
     async def _notify(
         self,
@@ -129,7 +134,7 @@ class HookRunner:
                 trace=trace,
             )
 
-    async def _call(
+    def _call(
         self,
         hook: str,
         plugin: Plugin,
@@ -138,37 +143,76 @@ class HookRunner:
         args: tuple[Any, ...],
         log_context: LogContext,
         trace: SessionTrace | None,
-    ) -> HookOutcome:
-        observer = self.observer
+    ) -> HookOutcome | Coroutine[Any, Any, HookOutcome]:
+        """One plugin's outcome; a coroutine giving it when the plugin answered with an
+        awaitable. A plugin that answers directly (most do) costs no coroutine at all."""
         span = trace.hook_started(hook, plugin.name, transaction) if trace is not None else None
-        timed = observer is not None or span is not None
-        started = time.perf_counter() if timed else 0.0
+        # Timed only for metrics or tracing: the clock costs nothing while both are off.
+        started = time.perf_counter() if self.observer is not None or span is not None else None
         try:
             value = function(transaction, *args)
             if type(value) not in _PLAIN and inspect.isawaitable(value):
-                value = await self._bounded(value, plugin)
+                return self._settle(hook, plugin, value, log_context, trace, span, started)
             outcome = normalize(value, plugin.name)
         except Exception:
-            failure = Failure()
-            context = log_context() if callable(log_context) else log_context
-            log.failure(
-                "plugin {plugin} failed in hook {hook}",
-                failure,
-                plugin=plugin.name,
-                hook=hook,
-                result="error",
-                **(context or {}),
-            )
-            if span is not None:
-                span.record_exception(failure.value)
-            outcome = HookOutcome(DENYSOFT, None, plugin.name, error=True)
-        if timed:
-            seconds = time.perf_counter() - started
-            if observer is not None:
-                observer(hook, plugin.name, seconds, outcome)
-            if span is not None and trace is not None:
-                trace.hook_ended(span, outcome, seconds)
+            outcome = self._failed(hook, plugin, log_context, span)
+        if started is not None:
+            self._observe(hook, plugin, outcome, trace, span, started)
         return outcome
+
+    async def _settle(
+        self,
+        hook: str,
+        plugin: Plugin,
+        awaitable: Any,
+        log_context: LogContext,
+        trace: SessionTrace | None,
+        span: Any,
+        started: float | None,
+    ) -> HookOutcome:
+        """The outcome of a plugin that answered with an awaitable (bounded by its timeout)."""
+        try:
+            outcome = normalize(await self._bounded(awaitable, plugin), plugin.name)
+        except Exception:
+            outcome = self._failed(hook, plugin, log_context, span)
+        if started is not None:
+            self._observe(hook, plugin, outcome, trace, span, started)
+        return outcome
+
+    def _failed(
+        self, hook: str, plugin: Plugin, log_context: LogContext, span: Any
+    ) -> HookOutcome:
+        """The plugin raised, failed or overran its timeout: logged, and an error outcome."""
+        failure = Failure()
+        context = log_context() if callable(log_context) else log_context
+        log.failure(
+            "plugin {plugin} failed in hook {hook}",
+            failure,
+            plugin=plugin.name,
+            hook=hook,
+            result="error",
+            **(context or {}),
+        )
+        if span is not None:
+            span.record_exception(failure.value)
+        return HookOutcome(DENYSOFT, None, plugin.name, error=True)
+
+    def _observe(
+        self,
+        hook: str,
+        plugin: Plugin,
+        outcome: HookOutcome,
+        trace: SessionTrace | None,
+        span: Any,
+        started: float,
+    ) -> None:
+        """Metrics and tracing see the call, timed from its start."""
+        seconds = time.perf_counter() - started
+        observer = self.observer
+        if observer is not None:
+            observer(hook, plugin.name, seconds, outcome)
+        if span is not None and trace is not None:
+            trace.hook_ended(span, outcome, seconds)
 
     def _bounded(self, awaitable: Any, plugin: Plugin) -> defer.Deferred[Any]:
         """The plugin's awaitable as a Deferred that fails with TimeoutError past its limit."""

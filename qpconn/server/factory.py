@@ -25,6 +25,7 @@ from qpconn.mail.connection import Connection
 from qpconn.mail.smtputf8 import smtputf8_offered
 from qpconn.mail.spool import clean_stale_spool
 from qpconn.server.deadlines import DeadlineSettings
+from qpconn.server.fastpath import reads
 from qpconn.server.lookup import make_resolver
 from qpconn.server.peerinfo import LookupSettings, PeerInfo
 from qpconn.server.protocol import SMTPServerProtocol
@@ -177,6 +178,12 @@ class SMTPFactory(ServerFactory):
         self._port_addresses: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
         for plugin in self.plugins:
             plugin.attach(self)
+
+    def startFactory(self) -> None:
+        """A listener starts: the reactor dispatches socket events without Twisted's
+        per-event call layers (qpconn.server.fastpath.reads; Twisted's own dispatch where
+        that cannot be done, or when the clock is not the reactor)."""
+        reads.install(self.clock)
 
     def build_connection(self, transport: ITransport) -> Connection:
         """The Connection for a new transport, from its peer and host addresses."""

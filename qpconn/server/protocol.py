@@ -41,7 +41,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from qpconn.core.events import ChunkStart, Command, MessageData, ProtocolError
+from qpconn.core.events import ChunkStart, MessageData, ProtocolError
 from qpconn.core.reply import Reply
 from qpconn.core.session import NEED_DATA, PAUSED, ServerSession
 from qpconn.log.level import LevelLogger
@@ -247,12 +247,20 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
 
     def _drive(self) -> None:
         """Turn buffered input into events until a hook goes asynchronous, input runs out or
-        the client stops taking its replies (backpressure: the rest waits, unparsed)."""
+        the client stops taking its replies (backpressure: the rest waits, unparsed).
+
+        An event that needs a reply (a command, a message's end, a chunk's end, a SASL
+        response) is answered here, in one step, when its handler never waits, which is
+        what most do: its coroutine is stepped once and the reply handed to the core,
+        with no callback in between. Only a handler that waits goes through
+        :meth:`_wait`.
+        """
         if self._driving or self.lost:
             return
         self._driving = True
         session = self.session
         commands = self.commands
+        start = eager.start
         budget = PIPELINE_STEP  # commands until their replies so far are handed over
         try:
             while not self._busy and not self._output_paused:
@@ -260,22 +268,31 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
                 if event is NEED_DATA or event is PAUSED:
                     break
                 kind = type(event)
-                if kind is Command:
-                    self._run(commands.dispatch(event), self._answer)
-                    budget -= 1
-                    if not budget:  # a long pipelined burst: let the transport push back
-                        budget = PIPELINE_STEP
-                        self.output.flush()
-                elif kind is MessageData:
+                if kind is MessageData:
                     if not commands.store_message_data(event.data):
                         self._run(commands.headers_end(), None)  # data_headers_end may wait
-                elif isinstance(event, ChunkStart):
+                    continue
+                if kind is ChunkStart:
                     # BDAT (smtp/extensions.py); then the chunk is read under data_timeout
                     self._run(commands.chunk_start(event), self.guard.chunk_started)
-                elif isinstance(event, ProtocolError):
+                    continue
+                if kind is ProtocolError:
                     self.protocol_error(event)  # a 500 each: bounded by max_errors
+                    continue
+                # A Command, MessageEnd, ChunkEnd or AuthResponse: one reply each.
+                self._busy = True
+                result, deferred = start(commands.dispatch(event))
+                if deferred is None:
+                    self._busy = False
+                    self._answer(result)
+                    if self._paused:
+                        self._resume()
                 else:
-                    self._run(commands.dispatch(event), self._answer)
+                    self._wait(deferred, self._answer)
+                budget -= 1
+                if not budget:  # a long pipelined burst: let the transport push back
+                    budget = PIPELINE_STEP
+                    self.output.flush()
         finally:
             self._driving = False
         self.output.flush()
@@ -318,7 +335,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
     ) -> None:
         """Run a handler; while it waits on something, hold the client's further input."""
         self._busy = True
-        result, deferred = eager.start(coro)  # most commands never wait: no Deferred
+        result, deferred = eager.start(coro)  # most handlers never wait: no Deferred
         if deferred is None:
             # Finished at once: no timeout was set aside, no Deferred to forget.
             self._busy = False
@@ -326,6 +343,10 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             if not self._driving:
                 self._drive()  # e.g. the greeting: write it, then read what came early
             return
+        self._wait(deferred, apply)
+
+    def _wait(self, deferred: defer.Deferred[Any], apply: Callable[[Any], None] | None) -> None:
+        """A handler waits on something: hold the client's input until ``deferred`` fires."""
         deferred.addBoth(self._finished, apply)
         if self._busy:
             self._inflight = deferred
@@ -357,17 +378,35 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         reply, close = result
         self.session.greet(reply, close)
 
-    def _answer(self, result: HandlerResult) -> None:
+    def _answer(self, result: HandlerResult | Failure) -> None:
+        """A reply-needing event's handler is done: its reply goes to the core (a failure
+        or no reply at all becomes 451, logged)."""
+        if type(result) is Reply:
+            reply, close = result, False
+        elif type(result) is tuple:
+            reply, close = result
+        else:
+            reply, close = self._odd_result(result)
         session = self.session
         answered = session.pending
         if answered is None:
             return  # the session ended while the handler ran (timeout, disconnect verdict)
-        if result is None:
-            self.log.error("{conn_id} a handler returned no reply", **self.log_context())
-            result = _INTERNAL_ERROR
-        reply, close = (result, False) if isinstance(result, Reply) else result
         session.send(reply, close)
         self.guard.after_reply(answered, reply)  # max_errors, data_timeout
+
+    def _odd_result(self, result: Any) -> tuple[Reply, bool]:
+        """What a handler gave that is not a plain Reply or (Reply, close): a failure (logged,
+        451), a Reply subclass, or nothing (logged as an error if a reply is owed, 451)."""
+        if isinstance(result, Failure):
+            self.log.failure("{conn_id} handler failed", result, **self.log_context())
+            return _INTERNAL_ERROR, False
+        if isinstance(result, Reply):
+            return result, False
+        if isinstance(result, tuple):
+            return result  # type: ignore[return-value]
+        if self.session.pending is not None:
+            self.log.error("{conn_id} a handler returned no reply", **self.log_context())
+        return _INTERNAL_ERROR, False
 
     def _pause(self) -> None:
         if not self._paused and not self.lost:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import errno
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import qpconn
@@ -104,12 +104,20 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands, XClientCommands):
                 return self.chunk_end(event)
             if isinstance(event, AuthResponse):
                 return self.auth_response(event.data)
-        verb = event.verb
-        handler = getattr(self, "smtp_" + verb, None) if verb.isascii() and verb.isalpha() else None
+        handler = self._handlers.get(event.verb)
         if handler is None:
-            return self.unrecognized_command(verb, event.arg)
-        coro: Coroutine[Any, Any, HandlerResult] = handler(event.arg)
+            return self.unrecognized_command(event.verb, event.arg)
+        coro: Coroutine[Any, Any, HandlerResult] = handler(self, event.arg)
         return coro
+
+    #: verb -> its ``smtp_<VERB>`` handler function, made once per class (see
+    #: :func:`_handler_table`): a command costs one dict lookup, not a name built and
+    #: looked up along the class's bases each time
+    _handlers: dict[str, Callable[..., Coroutine[Any, Any, HandlerResult]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._handlers = _handler_table(cls)
 
     # -- HELO / EHLO ----------------------------------------------------------------------
     async def smtp_HELO(self, arg: str) -> HandlerResult:
@@ -164,6 +172,8 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands, XClientCommands):
     async def pre_hook(self, hook: str, arg: str) -> tuple[str, tuple[Reply, bool] | None]:
         """``mail_pre`` / ``rcpt_pre``: a plugin may rewrite the argument (OK with the new
         text) or decide the command before its address is even parsed."""
+        if hook not in self.runner.used:
+            return arg, None  # no plugin to ask: the argument as the client sent it
         outcome = await self.run_hook(hook, arg)
         if outcome.result is OK and outcome.message is not None:
             return outcome.message, None
@@ -403,3 +413,19 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands, XClientCommands):
         outcome = await self.run_hook("quit")
         decided = reply_for("quit", outcome)
         return (decided[0] if decided else Reply(221, f"2.0.0 {self.me} closing connection")), True
+
+
+def _handler_table(cls: type) -> dict[str, Callable[..., Coroutine[Any, Any, HandlerResult]]]:
+    """Every ``smtp_<VERB>`` of ``cls`` and its bases, by verb: only verbs made of ASCII
+    letters can have a handler (the core upper-cases the verb it hands on)."""
+    table = {}
+    for name in dir(cls):
+        verb = name[5:]
+        if name.startswith("smtp_") and verb.isascii() and verb.isalpha():
+            handler = getattr(cls, name)
+            if callable(handler):
+                table[verb] = handler
+    return table
+
+
+SMTPCommands._handlers = _handler_table(SMTPCommands)
