@@ -17,8 +17,10 @@ take its replies and the transport's write buffer passes its high-water mark, Tw
 calls :meth:`~SMTPServerProtocol.pauseProducing`: reading stops, and input already
 buffered is not turned into commands, so a client pipelining a burst it never reads the
 answers to costs one read of input and a write buffer of replies, not the work and memory
-of the whole burst. A long pass hands its replies over every :data:`PIPELINE_STEP`
-commands, so that the transport sees them in time to push back. A client that has not
+of the whole burst. A long pass stops after :data:`PIPELINE_STEP` commands: their replies
+go out, so that the transport sees them in time to push back, and the rest of the burst is
+parsed in the next reactor turn, so that the other sessions are served in between (one
+client's burst of thousands of commands used to hold them all). A client that has not
 taken its replies within ``timeout`` is aborted: a ``421`` or a polite close would only
 queue behind what it does not read.
 
@@ -101,6 +103,8 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
     _started = False
     #: the wait for a PROXY header, while there is one (qpconn.server.proxy)
     _proxy_wait: ProxyHeaderWait | None = None
+    #: the rest of a long pipelined burst, parsed in the next reactor turn (see _drive)
+    _later: Any = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Refuse handler methods on a protocol subclass: they would never be called.
@@ -290,9 +294,12 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
                 else:
                     self._wait(deferred, self._answer)
                 budget -= 1
-                if not budget:  # a long pipelined burst: let the transport push back
-                    budget = PIPELINE_STEP
-                    self.output.flush()
+                if not budget:
+                    # A long pipelined burst: its replies so far go out (the transport can
+                    # push back), and the rest waits for the next reactor turn, so that one
+                    # client's burst does not hold every other session for its whole length.
+                    self._continue_later()
+                    break
         finally:
             self._driving = False
         self.output.flush()
@@ -300,6 +307,14 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             # The client half-closed and everything it sent has been answered.
             self.output.send_unsent()
             self.output.hang_up()
+
+    def _continue_later(self) -> None:
+        if self._later is None:
+            self._later = self.factory.clock.callLater(0, self._continue)
+
+    def _continue(self) -> None:
+        self._later = None
+        self._drive()
 
     def readConnectionLost(self) -> None:
         """The client shut its sending side: answer what it sent, then close.
@@ -476,6 +491,9 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self.lost = True
         self.output.discard()
         self.setTimeout(None)
+        if self._later is not None:
+            self._later.cancel()
+            self._later = None
         self.guard.deadlines.stop()
         self.tls.cancel_timer()
         self.tls.connection_lost(reason)  # a handshake under way failed: say why (tls.py)

@@ -8,6 +8,7 @@ exactly as an outside client would, while the server answers from the reactor.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -66,7 +67,7 @@ class RunningServer:
         new = os.path.join(self.maildir, "new")
         if not os.path.isdir(new):
             return []
-        names = sorted(os.listdir(new), key=lambda n: os.stat(os.path.join(new, n)).st_mtime_ns)
+        names = sorted(os.listdir(new), key=lambda n: _delivery_order(new, n))
         out = []
         for name in names:
             with open(os.path.join(new, name), "rb") as handle:
@@ -126,6 +127,14 @@ def start_server(
     )
     port = reactor.listenTCP(0, factory, interface=interface)
     return RunningServer(factory, port, maildir, config_dir, host=interface)
+
+
+def _delivery_order(directory: str, name: str) -> tuple[int, int]:
+    """When a Maildir file was written, then (file times are as coarse as the kernel's
+    clock tick: several messages may share one) queue/maildir's per-process sequence
+    number in its name (``...Q<queue id>_<n>.<host>``)."""
+    sequence = re.search(r"_(\d+)\.[^_]*$", name)
+    return os.stat(os.path.join(directory, name)).st_mtime_ns, int(sequence[1]) if sequence else 0
 
 
 def raw_session(
