@@ -309,11 +309,17 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
             self.output.hang_up()
 
     def _continue_later(self) -> None:
+        """The rest of the buffered input waits for the next reactor turn; meanwhile
+        nothing more is read (what the client sends stays in the kernel, as when it does
+        not take its replies), so the input held stays bounded."""
+        self._pause()
         if self._later is None:
             self._later = self.factory.clock.callLater(0, self._continue)
 
     def _continue(self) -> None:
         self._later = None
+        if self._paused and not self._busy:
+            self._resume()
         self._drive()
 
     def readConnectionLost(self) -> None:
