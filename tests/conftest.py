@@ -8,8 +8,18 @@ from typing import Any
 import pytest
 import pytest_twisted
 
+from tests.support.compiled import check_compiled_imports
 from tests.support.server import RunningServer, start_server
 from tests.support.tlscerts import TlsFiles, make_pki
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under ``QPCONN_EXPECT_COMPILED=1`` (.ci/run's second pass), stop before any test
+    when a module of the compiled build imports as Python source: the run would test the
+    pure build twice."""
+    problem = check_compiled_imports()
+    if problem:
+        raise pytest.UsageError(problem)
 
 
 @pytest.fixture(autouse=True)

@@ -19,6 +19,8 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
+from mypy_extensions import mypyc_attr
+
 import qpconn
 from qpconn.core.events import AuthResponse, ChunkEnd, Command, MessageEnd
 from qpconn.core.reply import Reply
@@ -50,6 +52,8 @@ def _positive(decided: tuple[Reply, bool] | None) -> bool:
     return decided is None or 200 <= decided[0].code < 300
 
 
+# mypyc: a plain Python class, its methods compiled (mixins that users subclass and override)
+@mypyc_attr(native_class=False)
 class SMTPCommands(TLSAuthCommands, ExtensionCommands, XClientCommands):
     """The handlers of one session; see the module docstring.
 

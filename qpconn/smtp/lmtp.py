@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from mypy_extensions import mypyc_attr
+
 from qpconn.core.events import AuthResponse, ChunkEnd, Command, MessageEnd
 from qpconn.core.reply import Reply
 from qpconn.mail.outcomes import recipient_replies
@@ -31,6 +33,8 @@ if TYPE_CHECKING:
 __all__ = ["LMTPCommands"]
 
 
+# mypyc: a plain Python class, its methods compiled (mixins that users subclass and override)
+@mypyc_attr(native_class=False)
 class LMTPCommands(SMTPCommands):
     """The handlers of one LMTP session; see the module docstring."""
 

@@ -36,7 +36,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+from mypy_extensions import mypyc_attr
 
 from qpconn.core.reply import Reply
 from qpconn.mail.connection import Connection
@@ -168,6 +170,8 @@ def parse_xclient(arg: str) -> dict[str, Any]:
     return found
 
 
+# mypyc: a plain Python class, its methods compiled (mixins that users subclass and override)
+@mypyc_attr(native_class=False)
 class XClientCommands(CommandContext):
     """The handler; see the module docstring."""
 
@@ -176,9 +180,11 @@ class XClientCommands(CommandContext):
     #: every attribute given so far in this session (later commands add to it)
     _xclient_given: dict[str, Any] | None = None
 
-    if TYPE_CHECKING:  # SMTPCommands' own, which this part ends in
-
-        async def start_session(self) -> tuple[Reply, bool]: ...
+    # SMTPCommands' own, which this part ends in. Declared by a method, not under
+    # ``if TYPE_CHECKING:`` (mypyc compiles no ``if`` in a class body); SMTPCommands' own
+    # comes first in its method order.
+    async def start_session(self) -> tuple[Reply, bool]:
+        raise NotImplementedError("SMTPCommands.start_session greets the client")
 
     def xclient_allowed(self) -> bool:
         """May this peer use XCLIENT? Judged on the proxy's address, not a claimed one."""
