@@ -22,11 +22,24 @@ import importlib.util
 import sys
 from pathlib import Path
 
-__all__ = ["COMPILED_PACKAGES", "EXCLUDED", "compiled_sources", "module_names", "status"]
+__all__ = [
+    "COMPILED_MODULES", "COMPILED_PACKAGES", "EXCLUDED",
+    "compiled_sources", "module_names", "status",
+]  # fmt: skip
 
 #: packages whose every module (but ``__init__``) the compiled build compiles
-COMPILED_PACKAGES = ("qpconn/core", "qpconn/smtp")
-#: modules that stay pure Python in the compiled build too
+COMPILED_PACKAGES = ("qpconn/core",)
+#: single modules compiled besides those packages (hot ones that measured worth it).
+#: Not the command handlers (smtp/commands.py, context.py, security.py, extensions.py,
+#: xclient.py, lmtp.py): they are mixins (multiple inheritance), which mypyc compiles only
+#: as non-native classes, and mypyc's methods of a non-native class refuse an instance of
+#: a subclass it did not compile (TypeError "SMTPCommands object expected"), which every
+#: SMTPCommands subclass of docs/protocol.md is.
+#: hooks/runner.py and results.py run every hook (bench/RESULTS.md: ~3% of ii's instructions
+#: more); mail/address.py is subclassed by interpreted code, server/output.py deletes an
+#: attribute, so neither can be native, and neither paid.
+COMPILED_MODULES: tuple[str, ...] = ("qpconn/hooks/runner.py", "qpconn/hooks/results.py")
+#: modules of those packages that stay pure Python in the compiled build too
 EXCLUDED: frozenset[str] = frozenset()
 
 
@@ -39,6 +52,7 @@ def compiled_sources(root: str | Path) -> list[str]:
             relative = path.relative_to(base).as_posix()
             if path.name != "__init__.py" and relative not in EXCLUDED:
                 found.append(relative)
+    found.extend(module for module in COMPILED_MODULES if (base / module).is_file())
     return found
 
 

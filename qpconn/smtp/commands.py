@@ -19,8 +19,6 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
-from mypy_extensions import mypyc_attr
-
 import qpconn
 from qpconn.core.events import AuthResponse, ChunkEnd, Command, MessageEnd
 from qpconn.core.reply import Reply
@@ -52,8 +50,6 @@ def _positive(decided: tuple[Reply, bool] | None) -> bool:
     return decided is None or 200 <= decided[0].code < 300
 
 
-# mypyc: a plain Python class, its methods compiled (mixins that users subclass and override)
-@mypyc_attr(native_class=False)
 class SMTPCommands(TLSAuthCommands, ExtensionCommands, XClientCommands):
     """The handlers of one session; see the module docstring.
 
@@ -94,7 +90,7 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands, XClientCommands):
 
     # -- dispatch -------------------------------------------------------------------------
     def dispatch(
-        self, event: Command | MessageEnd | AuthResponse
+        self, event: Command | MessageEnd | ChunkEnd | AuthResponse
     ) -> Coroutine[Any, Any, HandlerResult]:
         """The reply to one command (or to the end of a message, or to a SASL response).
 

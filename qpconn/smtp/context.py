@@ -17,7 +17,6 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
-from mypy_extensions import mypyc_attr
 from twisted.logger import LogLevel
 
 from qpconn.core.reply import Reply
@@ -66,8 +65,6 @@ class ServerSettings(Protocol):
         """Fill in rDNS/FCrDNS and ident for ``connection`` (XCLIENT's new address)."""
 
 
-# mypyc: a plain Python class, its methods compiled (mixins that users subclass and override)
-@mypyc_attr(native_class=False)
 class CommandContext:
     """One session's state and the helpers every handler uses; see the module docstring.
 

@@ -19,8 +19,7 @@ same :class:`~qpconn.mail.transaction.Transaction` as DATA:
 from __future__ import annotations
 
 import time
-
-from mypy_extensions import mypyc_attr
+from typing import TYPE_CHECKING
 
 from qpconn.core.events import ChunkEnd, ChunkStart, MessageEnd
 from qpconn.core.reply import Reply
@@ -38,19 +37,15 @@ MAIL_EXTENSION_PARAMS = frozenset({"SMTPUTF8", "RET", "ENVID"})
 RCPT_PARAMS = frozenset({"NOTIFY", "ORCPT"})
 
 
-# mypyc: a plain Python class, its methods compiled (mixins that users subclass and override)
-@mypyc_attr(native_class=False)
 class ExtensionCommands(CommandContext):
     """The handlers; see the module docstring."""
 
     #: speak LMTP (:class:`qpconn.smtp.lmtp.LMTPCommands`); changes the Received word
     lmtp_mode = False
 
-    # The one handler of the base commands a BDAT ... LAST chunk ends in. Declared by a
-    # method, not under ``if TYPE_CHECKING:`` (mypyc compiles no ``if`` in a class body);
-    # SMTPCommands' own comes first in its method order.
-    async def message_end(self, end: MessageEnd) -> HandlerResult:
-        raise NotImplementedError("SMTPCommands.message_end answers the end of a message")
+    if TYPE_CHECKING:  # the one handler of the base commands a BDAT ... LAST chunk ends in
+
+        async def message_end(self, end: MessageEnd) -> HandlerResult: ...
 
     # -- EHLO -----------------------------------------------------------------------------
     def extension_ehlo_lines(self) -> list[str]:

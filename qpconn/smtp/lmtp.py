@@ -16,8 +16,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from mypy_extensions import mypyc_attr
-
 from qpconn.core.events import AuthResponse, ChunkEnd, Command, MessageEnd
 from qpconn.core.reply import Reply
 from qpconn.mail.outcomes import recipient_replies
@@ -33,8 +31,6 @@ if TYPE_CHECKING:
 __all__ = ["LMTPCommands"]
 
 
-# mypyc: a plain Python class, its methods compiled (mixins that users subclass and override)
-@mypyc_attr(native_class=False)
 class LMTPCommands(SMTPCommands):
     """The handlers of one LMTP session; see the module docstring."""
 
@@ -58,7 +54,9 @@ class LMTPCommands(SMTPCommands):
             return text if "LMTP" in text.split() else f"{text} LMTP"
         return f"{self.me} LMTP {SOFTWARE} ready"
 
-    async def dispatch(self, event: Command | MessageEnd | AuthResponse) -> HandlerResult:
+    async def dispatch(
+        self, event: Command | MessageEnd | ChunkEnd | AuthResponse
+    ) -> HandlerResult:
         """At the end of a message, one reply per accepted recipient (RFC 2033 §4.2).
 
         All but the last go out as intermediate replies here; the last is this command's

@@ -14,8 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from mypy_extensions import mypyc_attr
-
 from qpconn.config import ConfigError
 from qpconn.core import sasl as auth
 from qpconn.core.reply import Reply
@@ -70,8 +68,6 @@ def read_security_settings(config: Config, tls: Any = None) -> SecuritySettings:
     )
 
 
-# mypyc: a plain Python class, its methods compiled (mixins that users subclass and override)
-@mypyc_attr(native_class=False)
 class TLSAuthCommands(CommandContext):
     """The handlers; see the module docstring."""
 

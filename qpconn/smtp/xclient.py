@@ -36,9 +36,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Any
-
-from mypy_extensions import mypyc_attr
+from typing import TYPE_CHECKING, Any
 
 from qpconn.core.reply import Reply
 from qpconn.mail.connection import Connection
@@ -170,8 +168,6 @@ def parse_xclient(arg: str) -> dict[str, Any]:
     return found
 
 
-# mypyc: a plain Python class, its methods compiled (mixins that users subclass and override)
-@mypyc_attr(native_class=False)
 class XClientCommands(CommandContext):
     """The handler; see the module docstring."""
 
@@ -180,11 +176,9 @@ class XClientCommands(CommandContext):
     #: every attribute given so far in this session (later commands add to it)
     _xclient_given: dict[str, Any] | None = None
 
-    # SMTPCommands' own, which this part ends in. Declared by a method, not under
-    # ``if TYPE_CHECKING:`` (mypyc compiles no ``if`` in a class body); SMTPCommands' own
-    # comes first in its method order.
-    async def start_session(self) -> tuple[Reply, bool]:
-        raise NotImplementedError("SMTPCommands.start_session greets the client")
+    if TYPE_CHECKING:  # SMTPCommands' own, which this part ends in
+
+        async def start_session(self) -> tuple[Reply, bool]: ...
 
     def xclient_allowed(self) -> bool:
         """May this peer use XCLIENT? Judged on the proxy's address, not a claimed one."""
