@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 
+from tests.support.compiled import check_compiled_imports
 from tests.support.server import RunningServer, start_server
 from tests.support.tlscerts import TlsFiles, make_pki
 
@@ -35,6 +36,15 @@ def pytest_sessionstart(session: pytest.Session) -> None:
             "run `.venv/bin/pip install -e '.[test]'` again (docs/getting-started.md)",
             returncode=4,
         )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under ``QPCONN_EXPECT_COMPILED=1`` (.ci/run's second pass), stop before any test
+    when a module of the compiled build imports as Python source: the run would test the
+    pure build twice."""
+    problem = check_compiled_imports()
+    if problem:
+        raise pytest.UsageError(problem)
 
 
 @pytest.fixture(autouse=True)

@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = ("pyproject.toml", "setup.cfg", "README.md", "qpconn", "twisted")
+SOURCES = (
+    "pyproject.toml", "setup.cfg", "setup.py", "build_backend", "README.md", "qpconn", "twisted",
+)  # fmt: skip
 
 
 def _fresh_env(tmp_path: Path) -> Path:
@@ -42,7 +44,7 @@ def _copy_source(tmp_path: Path) -> Path:
         path = ROOT / name
         if path.is_dir():
             shutil.copytree(
-                path, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.cache")
+                path, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.cache", "*.so")
             )
         else:
             shutil.copy2(path, source / name)

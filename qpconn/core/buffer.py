@@ -31,7 +31,7 @@ _EMPTY_END = b".\r\n"
 _KEEP = len(_END) - 1
 _CRLF_DOT = b"\r\n."
 # IncrementalNewlineDecoder.newlines (the line ends met) -> (bare LF, bare CR) met.
-_LONE = {
+_LONE: dict[str | tuple[str, ...] | None, tuple[bool, bool]] = {
     None: (False, False),
     "\r\n": (False, False),
     "\n": (True, False),

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mypy_extensions import mypyc_attr
+
 from qpconn.core.buffer import DataReader, take_line
 from qpconn.core.events import (
     AuthResponse,
@@ -50,6 +52,8 @@ __all__ = [
 ]
 
 
+# mypyc: a plain Python class (copy() copies its __dict__, which a native class has not)
+@mypyc_attr(native_class=False)
 @dataclass
 class Limits:
     """The size rules the core enforces. Defaults follow RFC 5321 §4.5.3.1."""
@@ -92,6 +96,8 @@ def refuse(code: int, text: str, line: bytes = b"") -> ProtocolError:
     return ProtocolError(Reply(code, text), line)
 
 
+# mypyc: a bytearray subclass cannot be a native class
+@mypyc_attr(native_class=False)
 class ReceiveBuffer(bytearray):
     """The bytes received and not yet read, and whether new ones are kept.
 

@@ -46,7 +46,7 @@ class Reply:
             raise ValueError(f"not an SMTP reply code: {code!r}")
         if isinstance(text, str):
             # Most replies are the same few texts: parse each (code, text, enhanced) once.
-            key = (code, text, enhanced)
+            key: tuple[int, object, str | None] = (code, text, enhanced)
             parsed = _PARSED.get(key)
             if parsed is None:
                 parsed = _parse(code, text.splitlines() or [""], enhanced)
@@ -54,14 +54,15 @@ class Reply:
         else:
             # EHLO's reply: the same list of lines for every session
             key = (code, tuple(text), enhanced)
+            hashable = True
             try:
                 parsed = _PARSED.get(key)
             except TypeError:  # lines that are not hashable: parse, do not keep
-                key, parsed = None, None
+                hashable, parsed = False, None
             if parsed is None:
                 lines = [part for line in text for part in (str(line).splitlines() or [""])]
                 parsed = _parse(code, lines or [""], enhanced)
-                if key is not None:
+                if hashable:
                     _remember(key, parsed)
         self.code = code
         self.lines: tuple[str, ...] = parsed[0]

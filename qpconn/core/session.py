@@ -25,6 +25,8 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 
+from mypy_extensions import mypyc_attr
+
 from qpconn.core.events import (
     AuthResponse,
     ChunkEnd,
@@ -92,6 +94,8 @@ _ON_LAST_CHUNK = TRANSITIONS_BY_ANSWER[LAST_CHUNK]
 _ON_SASL_RESPONSE = TRANSITIONS_BY_ANSWER[SASL_RESPONSE]
 
 
+# mypyc: a RuntimeError subclass cannot be a native class
+@mypyc_attr(native_class=False)
 class SessionError(RuntimeError):
     """The application broke the protocol contract (e.g. replied with nothing pending)."""
 
@@ -122,7 +126,8 @@ class ServerSession:
         self.limits = limits or Limits()
         self.state = State.GREETING
         self._reads = Reading.NOTHING
-        self._read = ServerSession._read_nothing  # _READERS[self._reads], kept at hand
+        #: _READERS[self._reads], kept at hand
+        self._read: Callable[[ServerSession], Event | _Sentinel] = ServerSession._read_nothing
         self._buffer = ReceiveBuffer()
         self._out: list[bytes] = []
         self._pending: Command | MessageEnd | ChunkEnd | AuthResponse | None = None
@@ -202,7 +207,7 @@ class ServerSession:
         found = read_command_line(buffer, self.limits)
         if found is None:
             return NEED_DATA
-        if type(found) is ProtocolError:
+        if isinstance(found, ProtocolError):
             return self._refused(found)
         verb, arg, line = found
         # Judged here: a refusal (states.REFUSALS), a syntax error, or a Command.
@@ -246,7 +251,7 @@ class ServerSession:
         found = read_sasl_response(buffer, self.limits)
         if found is None:
             return NEED_DATA
-        if type(found) is ProtocolError:
+        if isinstance(found, ProtocolError):
             return self._refused(found)
         self._pending = found
         self._on_reply = _ON_SASL_RESPONSE
@@ -273,11 +278,10 @@ class ServerSession:
         found = chunks.read(self._buffer, self.limits.message_size)
         if found is None:
             return NEED_DATA
-        kind = type(found)
-        if kind is ChunkEnd:
+        if isinstance(found, ChunkEnd):
             self._pending = found
             self._on_reply = _ON_LAST_CHUNK if found.last else _ON_CHUNK
-        elif kind is ProtocolError:
+        elif isinstance(found, ProtocolError):
             return self._refused(found)
         return found
 

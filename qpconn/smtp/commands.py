@@ -90,7 +90,7 @@ class SMTPCommands(TLSAuthCommands, ExtensionCommands, XClientCommands):
 
     # -- dispatch -------------------------------------------------------------------------
     def dispatch(
-        self, event: Command | MessageEnd | AuthResponse
+        self, event: Command | MessageEnd | ChunkEnd | AuthResponse
     ) -> Coroutine[Any, Any, HandlerResult]:
         """The reply to one command (or to the end of a message, or to a SASL response).
 

@@ -54,7 +54,9 @@ class LMTPCommands(SMTPCommands):
             return text if "LMTP" in text.split() else f"{text} LMTP"
         return f"{self.me} LMTP {SOFTWARE} ready"
 
-    async def dispatch(self, event: Command | MessageEnd | AuthResponse) -> HandlerResult:
+    async def dispatch(
+        self, event: Command | MessageEnd | ChunkEnd | AuthResponse
+    ) -> HandlerResult:
         """At the end of a message, one reply per accepted recipient (RFC 2033 §4.2).
 
         All but the last go out as intermediate replies here; the last is this command's
