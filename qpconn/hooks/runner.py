@@ -93,7 +93,7 @@ class HookRunner:
         """
         for plugin, function in self._table[hook]:
             outcome = self._call(hook, plugin, function, transaction, args, log_context, trace)
-            if type(outcome) is not HookOutcome:
+            if not isinstance(outcome, HookOutcome):  # (isinstance: mypy narrows it)
                 outcome = await outcome  # the plugin answered with an awaitable
             if outcome.result is Result.DECLINED and not outcome.error:
                 continue
@@ -112,7 +112,7 @@ class HookRunner:
         """Run every plugin of a notification hook (disconnect, queue_post ...); results ignored."""
         for plugin, function in self._table[hook]:
             outcome = self._call(hook, plugin, function, transaction, args, None, trace)
-            if type(outcome) is not HookOutcome:
+            if not isinstance(outcome, HookOutcome):
                 await outcome
 
     async def _notify(
