@@ -169,21 +169,14 @@ class QuitRecorder(Recorder):
 
 
 def test_a_reload_detaches_the_replaced_plugins_once_their_last_session_ends(
-    qpconn_start, tmp_path  # noqa: F811
+    qpconn_start, config  # noqa: F811
 ):
     """The forwarding pool of the replaced set carries the in-flight session's message,
     then is closed (its idle connection QUIT) when that session ends; without detach every
     reload left the old pool's connections open for the life of the process."""
     with aiosmtpd_next_hop(QuitRecorder()) as (hop, controller):
-        directory = tmp_path / "config"
-        directory.mkdir()
-        write(
-            directory,
-            me="mx.test\n",
-            rcpthosts="mx.test\n",
-            plugins=f"rcpt_ok\nqueue/smtp-forward 127.0.0.1 {controller.port}\n",
-        )
-        server = qpconn_start(directory)
+        write(config, plugins=f"rcpt_ok\nqueue/smtp-forward 127.0.0.1 {controller.port}\n")
+        server = qpconn_start(config)
 
         def send(smtp: smtplib.SMTP, subject: str) -> None:
             smtp.sendmail("a@example.org", ["user@mx.test"], f"Subject: {subject}\r\n\r\nx\r\n")
