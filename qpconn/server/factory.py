@@ -26,6 +26,7 @@ from qpconn.mail.smtputf8 import smtputf8_offered
 from qpconn.mail.spool import clean_stale_spool
 from qpconn.server.deadlines import DeadlineSettings
 from qpconn.server.fastpath import reads
+from qpconn.server.idle import IdleTimers
 from qpconn.server.lookup import make_resolver
 from qpconn.server.peerinfo import LookupSettings, PeerInfo
 from qpconn.server.protocol import SMTPServerProtocol
@@ -113,6 +114,8 @@ class SMTPFactory(ServerFactory):
         #: every value read below is one it accepted (it raises ConfigError otherwise)
         self.config_warnings = validate(self.config, load_tls=False)
         self.clock = clock
+        #: every session's idle timer, on this clock: one heap, one DelayedCall
+        self.idle_timers = IdleTimers(clock)
         self.plugins = load_plugins(self.config) if plugins is None else list(plugins)
         self.runner = HookRunner(self.plugins, clock, self.config.get_float("plugin_timeout", 30.0))
         self.me = self.config.me
