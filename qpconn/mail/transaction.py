@@ -71,6 +71,14 @@ class Transaction:
     _memory_size = 0
     _file: IO[bytes] | None = None
     _closed = False
+    # The containers are made on first use (__getattr__), then are plain attributes: a
+    # session's first transaction is made at its start and most idle sessions never use
+    # it, so five empty containers (about 600 bytes) were most of its size.
+    mail_params: dict[str, str | None]
+    recipients: list[Recipient]
+    notes: Notes
+    _head: bytearray  # header text until its end is seen
+    _memory: list[bytes]
 
     def __init__(
         self,
@@ -83,13 +91,18 @@ class Transaction:
         self.connection: Connection = connection if connection is not None else Connection()
         #: queue id, shown in the Received header, the 250 reply and the logs
         self.id = id
-        self.mail_params: dict[str, str | None] = {}
-        self.recipients: list[Recipient] = []
-        self.notes = Notes()
         self.size_threshold = size_threshold
         self.spool_dir = spool_dir
-        self._head = bytearray()  # header text until its end is seen
-        self._memory: list[bytes] = []
+
+    def __getattr__(self, name: str) -> object:
+        """A container not made yet (see above): made now, kept in the instance from then
+        on, so the next read is an ordinary attribute read and costs nothing more."""
+        make = _CONTAINERS.get(name)
+        if make is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        value = make()
+        setattr(self, name, value)  # not through __dict__: reading it would build a dict
+        return value
 
     # -- envelope -------------------------------------------------------------------------
     @property
@@ -160,7 +173,8 @@ class Transaction:
             head, rest = (raw, b"") if is_field_line(raw) else (b"", raw)
         else:
             head, rest = parts
-        self._head = bytearray()
+        if _peek(self, "_head") is not None:
+            del self._head  # done with: made again only if read again
         self.header = Header(head)
         if rest:
             self._store(rest)
@@ -240,9 +254,9 @@ class Transaction:
         be no different, but for its id)."""
         return (
             self.sender is None
-            and not self.recipients
-            and not self.notes
-            and not self.mail_params
+            and not _peek(self, "recipients")
+            and not _peek(self, "notes")
+            and not _peek(self, "mail_params")
             and self.data_size == 0
             and self.header is None
             and not self._closed
@@ -253,8 +267,9 @@ class Transaction:
         if self._closed:
             return
         self._closed = True
-        self._memory = []
-        self._head = bytearray()
+        for name in ("_memory", "_head"):
+            if _peek(self, name) is not None:
+                delattr(self, name)
         if self._file is not None:
             name = self._file.name
             self._file.close()
@@ -265,3 +280,22 @@ class Transaction:
 
     def __repr__(self) -> str:
         return f"<Transaction {self.id} from={self.sender} rcpts={len(self.recipients)}>"
+
+
+def _peek(transaction: Transaction, name: str) -> object:
+    """The container ``name``, or None when it was never made: asked without making it
+    (and without reading ``__dict__``, which would build the instance's dict)."""
+    try:
+        return object.__getattribute__(transaction, name)
+    except AttributeError:
+        return None
+
+
+#: the containers Transaction makes on first use, by attribute name
+_CONTAINERS: dict[str, type] = {
+    "mail_params": dict,
+    "recipients": list,
+    "notes": Notes,
+    "_head": bytearray,
+    "_memory": list,
+}

@@ -141,13 +141,15 @@ class SMTPFactory(ServerFactory):
         self.security = read_security_settings(self.config, tls_from_config(self.config))
         #: the proxies that may hand over their client's facts with XCLIENT (smtp/xclient.py)
         self.xclient_hosts = NetworkList("xclient_hosts", self.config.lines("xclient_hosts"))
+        #: the core's size rules, one read-only object every session shares (a session
+        #: that changes its own takes a copy: ServerSession.own_limits)
         self.limits = Limits(
             message_size=self.databytes,
             # SMTPUTF8 is offered unless `smtputf8 no`; addresses hold UTF-8 only after
             # MAIL ... SMTPUTF8 (smtp_extensions.py)
             utf8=smtputf8_offered(self.config),
             normalize_newlines=self.session_limits.normalize_newlines,
-        )
+        ).shared()
         if protocol is not None:
             self.protocol = protocol
         if commands is not None:

@@ -145,7 +145,7 @@ class SMTPServerProtocol(Protocol):
         # cycle when the session ends, so the session's objects go when their last
         # reference does, not at the garbage collector's next pass.
         self.log = self.log
-        self.session = ServerSession(factory.limits.copy())
+        self.session = ServerSession(factory.limits)  # shared, read-only (own_limits)
         handlers = self.commands_class or factory.commands
         #: the command handlers of this session (they own its Connection and Transaction)
         self.commands = handlers(
