@@ -22,6 +22,7 @@ import os
 import smtplib
 from typing import Any
 
+import pytest
 import pytest_twisted
 from hypothesis import given
 from hypothesis import strategies as st
@@ -29,7 +30,7 @@ from hypothesis import strategies as st
 from qpconn.mail.address import Address
 from qpconn.mail.connection import Connection
 from qpconn.mail.header import Header, is_field_line, split_header
-from qpconn.mail.transaction import MAX_HEADER_BYTES, Transaction
+from qpconn.mail.transaction import MAX_HEADER_BYTES, Recipient, Transaction
 from qpconn.plugins import Plugin
 from tests.support.fuzz import FUZZ_SETTINGS
 from tests.support.server import in_thread
@@ -210,3 +211,26 @@ def test_a_header_split_only_when_looked_at_behaves_as_one_split_at_once(lines, 
         assert _apply(lazy, op, name) == _apply(eager, op, name)
         assert lazy.as_bytes() == eager.as_bytes()
     assert Header(raw).as_bytes() == raw  # untouched: the bytes as they came
+
+
+def test_a_fresh_transaction_makes_its_containers_only_when_used():
+    """The transaction every session starts with costs no empty containers (issue 20)."""
+    txn = Transaction(Connection(), id="x.1")
+    assert txn.untouched  # asking does not make them
+    for name in ("mail_params", "recipients", "notes", "_head", "_memory"):
+        try:
+            object.__getattribute__(txn, name)
+        except AttributeError:
+            continue
+        raise AssertionError(f"{name} was made before use")
+    txn.recipients.append(Recipient("u", "example.org"))
+    assert txn.recipients == [Recipient("u", "example.org")] and not txn.untouched
+    txn.notes["k"] = 1
+    assert txn.notes("k") == 1 and type(txn.notes).__name__ == "Notes"
+    assert txn.mail_params == {} and txn.dsn.ret is None
+    with pytest.raises(AttributeError, match="no_such_field"):
+        txn.no_such_field  # noqa: B018 - the read is the test
+    txn.body_write(b"Subject: x\r\n\r\nbody\r\n")
+    assert txn.body_bytes() == b"body\r\n"
+    txn.close()
+    assert txn.body_bytes() == b""
