@@ -71,14 +71,17 @@ class Transaction:
     _memory_size = 0
     _file: IO[bytes] | None = None
     _closed = False
-    # The containers are made on first use (__getattr__), then are plain attributes: a
-    # session's first transaction is made at its start and most idle sessions never use
-    # it, so five empty containers (about 600 bytes) were most of its size.
-    mail_params: dict[str, str | None]
-    recipients: list[Recipient]
-    notes: Notes
-    _head: bytearray  # header text until its end is seen
-    _memory: list[bytes]
+    # The containers are made on first use: a session's first transaction is made at its
+    # start and most idle sessions never use it, so five empty containers were about 300
+    # of its bytes (issue 20). The public ones are properties (below); the text's two are
+    # read only here, None until text arrives.
+    _mail_params: dict[str, str | None] | None = None
+    _recipients: list[Recipient] | None = None
+    _notes: Notes | None = None
+    #: header text until its end is seen
+    _head: bytearray | None = None
+    #: the body's pieces while it is held in memory
+    _memory: list[bytes] | None = None
 
     def __init__(
         self,
@@ -94,15 +97,41 @@ class Transaction:
         self.size_threshold = size_threshold
         self.spool_dir = spool_dir
 
-    def __getattr__(self, name: str) -> object:
-        """A container not made yet (see above): made now, kept in the instance from then
-        on, so the next read is an ordinary attribute read and costs nothing more."""
-        make = _CONTAINERS.get(name)
-        if make is None:
-            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        value = make()
-        setattr(self, name, value)  # not through __dict__: reading it would build a dict
-        return value
+    @property
+    def mail_params(self) -> dict[str, str | None]:
+        """The MAIL command's parameters (``SIZE``, ``BODY``, ``SMTPUTF8``, ...)."""
+        found = self._mail_params
+        if found is None:
+            found = self._mail_params = {}
+        return found
+
+    @mail_params.setter
+    def mail_params(self, value: dict[str, str | None]) -> None:
+        self._mail_params = value
+
+    @property
+    def recipients(self) -> list[Recipient]:
+        """The accepted recipients, in RCPT order."""
+        found = self._recipients
+        if found is None:
+            found = self._recipients = []
+        return found
+
+    @recipients.setter
+    def recipients(self, value: list[Recipient]) -> None:
+        self._recipients = value
+
+    @property
+    def notes(self) -> Notes:
+        """What plugins note about this message (qpsmtpd's ``transaction->notes``)."""
+        found = self._notes
+        if found is None:
+            found = self._notes = Notes()
+        return found
+
+    @notes.setter
+    def notes(self, value: Notes) -> None:
+        self._notes = value
 
     # -- envelope -------------------------------------------------------------------------
     @property
@@ -146,7 +175,7 @@ class Transaction:
             self._head_scan = parts
             if len(data) <= MAX_HEADER_BYTES:
                 if not head:
-                    head += data
+                    self._head = bytearray(data)
                 return False
             parts = None
         self._finish_header(data, parts)
@@ -161,7 +190,7 @@ class Transaction:
         self.arrival_time = time.time()
         if self.header is not None:
             return False
-        raw = bytes(self._head)
+        raw = bytes(self._head or b"")
         parts = split_header(raw, self._head_scan)
         self._finish_header(raw, None if isinstance(parts, int) else parts)
         return True
@@ -173,15 +202,17 @@ class Transaction:
             head, rest = (raw, b"") if is_field_line(raw) else (b"", raw)
         else:
             head, rest = parts
-        if _peek(self, "_head") is not None:
-            del self._head  # done with: made again only if read again
+        self._head = None
         self.header = Header(head)
         if rest:
             self._store(rest)
 
     def _store(self, data: bytes) -> None:
         if self._file is None:
-            self._memory.append(data)
+            memory = self._memory
+            if memory is None:
+                memory = self._memory = []
+            memory.append(data)
             self._memory_size += len(data)
             if self._memory_size > self.size_threshold:
                 self._spool_to_disk()
@@ -192,9 +223,9 @@ class Transaction:
         self._file = tempfile.NamedTemporaryFile(  # noqa: SIM115 - kept open on purpose
             prefix=spool_prefix(), suffix=".spool", dir=self.spool_dir, delete=False
         )
-        for piece in self._memory:
+        for piece in self._memory or ():
             self._file.write(piece)
-        self._memory = []
+        self._memory = None
 
     def replace_body(self, chunks: Iterable[bytes]) -> None:
         """Put a new body in place of the one received (a milter's SMFIR_REPLBODY).
@@ -211,7 +242,7 @@ class Transaction:
                 os.unlink(name)
             except FileNotFoundError:
                 pass
-        self._memory = []
+        self._memory = None
         self._memory_size = 0
         for chunk in chunks:
             self._store(chunk)
@@ -231,7 +262,7 @@ class Transaction:
     def body_chunks(self, chunk_size: int = 1 << 16) -> Iterator[bytes]:
         """The body as stored, in pieces, from the start (may be called repeatedly)."""
         if self._file is None:
-            yield from self._memory
+            yield from self._memory or ()
             return
         self._file.flush()
         with open(self._file.name, "rb") as body:
@@ -254,9 +285,9 @@ class Transaction:
         be no different, but for its id)."""
         return (
             self.sender is None
-            and not _peek(self, "recipients")
-            and not _peek(self, "notes")
-            and not _peek(self, "mail_params")
+            and not self._recipients
+            and not self._notes
+            and not self._mail_params
             and self.data_size == 0
             and self.header is None
             and not self._closed
@@ -267,9 +298,7 @@ class Transaction:
         if self._closed:
             return
         self._closed = True
-        for name in ("_memory", "_head"):
-            if _peek(self, name) is not None:
-                delattr(self, name)
+        self._memory = self._head = None
         if self._file is not None:
             name = self._file.name
             self._file.close()
@@ -280,22 +309,3 @@ class Transaction:
 
     def __repr__(self) -> str:
         return f"<Transaction {self.id} from={self.sender} rcpts={len(self.recipients)}>"
-
-
-def _peek(transaction: Transaction, name: str) -> object:
-    """The container ``name``, or None when it was never made: asked without making it
-    (and without reading ``__dict__``, which would build the instance's dict)."""
-    try:
-        return object.__getattribute__(transaction, name)
-    except AttributeError:
-        return None
-
-
-#: the containers Transaction makes on first use, by attribute name
-_CONTAINERS: dict[str, type] = {
-    "mail_params": dict,
-    "recipients": list,
-    "notes": Notes,
-    "_head": bytearray,
-    "_memory": list,
-}
