@@ -118,3 +118,27 @@ def test_sessions_idle_timers_run_on_the_factory_clock(tmp_path):
     protocol.connectionLost(None)
     assert len(factory.idle_timers) == 0 and clock.getDelayedCalls() == []
     assert factory.idle_timers._heap == []  # nothing there holds the session any more
+
+
+def test_a_reload_keeps_the_timers_of_the_sessions_in_flight(tmp_path):
+    """The heap holds the open sessions' timers: a reload (SIGHUP) must not replace it,
+    or their timers would be moved and cancelled in a heap that does not hold them."""
+    from qpconn.app.reload import reload_factory
+
+    config = Config(write_config(str(tmp_path / "c"), {"me": "mx.test", "timeout": "7"}))
+    clock = Clock()
+    factory = SMTPFactory(config, [], clock=clock, lookups=LookupSettings(rdns=False))
+    timers = factory.idle_timers
+    transport = StringTransport(
+        hostAddress=IPv4Address("TCP", "127.0.0.1", 25),
+        peerAddress=IPv4Address("TCP", "127.0.0.1", 40002),
+    )
+    protocol = factory.buildProtocol(transport.getPeer())
+    protocol.makeConnection(transport)
+    assert reload_factory(factory)
+    assert factory.idle_timers is timers and len(timers) == 1
+    transport.clear()
+    clock.advance(7.0)
+    assert transport.value() == b"421 4.4.2 mx.test Error: timeout exceeded\r\n"
+    protocol.connectionLost(None)
+    assert len(timers) == 0 and clock.getDelayedCalls() == []
