@@ -142,7 +142,8 @@ class Transaction:
     @property
     def smtputf8(self) -> bool:
         """MAIL carried SMTPUTF8 (RFC 6531): addresses and header may hold UTF-8."""
-        return "SMTPUTF8" in self.mail_params
+        params = self._mail_params  # not the property: nothing to make for a question
+        return params is not None and "SMTPUTF8" in params
 
     def add_recipient(
         self, recipient: Address, params: dict[str, str | None] | None = None
@@ -150,7 +151,10 @@ class Transaction:
         """Add a recipient (keeping its RCPT parameters)."""
         if not isinstance(recipient, Recipient):
             recipient = Recipient.from_address(recipient, params)
-        self.recipients.append(recipient)
+        recipients = self._recipients
+        if recipients is None:
+            recipients = self._recipients = []
+        recipients.append(recipient)
         return recipient
 
     def remove_recipient(self, recipient: Address) -> None:
