@@ -624,3 +624,16 @@ def test_an_oversized_message_does_not_hold_an_unfinished_line_in_the_buffer():
     driver.feed(b"x" * 20 + b"\r\n")
     assert driver.feed(b"y\r\n" + b"z" * 5000) == []
     assert driver.session.buffered <= 1000
+
+
+def test_shared_limits_are_read_only_and_a_session_changes_its_own_copy():
+    shared = Limits(message_size=1000).shared()
+    with pytest.raises(AttributeError, match="shared by every session"):
+        shared.message_size = 5
+    first, second = ServerSession(shared), ServerSession(shared)
+    assert first.limits is second.limits  # one object for the server, not one per session
+    mine = first.own_limits()
+    mine.lmtp = True
+    assert first.own_limits() is mine and first.limits is mine
+    assert second.limits is shared and not shared.lmtp and shared.message_size == 1000
+    assert mine.message_size == 1000

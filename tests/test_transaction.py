@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from qpconn.mail.address import Address
 from qpconn.mail.connection import Connection
 from qpconn.mail.header import Header, is_field_line, split_header
-from qpconn.mail.transaction import MAX_HEADER_BYTES, Transaction
+from qpconn.mail.transaction import MAX_HEADER_BYTES, Recipient, Transaction
 from qpconn.plugins import Plugin
 from tests.support.fuzz import FUZZ_SETTINGS
 from tests.support.server import in_thread
@@ -210,3 +210,23 @@ def test_a_header_split_only_when_looked_at_behaves_as_one_split_at_once(lines, 
         assert _apply(lazy, op, name) == _apply(eager, op, name)
         assert lazy.as_bytes() == eager.as_bytes()
     assert Header(raw).as_bytes() == raw  # untouched: the bytes as they came
+
+
+def test_a_fresh_transaction_makes_its_containers_only_when_used():
+    """The transaction every session starts with costs no empty containers (issue 20)."""
+    txn = Transaction(Connection(), id="x.1")
+    assert txn.untouched  # asking does not make them
+    made = [name for name in ("_mail_params", "_recipients", "_notes", "_head", "_memory")
+            if getattr(txn, name) is not None]  # fmt: skip
+    assert made == []
+    txn.recipients.append(Recipient("u", "example.org"))
+    assert txn.recipients == [Recipient("u", "example.org")] and not txn.untouched
+    txn.notes["k"] = 1
+    assert txn.notes("k") == 1 and type(txn.notes).__name__ == "Notes"
+    assert txn.mail_params == {} and txn.dsn.ret is None
+    txn.recipients = []  # plugins may replace them (remove_recipient does)
+    assert txn.recipients == [] and txn.untouched is False  # the notes were used
+    txn.body_write(b"Subject: x\r\n\r\nbody\r\n")
+    assert txn.body_bytes() == b"body\r\n"
+    txn.close()
+    assert txn.body_bytes() == b""

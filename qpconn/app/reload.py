@@ -48,6 +48,7 @@ _LIVE = frozenset(
         "connection_counter",  # the sessions open and each address's recent ones
         "connections_total",
         "clock",
+        "idle_timers",  # the open sessions' idle timers are in its heap
         "resolver",
         "peer_info",
         "lookups",

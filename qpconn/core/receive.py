@@ -42,6 +42,7 @@ from qpconn.core.states import LMTP_REFUSAL, LMTP_VERBS
 
 __all__ = [
     "Limits",
+    "SharedLimits",
     "ReceiveBuffer",
     "read_command_line",
     "read_sasl_response",
@@ -87,6 +88,29 @@ class Limits:
         new = Limits.__new__(Limits)
         new.__dict__.update(self.__dict__)
         return new
+
+    def shared(self) -> SharedLimits:
+        """A read-only copy that every session of a server may hold at once (the factory's
+        ``limits``): one for the server instead of one per connection. A session that
+        changes its limits takes its own copy first (``ServerSession.own_limits``)."""
+        new = SharedLimits.__new__(SharedLimits)
+        new.__dict__.update(self.__dict__)  # not setattr: SharedLimits refuses it
+        return new
+
+
+@mypyc_attr(native_class=False)
+class SharedLimits(Limits):
+    """Limits shared by many sessions (see :meth:`Limits.shared`): a change here would
+    change every session at once, so it is refused; :meth:`copy` gives a changeable one."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(
+            f"these Limits are shared by every session: change a copy "
+            f"(ServerSession.own_limits(), or Limits.copy()), not {name} here"
+        )
+
+    def __delattr__(self, name: str) -> None:
+        self.__setattr__(name, None)
 
 
 def refuse(code: int, text: str, line: bytes = b"") -> ProtocolError:

@@ -41,6 +41,7 @@ from qpconn.core.receive import (
     Limits,
     MessageText,
     ReceiveBuffer,
+    SharedLimits,
     parse_bdat,
     read_command_line,
     read_sasl_response,
@@ -123,6 +124,8 @@ class ServerSession:
     )
 
     def __init__(self, limits: Limits | None = None) -> None:
+        #: the size rules; often the server's, shared by all its sessions (read-only:
+        #: :meth:`own_limits` gives this session a copy of its own to change)
         self.limits = limits or Limits()
         self.state = State.GREETING
         self._reads = Reading.NOTHING
@@ -145,6 +148,14 @@ class ServerSession:
         self.bdat_active = False
         #: the client greeted with EHLO (extensions may be used)
         self.esmtp = False
+
+    def own_limits(self) -> Limits:
+        """This session's limits, to change: a copy of the shared ones, made on the first
+        call (LMTP's handlers set ``lmtp`` this way), so that no other session changes."""
+        limits = self.limits
+        if isinstance(limits, SharedLimits):
+            limits = self.limits = limits.copy()
+        return limits
 
     # -- the flags REFUSALS rows read (states.CONDITIONS) ----------------------------------
     @property

@@ -76,7 +76,7 @@ def address_a_label(address: Address) -> str | None:
 
 def is_smtputf8(transaction: Transaction) -> bool:
     """The transaction's MAIL carried the SMTPUTF8 parameter."""
-    return "SMTPUTF8" in transaction.mail_params
+    return transaction.smtputf8
 
 
 def needs_smtputf8(transaction: Transaction) -> bool:

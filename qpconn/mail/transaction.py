@@ -71,6 +71,17 @@ class Transaction:
     _memory_size = 0
     _file: IO[bytes] | None = None
     _closed = False
+    # The containers are made on first use: a session's first transaction is made at its
+    # start and most idle sessions never use it, so five empty containers were about 300
+    # of its bytes (issue 20). The public ones are properties (below); the text's two are
+    # read only here, None until text arrives.
+    _mail_params: dict[str, str | None] | None = None
+    _recipients: list[Recipient] | None = None
+    _notes: Notes | None = None
+    #: header text until its end is seen
+    _head: bytearray | None = None
+    #: the body's pieces while it is held in memory
+    _memory: list[bytes] | None = None
 
     def __init__(
         self,
@@ -83,13 +94,44 @@ class Transaction:
         self.connection: Connection = connection if connection is not None else Connection()
         #: queue id, shown in the Received header, the 250 reply and the logs
         self.id = id
-        self.mail_params: dict[str, str | None] = {}
-        self.recipients: list[Recipient] = []
-        self.notes = Notes()
         self.size_threshold = size_threshold
         self.spool_dir = spool_dir
-        self._head = bytearray()  # header text until its end is seen
-        self._memory: list[bytes] = []
+
+    @property
+    def mail_params(self) -> dict[str, str | None]:
+        """The MAIL command's parameters (``SIZE``, ``BODY``, ``SMTPUTF8``, ...)."""
+        found = self._mail_params
+        if found is None:
+            found = self._mail_params = {}
+        return found
+
+    @mail_params.setter
+    def mail_params(self, value: dict[str, str | None]) -> None:
+        self._mail_params = value
+
+    @property
+    def recipients(self) -> list[Recipient]:
+        """The accepted recipients, in RCPT order."""
+        found = self._recipients
+        if found is None:
+            found = self._recipients = []
+        return found
+
+    @recipients.setter
+    def recipients(self, value: list[Recipient]) -> None:
+        self._recipients = value
+
+    @property
+    def notes(self) -> Notes:
+        """What plugins note about this message (qpsmtpd's ``transaction->notes``)."""
+        found = self._notes
+        if found is None:
+            found = self._notes = Notes()
+        return found
+
+    @notes.setter
+    def notes(self, value: Notes) -> None:
+        self._notes = value
 
     # -- envelope -------------------------------------------------------------------------
     @property
@@ -100,7 +142,8 @@ class Transaction:
     @property
     def smtputf8(self) -> bool:
         """MAIL carried SMTPUTF8 (RFC 6531): addresses and header may hold UTF-8."""
-        return "SMTPUTF8" in self.mail_params
+        params = self._mail_params  # not the property: nothing to make for a question
+        return params is not None and "SMTPUTF8" in params
 
     def add_recipient(
         self, recipient: Address, params: dict[str, str | None] | None = None
@@ -108,7 +151,10 @@ class Transaction:
         """Add a recipient (keeping its RCPT parameters)."""
         if not isinstance(recipient, Recipient):
             recipient = Recipient.from_address(recipient, params)
-        self.recipients.append(recipient)
+        recipients = self._recipients
+        if recipients is None:
+            recipients = self._recipients = []
+        recipients.append(recipient)
         return recipient
 
     def remove_recipient(self, recipient: Address) -> None:
@@ -133,7 +179,7 @@ class Transaction:
             self._head_scan = parts
             if len(data) <= MAX_HEADER_BYTES:
                 if not head:
-                    head += data
+                    self._head = bytearray(data)
                 return False
             parts = None
         self._finish_header(data, parts)
@@ -148,7 +194,7 @@ class Transaction:
         self.arrival_time = time.time()
         if self.header is not None:
             return False
-        raw = bytes(self._head)
+        raw = bytes(self._head or b"")
         parts = split_header(raw, self._head_scan)
         self._finish_header(raw, None if isinstance(parts, int) else parts)
         return True
@@ -160,14 +206,17 @@ class Transaction:
             head, rest = (raw, b"") if is_field_line(raw) else (b"", raw)
         else:
             head, rest = parts
-        self._head = bytearray()
+        self._head = None
         self.header = Header(head)
         if rest:
             self._store(rest)
 
     def _store(self, data: bytes) -> None:
         if self._file is None:
-            self._memory.append(data)
+            memory = self._memory
+            if memory is None:
+                memory = self._memory = []
+            memory.append(data)
             self._memory_size += len(data)
             if self._memory_size > self.size_threshold:
                 self._spool_to_disk()
@@ -178,9 +227,9 @@ class Transaction:
         self._file = tempfile.NamedTemporaryFile(  # noqa: SIM115 - kept open on purpose
             prefix=spool_prefix(), suffix=".spool", dir=self.spool_dir, delete=False
         )
-        for piece in self._memory:
+        for piece in self._memory or ():
             self._file.write(piece)
-        self._memory = []
+        self._memory = None
 
     def replace_body(self, chunks: Iterable[bytes]) -> None:
         """Put a new body in place of the one received (a milter's SMFIR_REPLBODY).
@@ -197,7 +246,7 @@ class Transaction:
                 os.unlink(name)
             except FileNotFoundError:
                 pass
-        self._memory = []
+        self._memory = None
         self._memory_size = 0
         for chunk in chunks:
             self._store(chunk)
@@ -217,7 +266,7 @@ class Transaction:
     def body_chunks(self, chunk_size: int = 1 << 16) -> Iterator[bytes]:
         """The body as stored, in pieces, from the start (may be called repeatedly)."""
         if self._file is None:
-            yield from self._memory
+            yield from self._memory or ()
             return
         self._file.flush()
         with open(self._file.name, "rb") as body:
@@ -240,9 +289,9 @@ class Transaction:
         be no different, but for its id)."""
         return (
             self.sender is None
-            and not self.recipients
-            and not self.notes
-            and not self.mail_params
+            and not self._recipients
+            and not self._notes
+            and not self._mail_params
             and self.data_size == 0
             and self.header is None
             and not self._closed
@@ -253,8 +302,7 @@ class Transaction:
         if self._closed:
             return
         self._closed = True
-        self._memory = []
-        self._head = bytearray()
+        self._memory = self._head = None
         if self._file is not None:
             name = self._file.name
             self._file.close()

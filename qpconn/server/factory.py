@@ -26,6 +26,7 @@ from qpconn.mail.smtputf8 import smtputf8_offered
 from qpconn.mail.spool import clean_stale_spool
 from qpconn.server.deadlines import DeadlineSettings
 from qpconn.server.fastpath import reads
+from qpconn.server.idle import IdleTimers
 from qpconn.server.lookup import make_resolver
 from qpconn.server.peerinfo import LookupSettings, PeerInfo
 from qpconn.server.protocol import SMTPServerProtocol
@@ -113,6 +114,8 @@ class SMTPFactory(ServerFactory):
         #: every value read below is one it accepted (it raises ConfigError otherwise)
         self.config_warnings = validate(self.config, load_tls=False)
         self.clock = clock
+        #: every session's idle timer, on this clock: one heap, one DelayedCall
+        self.idle_timers = IdleTimers(clock)
         self.plugins = load_plugins(self.config) if plugins is None else list(plugins)
         self.runner = HookRunner(self.plugins, clock, self.config.get_float("plugin_timeout", 30.0))
         self.me = self.config.me
@@ -138,13 +141,15 @@ class SMTPFactory(ServerFactory):
         self.security = read_security_settings(self.config, tls_from_config(self.config))
         #: the proxies that may hand over their client's facts with XCLIENT (smtp/xclient.py)
         self.xclient_hosts = NetworkList("xclient_hosts", self.config.lines("xclient_hosts"))
+        #: the core's size rules, one read-only object every session shares (a session
+        #: that changes its own takes a copy: ServerSession.own_limits)
         self.limits = Limits(
             message_size=self.databytes,
             # SMTPUTF8 is offered unless `smtputf8 no`; addresses hold UTF-8 only after
             # MAIL ... SMTPUTF8 (smtp_extensions.py)
             utf8=smtputf8_offered(self.config),
             normalize_newlines=self.session_limits.normalize_newlines,
-        )
+        ).shared()
         if protocol is not None:
             self.protocol = protocol
         if commands is not None:

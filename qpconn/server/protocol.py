@@ -39,7 +39,6 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet import defer
 from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Protocol
-from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -49,6 +48,7 @@ from qpconn.core.session import NEED_DATA, PAUSED, ServerSession
 from qpconn.log.level import LevelLogger
 from qpconn.server.fastpath import eager
 from qpconn.server.guard import SessionGuard
+from qpconn.server.idle import OwnTimers
 from qpconn.server.output import ReplyWriter
 from qpconn.server.proxy import ProxyHeaderWait
 from qpconn.server.tls import TLSLayer
@@ -68,7 +68,7 @@ PIPELINE_STEP = 64
 
 
 @implementer(IHalfCloseableProtocol, IHandshakeListener, IPushProducer)
-class SMTPServerProtocol(Protocol, TimeoutMixin):
+class SMTPServerProtocol(Protocol):
     """One SMTP session over a Twisted transport.
 
     What the session *says* is decided by its handler object, :attr:`commands`: to change
@@ -105,6 +105,16 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
     _proxy_wait: ProxyHeaderWait | None = None
     #: the rest of a long pipelined burst, parsed in the next reactor turn (see _drive)
     _later: Any = None
+    #: the idle timeout in seconds (None: none), as Twisted's TimeoutMixin named it
+    timeOut: float | None = None
+    #: the running idle timer: an entry of the factory's IdleTimers, or a DelayedCall of
+    #: this session's own ``callLater``; None when it does not run
+    _idle: Any = None
+    #: None: the idle timer is one entry in the factory's timers (qpconn.server.idle), on
+    #: the factory's clock. Set on an instance (``proto.callLater = clock.callLater``, as
+    #: the testing kit does), the session gets a DelayedCall of its own from it instead.
+    callLater: Callable[..., Any] | None = None
+    _own_timers: OwnTimers | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Refuse handler methods on a protocol subclass: they would never be called.
@@ -135,7 +145,7 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         # cycle when the session ends, so the session's objects go when their last
         # reference does, not at the garbage collector's next pass.
         self.log = self.log
-        self.session = ServerSession(factory.limits.copy())
+        self.session = ServerSession(factory.limits)  # shared, read-only (own_limits)
         handlers = self.commands_class or factory.commands
         #: the command handlers of this session (they own its Connection and Transaction)
         self.commands = handlers(
@@ -491,6 +501,46 @@ class SMTPServerProtocol(Protocol, TimeoutMixin):
         self.close_with(Reply(421, f"4.4.2 {self.factory.me} Error: timeout exceeded"))
         if not self.lost:
             self.setTimeout(self.factory.timeout)  # this timer has run: the next one aborts
+
+    # -- the idle timer (TimeoutMixin's interface, one shared heap: qpconn.server.idle) ----
+    def setTimeout(self, period: float | None) -> float | None:
+        """The idle timeout becomes ``period`` seconds from now (None: no idle timeout);
+        returns the previous one. As Twisted's TimeoutMixin.setTimeout."""
+        previous, self.timeOut = self.timeOut, period
+        idle = self._idle
+        if idle is not None:
+            timers = self.factory.idle_timers if type(idle) is list else self._own_timers
+            assert timers is not None
+            if period is None:
+                self._idle = None
+                timers.cancel(idle)
+            else:
+                self._idle = timers.reset(idle, period)
+        elif period is not None:
+            later = self.callLater
+            if later is None:
+                self._idle = self.factory.idle_timers.arm(self, period)
+            else:
+                own = self._own_timers
+                if own is None or own.call_later != later:
+                    own = self._own_timers = OwnTimers(later)
+                self._idle = own.arm(self, period)
+        return previous
+
+    def resetTimeout(self) -> None:
+        """The client did something: the idle timer, if it runs, starts over."""
+        idle = self._idle
+        if idle is not None and self.timeOut is not None:
+            if type(idle) is list:
+                self._idle = self.factory.idle_timers.reset(idle, self.timeOut)
+            else:
+                idle.reset(self.timeOut)
+
+    def idle_expired(self) -> None:
+        """The idle timer ran out (called by the timers): it is spent, then
+        :meth:`timeoutConnection` decides."""
+        self._idle = None
+        self.timeoutConnection()
 
     # -- end ------------------------------------------------------------------------------
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]

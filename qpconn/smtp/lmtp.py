@@ -45,7 +45,7 @@ class LMTPCommands(SMTPCommands):
     ) -> None:
         super().__init__(factory, session, connection, log)
         # Made before anything is read: every command line meets the LMTP rules.
-        session.limits.lmtp = True
+        session.own_limits().lmtp = True
         connection.notes["lmtp"] = True  # plugins may tell (queue/lmtp does)
 
     def greeting(self) -> str:

@@ -340,7 +340,7 @@ def _drive(
     )
     proto = factory.buildProtocol(transport.getPeer())
     assert proto is not None
-    proto.callLater = clock.callLater  # type: ignore[attr-defined] # TimeoutMixin's timers
+    proto.callLater = clock.callLater  # the idle timer: a DelayedCall on this clock
     created: list[Any] = []
     handlers = proto.commands_class or factory.commands
 
