@@ -74,16 +74,21 @@ WORKLOADS = {
     )
 }
 
-#: The issue's targets for the qpconn sink, as (workload or "cpu", peer, minimum ratio).
+#: The issues' targets for the qpconn sink, as (workload, peer, minimum msg/s ratio): issue
+#: 6's, raised where issue 20 ("Speed, raised") asks more of the same ratio.
 TARGETS = (
-    ("ii", "twisted.mail", 1.1),
+    ("ii", "twisted.mail", 1.5),
+    ("ii", "smtp-sink", 0.5),
     ("ii", "haraka", 2.0),
     ("ii", "aiosmtpd", 2.5),
-    ("iii", "twisted.mail", 2.0),
-    ("iv", "twisted.mail", 1.0),
+    ("iii", "twisted.mail", 5.0),
+    ("iv", "twisted.mail", 1.3),
+    ("iv", "smtp-sink", 0.55),
     ("i", "twisted.mail", 0.95),
 )
-IDLE_TARGET_KIB = 20.0
+#: issue 20's target for the durable default: the Maildir configuration against Postfix's
+MAILDIR_TARGETS = (("ii", "postfix-maildir", 2.5),)
+IDLE_TARGET_KIB = 4.0
 
 
 # -- the load generator ----------------------------------------------------------------
@@ -480,9 +485,13 @@ def render(report: dict[str, Any]) -> str:
 def render_targets(report: dict[str, Any]) -> str:
     results = report["results"]
     out = []
-    for name in ("qpconn-sink", "qpconn-sink-fastlog"):
+    for name, targets in (
+        ("qpconn-sink", TARGETS),
+        ("qpconn-sink-fastlog", TARGETS),
+        ("qpconn-maildir", MAILDIR_TARGETS),
+    ):
         base = results.get(name, {})
-        for key, peer, wanted in TARGETS:
+        for key, peer, wanted in targets:
             mine = base.get(key, {}).get("median")
             theirs = results.get(peer, {}).get(key, {}).get("median")
             if not mine or not theirs:
@@ -797,7 +806,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     targets = render_targets(report)
     if targets:
-        text += ["Targets of issues 6 and 15 (qpconn sink, same run):", "", targets, ""]
+        text += ["Targets of issues 6, 15 and 20 (qpconn, same run):", "", targets, ""]
     if "hostile" in report:
         text += [hostile_report.footer(report), ""]
     gen = sorted(
