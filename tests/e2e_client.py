@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -151,18 +151,11 @@ def logged_errors() -> Iterator[list[dict[str, Any]]]:
     can hide behind a reply a test does not look at closely; the e2e modules fail a test
     that leaves such an event unexamined.
     """
-    found: list[dict[str, Any]] = []
-
-    def observer(event: dict[str, Any]) -> None:
-        level = event.get("log_level")
-        if "log_failure" in event or level in (LogLevel.error, LogLevel.critical):
-            found.append(event)
-
-    globalLogPublisher.addObserver(observer)
-    try:
+    with _collected(
+        lambda event: "log_failure" in event
+        or event.get("log_level") in (LogLevel.error, LogLevel.critical)
+    ) as found:
         yield found
-    finally:
-        globalLogPublisher.removeObserver(observer)
 
 
 @contextmanager
@@ -170,10 +163,17 @@ def logged_events(*names: str) -> Iterator[list[dict[str, Any]]]:
     """Collect the log events whose ``event`` field is one of ``names`` while the block runs
     (``event="deadline"``, ``"milter"``, ``"redis_outage"`` ...): what a refusal or an
     outage logs is part of the behaviour a test pins."""
+    with _collected(lambda event: event.get("event") in names) as found:
+        yield found
+
+
+@contextmanager
+def _collected(wanted: Callable[[dict[str, Any]], bool]) -> Iterator[list[dict[str, Any]]]:
+    """The log events ``wanted`` accepts, published while the block runs."""
     found: list[dict[str, Any]] = []
 
     def observer(event: dict[str, Any]) -> None:
-        if event.get("event") in names:
+        if wanted(event):
             found.append(event)
 
     globalLogPublisher.addObserver(observer)
